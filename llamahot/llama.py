@@ -1,0 +1,145 @@
+"""llamahot.Llama: llama_cpp.Llama with the routed experts of a MoE model managed by llamahot."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import llama_cpp
+
+from llamahot.hot_cache import HotCache
+from llamahot.model_info import EXPERT_TENSOR_PATTERN, read_moe_layout
+
+SLOT_DEVICES = ("auto", "cuda", "host")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _resolve_slot_device(slot_device: Any) -> str:
+    if slot_device not in SLOT_DEVICES:
+        raise ValueError(f"slot_device must be one of {', '.join(map(repr, SLOT_DEVICES))}, got {slot_device!r}")
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    if slot_device == "cuda" and not gpu:
+        raise RuntimeError(
+            "slot_device='cuda' needs a GPU build of llama-cpp-python, but the installed one is CPU-only. "
+            "Reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install --force-reinstall --no-cache-dir "
+            "llama-cpp-python==0.3.36, or use slot_device='host'."
+        )
+    if slot_device == "auto":
+        return "cuda" if gpu else "host"
+    return slot_device
+
+
+class Llama(llama_cpp.Llama):
+    """Drop-in replacement for llama_cpp.Llama that keeps the hot experts of every MoE layer in slots.
+
+    New keyword arguments (everything else is llama_cpp.Llama's):
+      hot_experts: slots per MoE layer (0 <= K <= n_expert). None behaves exactly like
+        llama_cpp.Llama: no expert placement, no callback. With K set, every routed-expert tensor
+        is placed in host memory (like `-ot exps=CPU`), the rest on the GPU (n_gpu_layers=-1 by
+        default), and routing is observed through llama.cpp's eval callback.
+      rebalance_interval: tokens between rebalances of the hot set (default 60).
+      prefill_bypass: ubatches with more tokens than this are left to llama.cpp (default 32).
+      slot_device: "auto" (CUDA if llama-cpp-python was built with it, else host), "cuda" or "host".
+      cb_eval, cb_eval_user_data: an application's own ggml_backend_sched_eval_callback (a ctypes
+        llama_cpp.ggml_backend_sched_eval_callback); llamahot owns the context's callback and chains it.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        hot_experts: Optional[int] = None,
+        rebalance_interval: int = 60,
+        prefill_bypass: int = 32,
+        slot_device: str = "auto",
+        cb_eval: Any = None,
+        cb_eval_user_data: Optional[int] = None,
+        **kwargs: Any,
+    ):
+        self.hot_cache: Optional[HotCache] = None
+        self._user_cb_eval = (cb_eval, cb_eval_user_data)
+        if hot_experts is not None:
+            _check_int("hot_experts", hot_experts, 0)
+            _check_int("rebalance_interval", rebalance_interval, 1)
+            _check_int("prefill_bypass", prefill_bypass, 0)
+            device = _resolve_slot_device(slot_device)
+            layout = read_moe_layout(model_path)
+            if hot_experts > layout.n_expert:
+                raise ValueError(
+                    f"hot_experts={hot_experts} is more than the {layout.n_expert} experts per layer of "
+                    f"{layout.path}; use 0..{layout.n_expert}."
+                )
+            self.hot_cache = HotCache(layout, hot_experts=hot_experts, rebalance_interval=rebalance_interval,
+                                      prefill_bypass=prefill_bypass, slot_device=device)
+            if cb_eval is not None:
+                self.hot_cache.chain_user_callback(cb_eval, cb_eval_user_data)
+            kwargs.setdefault("n_gpu_layers", -1)
+            if kwargs.get("verbose", True):
+                print(
+                    f"llamahot: {layout.arch}, {layout.n_moe_layers} MoE layers x {layout.n_expert} experts "
+                    f"({layout.n_expert_used} used); routed-expert tensors ({layout.expert_tensor_bytes / 2**20:.1f} MiB, "
+                    f"pattern '{EXPERT_TENSOR_PATTERN}') placed in host memory; hot_experts={hot_experts}, "
+                    f"slot_device={device}",
+                    file=sys.stderr,
+                )
+        super().__init__(model_path, **kwargs)
+
+    # llama_cpp.Llama.__init__ builds its params structs and loads the model in one go, with no
+    # hook in between. These two properties catch the moment each struct is first assigned and
+    # add what llamahot needs, so nothing of llama_cpp's own setup is copied here.
+    @property
+    def model_params(self) -> llama_cpp.llama_model_params:
+        return self.__dict__["model_params"]
+
+    @model_params.setter
+    def model_params(self, params: llama_cpp.llama_model_params) -> None:
+        if self.hot_cache is not None:
+            params.tensor_buft_overrides = self.hot_cache.tensor_buft_overrides_address
+        self.__dict__["model_params"] = params
+
+    @property
+    def context_params(self) -> llama_cpp.llama_context_params:
+        return self.__dict__["context_params"]
+
+    @context_params.setter
+    def context_params(self, params: llama_cpp.llama_context_params) -> None:
+        user_cb, user_data = self._user_cb_eval
+        if self.hot_cache is not None:
+            self._cb_eval_ref = llama_cpp.ggml_backend_sched_eval_callback(self.hot_cache.eval_callback_address)
+            params.cb_eval = self._cb_eval_ref
+            params.cb_eval_user_data = self.hot_cache.user_data_address
+        elif user_cb is not None:
+            params.cb_eval = user_cb
+            params.cb_eval_user_data = user_data
+        self.__dict__["context_params"] = params
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        if self.hot_cache is None:
+            return super().eval(tokens)
+        start = time.perf_counter()
+        super().eval(tokens)
+        self.hot_cache.record_eval(len(tokens), time.perf_counter() - start)
+
+    def close(self) -> None:
+        """Free the model and context, then the shim state the context's callback pointed at."""
+        if "_stack" in self.__dict__:
+            super().close()
+        if self.hot_cache is not None:
+            self.hot_cache.release()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if self.hot_cache is not None:
+            cache = self.hot_cache
+            state.update(hot_experts=cache.hot_experts, rebalance_interval=cache.rebalance_interval,
+                         prefill_bypass=cache.prefill_bypass, slot_device=cache.slot_device)
+        return state
+
