@@ -30,6 +30,8 @@ struct lh_ctx {
     int64_t * counts;              /* [n_moe_layers][n_expert] */
     struct lh_counters counters;
 
+    bool observing;                /* false: the callback stays installed but never stops the graph */
+
     ggml_backend_sched_eval_callback user_cb;
     void * user_ud;
     bool user_wanted;              /* the user's answer at ask=true for the node now pending */
@@ -67,6 +69,7 @@ struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t
         return NULL;
     }
     memcpy(ctx->blk_to_moe, blk_to_moe, sizeof(int32_t) * (size_t) n_blocks);
+    ctx->observing = true;
     return ctx;
 }
 
@@ -83,6 +86,10 @@ void lh_ctx_free(struct lh_ctx * ctx) {
 void lh_set_user_callback(struct lh_ctx * ctx, ggml_backend_sched_eval_callback cb, void * user_data) {
     ctx->user_cb = cb;
     ctx->user_ud = user_data;
+}
+
+void lh_set_observing(struct lh_ctx * ctx, bool observing) {
+    ctx->observing = observing;
 }
 
 int64_t * lh_routing_counts(struct lh_ctx * ctx) {
@@ -173,7 +180,7 @@ static const struct lh_weight_entry * lh_lookup_weight(struct lh_ctx * ctx, cons
 
 /* The node whose routing we count: each MoE layer has exactly one down projection. */
 static const struct lh_weight_entry * lh_counted_node(struct lh_ctx * ctx, const struct ggml_tensor * t) {
-    if (t->op != GGML_OP_MUL_MAT_ID || t->src[0] == NULL) {
+    if (!ctx->observing || t->op != GGML_OP_MUL_MAT_ID || t->src[0] == NULL) {
         return NULL;
     }
     const struct lh_weight_entry * e = lh_lookup_weight(ctx, t->src[0]);

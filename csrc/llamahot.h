@@ -44,6 +44,10 @@ void            lh_ctx_free(struct lh_ctx * ctx);
 /* Chain an application's eval callback: it sees every node it asks for, as if it were alone. */
 void lh_set_user_callback(struct lh_ctx * ctx, ggml_backend_sched_eval_callback cb, void * user_data);
 
+/* Observing (the default) stops the graph after each MoE layer's down projection to count its
+ * routing. Off, the callback stays installed but never stops: it costs only the scheduler's per-node asks. */
+void lh_set_observing(struct lh_ctx * ctx, bool observing);
+
 /* The callback to install as llama_context_params.cb_eval, with the lh_ctx as cb_eval_user_data. */
 bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
 

@@ -35,6 +35,7 @@ struct lh_counters {
 struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t n_moe_layers, int32_t n_expert);
 void lh_ctx_free(struct lh_ctx * ctx);
 void lh_set_user_callback(struct lh_ctx * ctx, ggml_backend_sched_eval_callback cb, void * user_data);
+void lh_set_observing(struct lh_ctx * ctx, bool observing);
 bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
 int64_t * lh_routing_counts(struct lh_ctx * ctx);
 void lh_get_counters(const struct lh_ctx * ctx, struct lh_counters * out);

@@ -107,6 +107,11 @@ class HotCache:
             "prefill_tok_s": _rate(self._prefill_tokens, self._prefill_seconds),
         }
 
+    def set_observing(self, observing: bool) -> None:
+        """Count routing (default), or leave the callback installed but idle (for measuring its cost)."""
+        if self._ctx is not None:
+            lib.lh_set_observing(self._ctx, bool(observing))
+
     def reset(self) -> None:
         """Zero the routing counts and statistics (e.g. between benchmark runs)."""
         if self._final is None:

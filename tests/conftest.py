@@ -1,0 +1,47 @@
+"""Shared fixtures: the project's synthetic test models, generated once per test session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llamahot.synth import synth_model
+
+MOE_PRESETS = ("qwen3moe-tiny", "deepseek2-tiny", "gptoss-tiny")
+TEXT_PRESET = "qwen3moe-tiny"
+DENSE_PRESET = "dense-tiny"
+
+# Small and deterministic: every llama in the tests uses the same runtime settings.
+LLAMA_KW = dict(n_ctx=512, n_batch=512, n_threads=2, n_threads_batch=2, seed=0, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+def _model(model_dir: Path, preset: str) -> str:
+    path = model_dir / f"{preset}.gguf"
+    if not path.exists():
+        synth_model(path, preset, seed=0)
+    return str(path)
+
+
+@pytest.fixture(scope="session", params=MOE_PRESETS)
+def moe_model(request, model_dir) -> str:
+    return _model(model_dir, request.param)
+
+
+@pytest.fixture(scope="session")
+def text_model(model_dir) -> str:
+    return _model(model_dir, TEXT_PRESET)
+
+
+@pytest.fixture(scope="session")
+def dense_model(model_dir) -> str:
+    return _model(model_dir, DENSE_PRESET)
+
+
+@pytest.fixture(scope="session")
+def all_moe_models(model_dir) -> dict[str, str]:
+    return {preset: _model(model_dir, preset) for preset in MOE_PRESETS}
