@@ -69,8 +69,8 @@ class HotCache:
                                  ffi.cast("void *", user_data or 0))
 
     def record_eval(self, n_tokens: int, seconds: float) -> None:
-        """Time of one Llama.eval call; small ones are decode, big ones prefill."""
-        if n_tokens <= self.prefill_bypass:
+        """Time of one Llama.eval call: one token is a decode step, more are prompt processing."""
+        if n_tokens == 1:
             self._decode_tokens += n_tokens
             self._decode_seconds += seconds
         else:

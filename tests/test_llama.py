@@ -108,6 +108,7 @@ def test_text_generation_chat_stream_and_state(text_model):
 
     stats = llm.hot_cache.stats()
     assert stats["decode_tokens"] > 0 and stats["decode_tok_s"] > 0
+    assert stats["prefill_tokens"] > 0 and stats["prefill_tok_s"] > 0
     assert stats["tokens"] > 0 and stats["ubatches"] > 0
 
 
