@@ -189,3 +189,18 @@ def test_version_mismatch_is_refused():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "REFUSED" in out and "pip install llama-cpp-python==0.3.36" in out
+
+
+def test_every_routed_expert_tensor_is_placed_in_host_memory(all_moe_models, capfd):
+    """The load log shows each routed-expert tensor (weights and biases) overridden to a CPU buffer."""
+    import gguf
+
+    path = all_moe_models["gptoss-tiny"]
+    expert_tensors = {t.name for t in gguf.GGUFReader(path).tensors if "_exps." in t.name}
+    assert any(name.endswith(".bias") for name in expert_tensors)
+    llamahot.Llama(path, hot_experts=1, **{**LLAMA_KW, "verbose": True}).close()
+    log = capfd.readouterr().err
+    overridden = {line.split()[1] for line in log.splitlines()
+                  if line.startswith("tensor ") and "buffer type overridden to CPU" in line}
+    assert overridden == expert_tensors
+    assert "llamahot: gpt-oss, 4 MoE layers x 32 experts" in log
