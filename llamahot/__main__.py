@@ -1,4 +1,4 @@
-"""`python -m llamahot demo`: generate text with the embedded default model and show what llamahot saw."""
+"""`llamahot demo` (or `python -m llamahot demo`): generate text with the embedded default model and show what llamahot saw."""
 from __future__ import annotations
 
 import argparse
@@ -49,7 +49,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llamahot", description=__doc__)
+    parser = argparse.ArgumentParser(prog="llamahot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="generate text with the embedded default model and print llamahot's statistics")
     p.add_argument("--model", help="a MoE GGUF file (default: the embedded synthetic model)")

@@ -63,7 +63,9 @@ def _load():
         raise ImportError(
             f"llamahot's C shim could not be loaded ({exc}). Reinstall llamahot from source "
             "(`pip install --force-reinstall --no-deps .`) next to llama-cpp-python=="
-            f"{REQUIRED_LLAMA_CPP_PYTHON}."
+            f"{REQUIRED_LLAMA_CPP_PYTHON}. In a source checkout, the uncompiled `llamahot/` folder shadows "
+            "the installed package when Python runs from the checkout's root: install with "
+            "`pip install -e .` or run from another directory."
         ) from exc
     built = ffi.string(lib.lh_built_ggml_version()).decode()
     loaded = _loaded_ggml_version()
