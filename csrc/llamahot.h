@@ -18,6 +18,8 @@
 extern "C" {
 #endif
 
+/* cdef-begin: from here to cdef-end, the API is also read by cffi (llamahot/_build_shim.py). */
+
 /* Projection of a routed-expert weight, parsed from its name "blk.N.ffn_<proj>_exps.weight". */
 enum lh_proj {
     LH_PROJ_GATE = 0,
@@ -58,6 +60,8 @@ void      lh_reset_counters(struct lh_ctx * ctx);
 
 /* The ggml version the shim was compiled against (from the vendored headers). */
 const char * lh_built_ggml_version(void);
+
+/* cdef-end */
 
 #ifdef __cplusplus
 }

@@ -13,7 +13,8 @@ CSRC = ROOT / "csrc"
 VENDOR = CSRC / "vendor"
 GGML_VERSION = (VENDOR / "GGML_VERSION").read_text().strip()
 
-CDEF = """
+# Types the shim's API uses from ggml/llama, declared for cffi as opaque or exact as needed.
+GGML_CDEF = """
 typedef struct ggml_backend_buffer_type * ggml_backend_buffer_type_t;
 typedef bool (*ggml_backend_sched_eval_callback)(struct ggml_tensor * t, bool ask, void * user_data);
 
@@ -24,24 +25,16 @@ struct llama_model_tensor_buft_override {
 
 ggml_backend_buffer_type_t ggml_backend_cpu_buffer_type(void);
 const char * ggml_version(void);
-
-struct lh_counters {
-    int64_t ubatches;
-    int64_t tokens;
-    int64_t managed_nodes;
-    int64_t weights_known;
-};
-
-struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t n_moe_layers, int32_t n_expert);
-void lh_ctx_free(struct lh_ctx * ctx);
-void lh_set_user_callback(struct lh_ctx * ctx, ggml_backend_sched_eval_callback cb, void * user_data);
-void lh_set_observing(struct lh_ctx * ctx, bool observing);
-bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
-int64_t * lh_routing_counts(struct lh_ctx * ctx);
-void lh_get_counters(const struct lh_ctx * ctx, struct lh_counters * out);
-void lh_reset_counters(struct lh_ctx * ctx);
-const char * lh_built_ggml_version(void);
 """
+
+
+def shim_api_cdef() -> str:
+    """The shim's own API, read from its header between the cdef markers (one source of truth)."""
+    header = (CSRC / "llamahot.h").read_text()
+    return header.split("/* cdef-begin", 1)[1].split("*/", 1)[1].split("/* cdef-end */", 1)[0]
+
+
+CDEF = GGML_CDEF + shim_api_cdef()
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
