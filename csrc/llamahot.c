@@ -1,6 +1,20 @@
-/* llamahot shim: see llamahot.h. */
+/* llamahot shim: see llamahot.h.
+ *
+ * For a managed MUL_MAT_ID node (its src[0] is a routed-expert weight) of a small ubatch:
+ *   ask=true:  set t->op = GGML_OP_NONE so llama's backend skips it, and ask to see it;
+ *   ask=false: restore t->op, split the (token, k) entries into hot (expert in a published slot)
+ *              and cold, compute each part compactly -- every expert with exactly the rows it had,
+ *              in the same order -- hot from the slot tensor on the slot device, cold from the
+ *              original weight on the CPU, and scatter the rows into t->data.
+ * Nothing else in llama's graph is touched; ids and activations are only read.
+ */
 #include "llamahot.h"
 
+#include "ggml-alloc.h"
+#include "ggml-cpu.h"
+
+#include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,11 +23,35 @@
 #error "LH_GGML_VERSION must be defined by the build (the vendored ggml version)"
 #endif
 
+#define LH_ALIGN 64
+
 /* One recognised MUL_MAT_ID weight (or a tensor known not to be one: moe_layer = -1). */
 struct lh_weight_entry {
     const struct ggml_tensor * key;
     int32_t moe_layer;
     int32_t proj;
+};
+
+/* The routed-expert weights of one MoE layer and their slot tensors. */
+struct lh_layer {
+    struct ggml_tensor * weight[LH_PROJ_COUNT];
+    struct ggml_tensor * slot[LH_PROJ_COUNT];
+    ggml_backend_buffer_t slot_buffer[LH_PROJ_COUNT];
+    int32_t n_published;
+};
+
+/* A (k, token) entry of a node's ids, with the matrix (slot or expert) that computes it. */
+struct lh_entry {
+    int32_t k;
+    int32_t token;
+    int32_t matrix;
+};
+
+/* Growable memory for one compact problem's inputs and outputs, as a ggml buffer. */
+struct lh_scratch {
+    ggml_backend_t backend;        /* whose buffer type it is allocated in */
+    ggml_backend_buffer_t buffer;
+    size_t size;
 };
 
 struct lh_ctx {
@@ -26,16 +64,50 @@ struct lh_ctx {
     struct lh_weight_entry * table;
     uint32_t table_cap;            /* power of two */
     uint32_t table_used;
+    struct lh_layer * layers;      /* [n_moe_layers] */
 
     int64_t * counts;              /* [n_moe_layers][n_expert] */
+    int64_t * hits;                /* [n_moe_layers] */
+    int64_t * misses;              /* [n_moe_layers] */
     struct lh_counters counters;
-
     bool observing;                /* false: the callback stays installed but never stops the graph */
+
+    /* Slots (after lh_slots_init). */
+    int32_t n_slots;
+    int32_t slot_kind;
+    int32_t prefill_bypass;
+    int32_t * slot_of_expert;      /* [n_moe_layers][n_expert], -1 = cold */
+    int32_t * expert_of_slot;      /* [n_moe_layers][n_slots], -1 = empty */
+    ggml_backend_t cpu;            /* cold experts (and hot ones for host slots) */
+    ggml_backend_t gpu;            /* hot experts for GPU slots */
+    struct lh_scratch host_scratch;
+    struct lh_scratch gpu_scratch;
+    struct lh_entry * hot;         /* entry lists, grown as needed */
+    struct lh_entry * cold;
+    size_t entries_cap;
+    float * shadow_out;            /* shadow mode: our result before comparing */
+    size_t shadow_cap;
+    void * graph_mem;              /* metadata of the per-node compact graphs */
+    size_t graph_mem_size;
+
+    /* The node whose op we changed at ask=true, restored at ask=false. */
+    struct ggml_tensor * pending;
+    enum ggml_op pending_op;
+    int32_t debug_flags;
 
     ggml_backend_sched_eval_callback user_cb;
     void * user_ud;
     bool user_wanted;              /* the user's answer at ask=true for the node now pending */
+
+    char error[256];
 };
+
+static void lh_error(struct lh_ctx * ctx, const char * fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(ctx->error, sizeof(ctx->error), fmt, args);
+    va_end(args);
+}
 
 static uint32_t lh_hash_ptr(const void * p) {
     uint64_t x = (uint64_t) (uintptr_t) p;
@@ -43,6 +115,10 @@ static uint32_t lh_hash_ptr(const void * p) {
     x *= 0xff51afd7ed558ccdULL;
     x ^= x >> 33;
     return (uint32_t) x;
+}
+
+static size_t lh_pad(size_t n) {
+    return (n + LH_ALIGN - 1) / LH_ALIGN * LH_ALIGN;
 }
 
 struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t n_moe_layers, int32_t n_expert) {
@@ -56,6 +132,7 @@ struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t
     ctx->n_blocks = n_blocks;
     ctx->n_moe_layers = n_moe_layers;
     ctx->n_expert = n_expert;
+    ctx->observing = true;
     ctx->blk_to_moe = malloc(sizeof(int32_t) * (size_t) n_blocks);
     uint32_t cap = 64;
     while (cap < (uint32_t) n_blocks * LH_PROJ_COUNT * 4u) {
@@ -63,23 +140,65 @@ struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t
     }
     ctx->table_cap = cap;
     ctx->table = calloc(cap, sizeof(struct lh_weight_entry));
+    ctx->layers = calloc((size_t) n_moe_layers, sizeof(struct lh_layer));
     ctx->counts = calloc((size_t) n_moe_layers * (size_t) n_expert, sizeof(int64_t));
-    if (!ctx->blk_to_moe || !ctx->table || !ctx->counts) {
+    ctx->hits = calloc((size_t) n_moe_layers, sizeof(int64_t));
+    ctx->misses = calloc((size_t) n_moe_layers, sizeof(int64_t));
+    ctx->slot_of_expert = malloc(sizeof(int32_t) * (size_t) n_moe_layers * (size_t) n_expert);
+    if (!ctx->blk_to_moe || !ctx->table || !ctx->layers || !ctx->counts || !ctx->hits || !ctx->misses ||
+        !ctx->slot_of_expert) {
         lh_ctx_free(ctx);
         return NULL;
     }
     memcpy(ctx->blk_to_moe, blk_to_moe, sizeof(int32_t) * (size_t) n_blocks);
-    ctx->observing = true;
+    for (size_t i = 0; i < (size_t) n_moe_layers * (size_t) n_expert; i++) {
+        ctx->slot_of_expert[i] = -1;
+    }
     return ctx;
+}
+
+static void lh_scratch_free(struct lh_scratch * s) {
+    if (s->buffer) {
+        ggml_backend_buffer_free(s->buffer);
+    }
+    s->buffer = NULL;
+    s->size = 0;
 }
 
 void lh_ctx_free(struct lh_ctx * ctx) {
     if (!ctx) {
         return;
     }
+    if (ctx->layers) {
+        for (int32_t l = 0; l < ctx->n_moe_layers; l++) {
+            for (int p = 0; p < LH_PROJ_COUNT; p++) {
+                if (ctx->layers[l].slot_buffer[p]) {
+                    ggml_backend_buffer_free(ctx->layers[l].slot_buffer[p]);
+                }
+                free(ctx->layers[l].slot[p]);
+            }
+        }
+    }
+    lh_scratch_free(&ctx->host_scratch);
+    lh_scratch_free(&ctx->gpu_scratch);
+    if (ctx->gpu) {
+        ggml_backend_free(ctx->gpu);
+    }
+    if (ctx->cpu) {
+        ggml_backend_free(ctx->cpu);
+    }
     free(ctx->blk_to_moe);
     free(ctx->table);
+    free(ctx->layers);
     free(ctx->counts);
+    free(ctx->hits);
+    free(ctx->misses);
+    free(ctx->slot_of_expert);
+    free(ctx->expert_of_slot);
+    free(ctx->hot);
+    free(ctx->cold);
+    free(ctx->shadow_out);
+    free(ctx->graph_mem);
     free(ctx);
 }
 
@@ -92,24 +211,48 @@ void lh_set_observing(struct lh_ctx * ctx, bool observing) {
     ctx->observing = observing;
 }
 
-int64_t * lh_routing_counts(struct lh_ctx * ctx) {
-    return ctx->counts;
+void lh_set_debug(struct lh_ctx * ctx, int32_t flags) {
+    ctx->debug_flags = flags;
 }
+
+int64_t * lh_routing_counts(struct lh_ctx * ctx) { return ctx->counts; }
+int64_t * lh_hits(struct lh_ctx * ctx) { return ctx->hits; }
+int64_t * lh_misses(struct lh_ctx * ctx) { return ctx->misses; }
+int32_t * lh_slot_of_expert(struct lh_ctx * ctx) { return ctx->slot_of_expert; }
+int32_t * lh_expert_of_slot(struct lh_ctx * ctx) { return ctx->expert_of_slot; }
+const char * lh_last_error(const struct lh_ctx * ctx) { return ctx->error; }
 
 void lh_get_counters(const struct lh_ctx * ctx, struct lh_counters * out) {
     *out = ctx->counters;
 }
 
 void lh_reset_counters(struct lh_ctx * ctx) {
-    int64_t known = ctx->counters.weights_known;
+    const int64_t known = ctx->counters.weights_known;
+    const int64_t open = ctx->counters.open_mutations;
     memset(&ctx->counters, 0, sizeof(ctx->counters));
     ctx->counters.weights_known = known;
+    ctx->counters.open_mutations = open;
     memset(ctx->counts, 0, sizeof(int64_t) * (size_t) ctx->n_moe_layers * (size_t) ctx->n_expert);
+    memset(ctx->hits, 0, sizeof(int64_t) * (size_t) ctx->n_moe_layers);
+    memset(ctx->misses, 0, sizeof(int64_t) * (size_t) ctx->n_moe_layers);
 }
 
 const char * lh_built_ggml_version(void) {
     return LH_GGML_VERSION;
 }
+
+int32_t lh_layer_weight_count(const struct lh_ctx * ctx, int32_t layer) {
+    if (layer < 0 || layer >= ctx->n_moe_layers) {
+        return 0;
+    }
+    int32_t n = 0;
+    for (int p = 0; p < LH_PROJ_COUNT; p++) {
+        n += ctx->layers[layer].weight[p] != NULL;
+    }
+    return n;
+}
+
+/* ---- recognising managed weights ------------------------------------------------------------ */
 
 /* Recognise a routed-expert weight by its canonical llama.cpp name. Called once per weight:
  * after that the weight is found by pointer. Weight copies the scheduler makes for big
@@ -141,7 +284,7 @@ static void lh_classify_weight(const struct lh_ctx * ctx, const struct ggml_tens
     } else {
         return;
     }
-    if (ctx->blk_to_moe[blk] < 0 || w->ne[2] != ctx->n_expert) {
+    if (ctx->blk_to_moe[blk] < 0 || w->ne[2] != ctx->n_expert || w->ne[3] != 1) {
         return;
     }
     *moe_layer = ctx->blk_to_moe[blk];
@@ -150,7 +293,7 @@ static void lh_classify_weight(const struct lh_ctx * ctx, const struct ggml_tens
 
 /* Find (or classify and remember) the weight of a MUL_MAT_ID node. */
 static const struct lh_weight_entry * lh_lookup_weight(struct lh_ctx * ctx, const struct ggml_tensor * w) {
-    uint32_t mask = ctx->table_cap - 1;
+    const uint32_t mask = ctx->table_cap - 1;
     uint32_t i = lh_hash_ptr(w) & mask;
     while (ctx->table[i].key != NULL) {
         if (ctx->table[i].key == w) {
@@ -174,23 +317,431 @@ static const struct lh_weight_entry * lh_lookup_weight(struct lh_ctx * ctx, cons
     ctx->table_used++;
     if (moe_layer >= 0) {
         ctx->counters.weights_known++;
+        ctx->layers[moe_layer].weight[proj] = (struct ggml_tensor *) w;
     }
     return &ctx->table[i];
 }
 
-/* The node whose routing we count: each MoE layer has exactly one down projection. */
-static const struct lh_weight_entry * lh_counted_node(struct lh_ctx * ctx, const struct ggml_tensor * t) {
+static const struct lh_weight_entry * lh_managed(struct lh_ctx * ctx, const struct ggml_tensor * t) {
     if (!ctx->observing || t->op != GGML_OP_MUL_MAT_ID || t->src[0] == NULL) {
         return NULL;
     }
     const struct lh_weight_entry * e = lh_lookup_weight(ctx, t->src[0]);
-    if (e->moe_layer < 0 || e->proj != LH_PROJ_DOWN) {
-        return NULL;
-    }
-    return e;
+    return e->moe_layer >= 0 ? e : NULL;
 }
 
-static void lh_count_routing(struct lh_ctx * ctx, const struct ggml_tensor * t, int32_t moe_layer) {
+/* Shapes and types the compact recomputation handles (all llama.cpp MoE FFNs today). */
+static bool lh_redirectable(const struct ggml_tensor * t) {
+    const struct ggml_tensor * b = t->src[1];
+    const struct ggml_tensor * ids = t->src[2];
+    return b != NULL && ids != NULL && t->type == GGML_TYPE_F32 && b->type == GGML_TYPE_F32 &&
+           ids->type == GGML_TYPE_I32 && b->ne[3] == 1 && t->ne[3] == 1 && ids->ne[1] == b->ne[2] &&
+           t->ne[1] == ids->ne[0] && t->ne[2] == ids->ne[1] && t->nb[0] == sizeof(float) &&
+           b->nb[0] == sizeof(float);
+}
+
+/* ---- slots ---------------------------------------------------------------------------------- */
+
+size_t lh_slot_bytes_per_layer(const struct lh_ctx * ctx) {
+    size_t n = 0;
+    for (int p = 0; p < LH_PROJ_COUNT; p++) {
+        if (ctx->layers[0].slot[p]) {
+            n += ggml_nbytes(ctx->layers[0].slot[p]);
+        }
+    }
+    return n;
+}
+
+/* A tensor like w but with n_slots experts, allocated in its own buffer of type buft. */
+static struct ggml_tensor * lh_new_slot_tensor(const struct ggml_tensor * w, int32_t n_slots,
+                                               ggml_backend_buffer_type_t buft, ggml_backend_buffer_t * buffer) {
+    struct ggml_tensor * s = calloc(1, sizeof(struct ggml_tensor));
+    if (!s) {
+        return NULL;
+    }
+    s->type = w->type;
+    s->op = GGML_OP_NONE;
+    for (int i = 0; i < GGML_MAX_DIMS; i++) {
+        s->ne[i] = w->ne[i];
+        s->nb[i] = w->nb[i];
+    }
+    s->ne[2] = n_slots;
+    s->nb[3] = s->nb[2] * (size_t) n_slots;
+    snprintf(s->name, sizeof(s->name), "lh_slots(%s)", w->name);
+    const size_t size = ggml_backend_buft_get_alloc_size(buft, s);
+    *buffer = ggml_backend_buft_alloc_buffer(buft, size + ggml_backend_buft_get_alignment(buft));
+    if (*buffer == NULL) {
+        free(s);
+        return NULL;
+    }
+    ggml_backend_buffer_set_usage(*buffer, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    if (ggml_backend_tensor_alloc(*buffer, s, ggml_backend_buffer_get_base(*buffer)) != GGML_STATUS_SUCCESS) {
+        ggml_backend_buffer_free(*buffer);
+        *buffer = NULL;
+        free(s);
+        return NULL;
+    }
+    return s;
+}
+
+int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_t prefill_bypass, int32_t n_threads) {
+    if (ctx->n_slots > 0 || ctx->cpu != NULL) {
+        lh_error(ctx, "slots are already initialised");
+        return -1;
+    }
+    if (n_slots < 0 || n_slots > ctx->n_expert || prefill_bypass < 0) {
+        lh_error(ctx, "n_slots must be in 0..%d", ctx->n_expert);
+        return -1;
+    }
+    for (int32_t l = 0; l < ctx->n_moe_layers; l++) {
+        if (ctx->layers[l].weight[LH_PROJ_DOWN] == NULL || lh_layer_weight_count(ctx, l) < 2) {
+            lh_error(ctx, "the routed-expert weights of MoE layer %d were not seen in a decode", l);
+            return -1;
+        }
+    }
+    ctx->cpu = ggml_backend_cpu_init();
+    if (!ctx->cpu) {
+        lh_error(ctx, "could not create a CPU backend");
+        return -1;
+    }
+    ggml_backend_cpu_set_n_threads(ctx->cpu, n_threads > 0 ? n_threads : 1);
+    ctx->host_scratch.backend = ctx->cpu;
+    if (kind == LH_SLOTS_GPU) {
+        ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU);
+        if (!dev) {
+            lh_error(ctx, "no GPU device in ggml's registry (is llama-cpp-python built with CUDA?)");
+            return -1;
+        }
+        ctx->gpu = ggml_backend_dev_init(dev, NULL);
+        if (!ctx->gpu) {
+            lh_error(ctx, "could not initialise GPU device %s", ggml_backend_dev_name(dev));
+            return -1;
+        }
+        ctx->gpu_scratch.backend = ctx->gpu;
+    } else if (kind != LH_SLOTS_HOST) {
+        lh_error(ctx, "unknown slot kind %d", kind);
+        return -1;
+    }
+    ctx->slot_kind = kind;
+    ctx->prefill_bypass = prefill_bypass;
+    ctx->n_slots = n_slots;
+    ctx->expert_of_slot = malloc(sizeof(int32_t) * (size_t) ctx->n_moe_layers * (size_t) (n_slots > 0 ? n_slots : 1));
+    if (!ctx->expert_of_slot) {
+        lh_error(ctx, "out of memory");
+        return -1;
+    }
+    for (size_t i = 0; i < (size_t) ctx->n_moe_layers * (size_t) n_slots; i++) {
+        ctx->expert_of_slot[i] = -1;
+    }
+    if (n_slots == 0) {
+        return 0;
+    }
+    for (int32_t l = 0; l < ctx->n_moe_layers; l++) {
+        struct lh_layer * layer = &ctx->layers[l];
+        for (int p = 0; p < LH_PROJ_COUNT; p++) {
+            const struct ggml_tensor * w = layer->weight[p];
+            if (!w) {
+                continue;
+            }
+            ggml_backend_buffer_type_t buft;
+            if (kind == LH_SLOTS_HOST) {
+                /* The weight's own type (e.g. CPU_REPACK): the same kernels, bit for bit. */
+                buft = ggml_backend_buffer_get_type(w->buffer);
+            } else {
+                if (!ggml_backend_buffer_is_host(w->buffer)) {
+                    lh_error(ctx, "%s is not in plain host memory (repacked for the CPU?); GPU slots need "
+                             "the standard layout", w->name);
+                    return -1;
+                }
+                buft = ggml_backend_get_default_buffer_type(ctx->gpu);
+            }
+            layer->slot[p] = lh_new_slot_tensor(w, n_slots, buft, &layer->slot_buffer[p]);
+            if (!layer->slot[p]) {
+                lh_error(ctx, "could not allocate %d slots for %s in %s (out of memory?)", n_slots, w->name,
+                         ggml_backend_buft_name(buft));
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+static bool lh_valid_slot(const struct lh_ctx * ctx, int32_t layer, int32_t slot) {
+    return layer >= 0 && layer < ctx->n_moe_layers && slot >= 0 && slot < ctx->n_slots;
+}
+
+int32_t lh_expert_slab(const struct lh_ctx * ctx, int32_t layer, int32_t proj, int32_t expert, void ** src, size_t * nbytes) {
+    if (layer < 0 || layer >= ctx->n_moe_layers || proj < 0 || proj >= LH_PROJ_COUNT || expert < 0 ||
+        expert >= ctx->n_expert || ctx->layers[layer].weight[proj] == NULL) {
+        return -1;
+    }
+    const struct ggml_tensor * w = ctx->layers[layer].weight[proj];
+    *src = (char *) w->data + (size_t) expert * w->nb[2];
+    *nbytes = w->nb[2];
+    return 0;
+}
+
+int32_t lh_slot_slab(const struct lh_ctx * ctx, int32_t layer, int32_t proj, int32_t slot, void ** dst, size_t * nbytes) {
+    if (!lh_valid_slot(ctx, layer, slot) || proj < 0 || proj >= LH_PROJ_COUNT || ctx->layers[layer].slot[proj] == NULL) {
+        return -1;
+    }
+    const struct ggml_tensor * s = ctx->layers[layer].slot[proj];
+    *dst = (char *) s->data + (size_t) slot * s->nb[2];
+    *nbytes = s->nb[2];
+    return 0;
+}
+
+int32_t lh_slot_load(struct lh_ctx * ctx, int32_t layer, int32_t slot, int32_t expert) {
+    if (!lh_valid_slot(ctx, layer, slot) || expert < 0 || expert >= ctx->n_expert) {
+        lh_error(ctx, "bad slot load (layer %d, slot %d, expert %d)", layer, slot, expert);
+        return -1;
+    }
+    if (ctx->expert_of_slot[(size_t) layer * ctx->n_slots + slot] >= 0) {
+        lh_error(ctx, "slot %d of layer %d is published; unpublish it before loading", slot, layer);
+        return -1;
+    }
+    for (int p = 0; p < LH_PROJ_COUNT; p++) {
+        struct ggml_tensor * s = ctx->layers[layer].slot[p];
+        if (!s) {
+            continue;
+        }
+        void * src;
+        size_t nbytes;
+        lh_expert_slab(ctx, layer, p, expert, &src, &nbytes);
+        if (ctx->slot_kind == LH_SLOTS_HOST) {
+            /* Raw bytes: a repacked expert stays valid in a repacked slot (rows never straddle experts). */
+            memcpy((char *) s->data + (size_t) slot * s->nb[2], src, nbytes);
+        } else {
+            ggml_backend_tensor_set(s, src, (size_t) slot * s->nb[2], nbytes);
+        }
+    }
+    return 0;
+}
+
+int32_t lh_slot_publish(struct lh_ctx * ctx, int32_t layer, int32_t slot, int32_t expert) {
+    if (!lh_valid_slot(ctx, layer, slot) || expert < 0 || expert >= ctx->n_expert) {
+        lh_error(ctx, "bad publish (layer %d, slot %d, expert %d)", layer, slot, expert);
+        return -1;
+    }
+    int32_t * of_slot = &ctx->expert_of_slot[(size_t) layer * ctx->n_slots + slot];
+    int32_t * of_expert = &ctx->slot_of_expert[(size_t) layer * ctx->n_expert + expert];
+    if (*of_slot >= 0 || *of_expert >= 0) {
+        lh_error(ctx, "layer %d: slot %d or expert %d is already published", layer, slot, expert);
+        return -1;
+    }
+    *of_slot = expert;
+    *of_expert = slot;
+    ctx->layers[layer].n_published++;
+    return 0;
+}
+
+int32_t lh_slot_unpublish(struct lh_ctx * ctx, int32_t layer, int32_t slot) {
+    if (!lh_valid_slot(ctx, layer, slot)) {
+        lh_error(ctx, "bad unpublish (layer %d, slot %d)", layer, slot);
+        return -1;
+    }
+    int32_t * of_slot = &ctx->expert_of_slot[(size_t) layer * ctx->n_slots + slot];
+    if (*of_slot >= 0) {
+        ctx->slot_of_expert[(size_t) layer * ctx->n_expert + *of_slot] = -1;
+        *of_slot = -1;
+        ctx->layers[layer].n_published--;
+    }
+    return 0;
+}
+
+/* ---- compact recomputation of one node ---------------------------------------------------- */
+
+static bool lh_grow(void ** p, size_t * cap, size_t need, size_t elem) {
+    if (need <= *cap) {
+        return true;
+    }
+    size_t n = *cap ? *cap : 64;
+    while (n < need) {
+        n *= 2;
+    }
+    void * q = realloc(*p, n * elem);
+    if (!q) {
+        return false;
+    }
+    *p = q;
+    *cap = n;
+    return true;
+}
+
+static bool lh_scratch_reserve(struct lh_scratch * s, size_t size) {
+    if (size <= s->size) {
+        return true;
+    }
+    lh_scratch_free(s);
+    size_t n = 1 << 16;
+    while (n < size) {
+        n *= 2;
+    }
+    s->buffer = ggml_backend_alloc_buffer(s->backend, n);
+    if (!s->buffer) {
+        return false;
+    }
+    s->size = n;
+    return true;
+}
+
+/* Place a tensor at *offset in a scratch buffer. */
+static void lh_place(struct lh_scratch * s, struct ggml_tensor * t, size_t * offset) {
+    ggml_backend_tensor_alloc(s->buffer, t, (char *) ggml_backend_buffer_get_base(s->buffer) + *offset);
+    *offset += lh_pad(ggml_nbytes(t));
+}
+
+/* A compact MUL_MAT_ID over `n` entries of node t computed by matrix tensor `as`:
+ * activations [ne10, 1, n], ids [1, n] -> out [ne0, 1, n]. Inputs are filled from t's sources. */
+struct lh_part {
+    struct ggml_tensor * b;
+    struct ggml_tensor * ids;
+    struct ggml_tensor * out;
+};
+
+static struct lh_part lh_build_part(struct ggml_context * g, struct ggml_tensor * as, const struct ggml_tensor * t, int64_t n) {
+    struct lh_part part;
+    part.b = ggml_new_tensor_3d(g, GGML_TYPE_F32, t->src[1]->ne[0], 1, n);
+    part.ids = ggml_new_tensor_2d(g, GGML_TYPE_I32, 1, n);
+    part.out = ggml_mul_mat_id(g, as, part.b, part.ids);
+    return part;
+}
+
+static size_t lh_part_bytes(const struct ggml_tensor * t, int64_t n) {
+    return lh_pad((size_t) t->src[1]->ne[0] * (size_t) n * sizeof(float)) + lh_pad((size_t) n * sizeof(int32_t)) +
+           lh_pad((size_t) t->ne[0] * (size_t) n * sizeof(float));
+}
+
+/* Gather the activation rows and matrix indices of `entries` into host memory. */
+static void lh_gather(const struct ggml_tensor * t, const struct lh_entry * entries, int64_t n, float * b_rows, int32_t * ids) {
+    const struct ggml_tensor * b = t->src[1];
+    const size_t row = (size_t) b->ne[0] * sizeof(float);
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t i11 = entries[i].k % b->ne[1];
+        memcpy((char *) b_rows + (size_t) i * row, (const char *) b->data + i11 * b->nb[1] + entries[i].token * b->nb[2], row);
+        ids[i] = entries[i].matrix;
+    }
+}
+
+static void lh_scatter(const struct ggml_tensor * t, const struct lh_entry * entries, int64_t n, const float * rows, char * dst) {
+    const size_t row = (size_t) t->ne[0] * sizeof(float);
+    for (int64_t i = 0; i < n; i++) {
+        memcpy(dst + entries[i].k * t->nb[1] + entries[i].token * t->nb[2], (const char *) rows + (size_t) i * row, row);
+    }
+}
+
+/* Compute node t (llama's op restored) from slots and original weight into dst (t's layout). */
+static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, int32_t layer, int32_t proj, char * dst) {
+    const struct ggml_tensor * ids = t->src[2];
+    const int64_t n_used = ids->ne[0];
+    const int64_t n_tokens = ids->ne[1];
+    const int32_t * slot_of = ctx->slot_of_expert + (size_t) layer * ctx->n_expert;
+    struct ggml_tensor * w = ctx->layers[layer].weight[proj];
+    struct ggml_tensor * slots = ctx->layers[layer].slot[proj];
+
+    const size_t n_entries = (size_t) (n_used * n_tokens);
+    size_t cap = ctx->entries_cap;
+    if (!lh_grow((void **) &ctx->hot, &cap, n_entries, sizeof(struct lh_entry))) {
+        return false;
+    }
+    cap = ctx->entries_cap;
+    if (!lh_grow((void **) &ctx->cold, &cap, n_entries, sizeof(struct lh_entry))) {
+        return false;
+    }
+    ctx->entries_cap = cap;
+
+    /* (token, k) order: the order in which llama's kernels group each expert's rows. */
+    int64_t n_hot = 0, n_cold = 0;
+    for (int64_t tok = 0; tok < n_tokens; tok++) {
+        for (int64_t k = 0; k < n_used; k++) {
+            const int32_t e = *(const int32_t *) ((const char *) ids->data + tok * ids->nb[1] + k * ids->nb[0]);
+            const int32_t s = slots ? slot_of[e] : -1;
+            if (s >= 0) {
+                ctx->hot[n_hot++] = (struct lh_entry) { (int32_t) k, (int32_t) tok, s };
+            } else {
+                ctx->cold[n_cold++] = (struct lh_entry) { (int32_t) k, (int32_t) tok, e };
+            }
+        }
+    }
+
+    /* Host scratch: the cold part, then the hot part (for GPU slots: its host staging). */
+    const bool hot_on_gpu = ctx->slot_kind == LH_SLOTS_GPU && n_hot > 0;
+    if (!lh_scratch_reserve(&ctx->host_scratch, lh_part_bytes(t, n_cold) + lh_part_bytes(t, n_hot)) ||
+        (hot_on_gpu && !lh_scratch_reserve(&ctx->gpu_scratch, lh_part_bytes(t, n_hot)))) {
+        return false;
+    }
+    const size_t graph_mem = ggml_tensor_overhead() * 16 + 2 * ggml_graph_overhead_custom(8, false);
+    if (!lh_grow(&ctx->graph_mem, &ctx->graph_mem_size, graph_mem, 1)) {
+        return false;
+    }
+    struct ggml_init_params params = { ctx->graph_mem_size, ctx->graph_mem, true };
+    struct ggml_context * g = ggml_init(params);
+    struct ggml_cgraph * cpu_graph = ggml_new_graph_custom(g, 8, false);
+    struct ggml_cgraph * gpu_graph = ggml_new_graph_custom(g, 8, false);
+    char * host_base = (char *) ggml_backend_buffer_get_base(ctx->host_scratch.buffer);
+    size_t host_off = 0, gpu_off = 0;
+
+    struct lh_part hot = {0}, cold = {0};
+    if (n_cold > 0) {
+        cold = lh_build_part(g, w, t, n_cold);
+        lh_place(&ctx->host_scratch, cold.b, &host_off);
+        lh_place(&ctx->host_scratch, cold.ids, &host_off);
+        lh_place(&ctx->host_scratch, cold.out, &host_off);
+        lh_gather(t, ctx->cold, n_cold, (float *) cold.b->data, (int32_t *) cold.ids->data);
+        ggml_build_forward_expand(cpu_graph, cold.out);
+    }
+    /* Where the hot part's inputs are gathered and its output lands, in host memory. */
+    float * hot_b_rows = (float *) (host_base + host_off);
+    int32_t * hot_ids = NULL;
+    float * hot_out_rows = NULL;
+    if (n_hot > 0) {
+        hot = lh_build_part(g, slots, t, n_hot);
+        if (hot_on_gpu) {
+            lh_place(&ctx->gpu_scratch, hot.b, &gpu_off);
+            lh_place(&ctx->gpu_scratch, hot.ids, &gpu_off);
+            lh_place(&ctx->gpu_scratch, hot.out, &gpu_off);
+            hot_ids = (int32_t *) ((char *) hot_b_rows + lh_pad(ggml_nbytes(hot.b)));
+            hot_out_rows = (float *) ((char *) hot_ids + lh_pad(ggml_nbytes(hot.ids)));
+            ggml_build_forward_expand(gpu_graph, hot.out);
+        } else {
+            lh_place(&ctx->host_scratch, hot.b, &host_off);
+            lh_place(&ctx->host_scratch, hot.ids, &host_off);
+            lh_place(&ctx->host_scratch, hot.out, &host_off);
+            hot_ids = (int32_t *) hot.ids->data;
+            hot_out_rows = (float *) hot.out->data;
+            ggml_build_forward_expand(cpu_graph, hot.out);
+        }
+        lh_gather(t, ctx->hot, n_hot, hot_b_rows, hot_ids);
+    }
+    bool ok = true;
+    if (hot_on_gpu) {
+        /* Hot work first and asynchronously; the CPU computes the cold part meanwhile. */
+        ggml_backend_tensor_set_async(ctx->gpu, hot.b, hot_b_rows, 0, ggml_nbytes(hot.b));
+        ggml_backend_tensor_set_async(ctx->gpu, hot.ids, hot_ids, 0, ggml_nbytes(hot.ids));
+        ok = ggml_backend_graph_compute_async(ctx->gpu, gpu_graph) == GGML_STATUS_SUCCESS;
+        if (ok) {
+            ggml_backend_tensor_get_async(ctx->gpu, hot.out, hot_out_rows, 0, ggml_nbytes(hot.out));
+        }
+    }
+    if (ok && ggml_graph_n_nodes(cpu_graph) > 0) {
+        ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
+    }
+    if (hot_on_gpu) {
+        ggml_backend_synchronize(ctx->gpu);
+    }
+    if (ok && n_cold > 0) {
+        lh_scatter(t, ctx->cold, n_cold, (const float *) cold.out->data, dst);
+    }
+    if (ok && n_hot > 0) {
+        lh_scatter(t, ctx->hot, n_hot, hot_out_rows, dst);
+    }
+    ggml_free(g);
+    return ok;
+}
+
+/* ---- the callback ------------------------------------------------------------------------- */
+
+static void lh_count_routing(struct lh_ctx * ctx, const struct ggml_tensor * t, int32_t moe_layer, bool managed_ubatch) {
     const struct ggml_tensor * ids = t->src[2];
     if (ids == NULL || ids->type != GGML_TYPE_I32 || ids->buffer == NULL || !ggml_backend_buffer_is_host(ids->buffer)) {
         return;
@@ -198,14 +749,20 @@ static void lh_count_routing(struct lh_ctx * ctx, const struct ggml_tensor * t, 
     const int64_t n_used = ids->ne[0];
     const int64_t n_tokens = ids->ne[1];
     int64_t * row = ctx->counts + (size_t) moe_layer * (size_t) ctx->n_expert;
+    const int32_t * slot_of = ctx->slot_of_expert + (size_t) moe_layer * (size_t) ctx->n_expert;
+    int64_t hits = 0;
     for (int64_t tok = 0; tok < n_tokens; tok++) {
-        const int32_t * sel = (const int32_t *) ((const char *) ids->data + tok * ids->nb[1]);
         for (int64_t k = 0; k < n_used; k++) {
-            const int32_t e = *(const int32_t *) ((const char *) sel + k * ids->nb[0]);
+            const int32_t e = *(const int32_t *) ((const char *) ids->data + tok * ids->nb[1] + k * ids->nb[0]);
             if (e >= 0 && e < ctx->n_expert) {
                 row[e]++;
+                hits += slot_of[e] >= 0;
             }
         }
+    }
+    if (managed_ubatch) {
+        ctx->hits[moe_layer] += hits;
+        ctx->misses[moe_layer] += n_used * n_tokens - hits;
     }
     ctx->counters.managed_nodes++;
     if (moe_layer == 0) {
@@ -214,16 +771,97 @@ static void lh_count_routing(struct lh_ctx * ctx, const struct ggml_tensor * t, 
     }
 }
 
+/* Small ubatches with slots are redirected (or shadowed); the rest is only observed. */
+static bool lh_wants_redirect(const struct lh_ctx * ctx, const struct ggml_tensor * t, int32_t layer) {
+    if (ctx->cpu == NULL || t->ne[2] > ctx->prefill_bypass || !lh_redirectable(t)) {
+        return false;
+    }
+    return ctx->layers[layer].n_published > 0 || (ctx->debug_flags & LH_DEBUG_SHADOW);
+}
+
+static void lh_shadow_compare(struct lh_ctx * ctx, const struct ggml_tensor * t, int32_t layer, int32_t proj) {
+    const size_t n = (size_t) (t->nb[2] / sizeof(float)) * (size_t) t->ne[2];
+    size_t cap = ctx->shadow_cap;
+    if (!lh_grow((void **) &ctx->shadow_out, &cap, n, sizeof(float))) {
+        return;
+    }
+    ctx->shadow_cap = cap;
+    for (size_t i = 0; i < n; i++) {
+        ctx->shadow_out[i] = NAN;
+    }
+    const bool ok = lh_compute_node(ctx, t, layer, proj, (char *) ctx->shadow_out);
+    const size_t row = (size_t) t->ne[0] * sizeof(float);
+    for (int64_t tok = 0; tok < t->ne[2]; tok++) {
+        for (int64_t k = 0; k < t->ne[1]; k++) {
+            const size_t off = (size_t) (k * t->nb[1] + tok * t->nb[2]);
+            ctx->counters.shadow_rows++;
+            if (!ok || memcmp((const char *) t->data + off, (const char *) ctx->shadow_out + off, row) != 0) {
+                ctx->counters.shadow_mismatches++;
+            }
+        }
+    }
+}
+
+static void lh_redirect(struct lh_ctx * ctx, struct ggml_tensor * t, int32_t layer, int32_t proj) {
+    if (ctx->debug_flags & LH_DEBUG_POISON) {
+        for (int64_t tok = 0; tok < t->ne[2]; tok++) {
+            for (int64_t k = 0; k < t->ne[1]; k++) {
+                float * row = (float *) ((char *) t->data + k * t->nb[1] + tok * t->nb[2]);
+                for (int64_t i = 0; i < t->ne[0]; i++) {
+                    row[i] = NAN;
+                }
+            }
+        }
+    }
+    if (lh_compute_node(ctx, t, layer, proj, (char *) t->data)) {
+        ctx->counters.redirected_nodes++;
+    } else {
+        fprintf(stderr, "llamahot: could not compute %s (out of memory?); its output is invalid\n", t->name);
+    }
+}
+
 bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
     struct lh_ctx * ctx = (struct lh_ctx *) user_data;
-    const struct lh_weight_entry * e = lh_counted_node(ctx, t);
     if (ask) {
         ctx->user_wanted = ctx->user_cb != NULL && ctx->user_cb(t, true, ctx->user_ud);
-        return e != NULL || ctx->user_wanted;
+        const struct lh_weight_entry * e = lh_managed(ctx, t);
+        if (e == NULL) {
+            return ctx->user_wanted;
+        }
+        if (lh_wants_redirect(ctx, t, e->moe_layer)) {
+            if (!(ctx->debug_flags & LH_DEBUG_SHADOW)) {
+                /* Only this: inputs are not computed yet and t->data may alias earlier nodes. */
+                ctx->pending = t;
+                ctx->pending_op = t->op;
+                t->op = GGML_OP_NONE;
+                ctx->counters.open_mutations++;
+            }
+            return true;
+        }
+        return e->proj == LH_PROJ_DOWN || ctx->user_wanted;
     }
+
     /* ask=false: the scheduler computed every node up to and including t. */
-    if (e != NULL) {
-        lh_count_routing(ctx, t, e->moe_layer);
+    if (ctx->pending == t) {
+        t->op = ctx->pending_op;
+        ctx->pending = NULL;
+        ctx->counters.open_mutations--;
+        const struct lh_weight_entry * e = lh_managed(ctx, t);
+        lh_redirect(ctx, t, e->moe_layer, e->proj);
+        if (e->proj == LH_PROJ_DOWN) {
+            lh_count_routing(ctx, t, e->moe_layer, true);
+        }
+    } else {
+        const struct lh_weight_entry * e = lh_managed(ctx, t);
+        if (e != NULL) {
+            const bool managed_ubatch = ctx->cpu != NULL && t->ne[2] <= ctx->prefill_bypass;
+            if (ctx->debug_flags & LH_DEBUG_SHADOW && lh_wants_redirect(ctx, t, e->moe_layer)) {
+                lh_shadow_compare(ctx, t, e->moe_layer, e->proj);
+            }
+            if (e->proj == LH_PROJ_DOWN) {
+                lh_count_routing(ctx, t, e->moe_layer, managed_ubatch);
+            }
+        }
     }
     if (ctx->user_wanted) {
         ctx->user_wanted = false;

@@ -29,12 +29,28 @@ enum lh_proj {
     LH_PROJ_COUNT = 4,
 };
 
+/* Where slots live and hot work runs. */
+enum lh_slot_kind {
+    LH_SLOTS_HOST = 0,   /* CPU, in each weight's own buffer type: bit-exact, for tests and CI */
+    LH_SLOTS_GPU = 1,    /* the first GPU device of ggml's registry (CUDA), standard layout */
+};
+
+/* Test-only checks. */
+enum lh_debug_flags {
+    LH_DEBUG_POISON = 1, /* fill a redirected node's output with NaN before writing it */
+    LH_DEBUG_SHADOW = 2, /* let llama compute managed nodes, recompute them, compare every row */
+};
+
 /* Cumulative counters, read by Python between decode calls. */
 struct lh_counters {
-    int64_t ubatches;        /* ubatches that reached the first MoE layer */
-    int64_t tokens;          /* tokens of those ubatches */
-    int64_t managed_nodes;   /* managed MUL_MAT_ID nodes seen at ask=false */
-    int64_t weights_known;   /* distinct routed-expert weights recognised so far */
+    int64_t ubatches;          /* ubatches that reached the first MoE layer */
+    int64_t tokens;            /* tokens of those ubatches */
+    int64_t managed_nodes;     /* managed MUL_MAT_ID nodes seen at ask=false */
+    int64_t weights_known;     /* distinct routed-expert weights recognised so far */
+    int64_t redirected_nodes;  /* nodes computed by the shim from slots + original weights */
+    int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
+    int64_t shadow_rows;       /* rows compared in shadow mode */
+    int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */
 };
 
 struct lh_ctx;
@@ -55,8 +71,38 @@ bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
 
 /* Routed-expert counts, int64 [n_moe_layers][n_expert], owned by ctx. */
 int64_t * lh_routing_counts(struct lh_ctx * ctx);
+/* Hot-slot hits and misses of managed ubatches (<= prefill_bypass tokens), int64 [n_moe_layers]. */
+int64_t * lh_hits(struct lh_ctx * ctx);
+int64_t * lh_misses(struct lh_ctx * ctx);
+/* Published slot maps: int32 [n_moe_layers][n_expert] (slot or -1) and [n_moe_layers][n_slots] (expert or -1). */
+int32_t * lh_slot_of_expert(struct lh_ctx * ctx);
+int32_t * lh_expert_of_slot(struct lh_ctx * ctx);
 void      lh_get_counters(const struct lh_ctx * ctx, struct lh_counters * out);
 void      lh_reset_counters(struct lh_ctx * ctx);
+
+/* Number of routed-expert weights recognised for a MoE layer (its projections). */
+int32_t lh_layer_weight_count(const struct lh_ctx * ctx, int32_t layer);
+
+/* Allocate n_slots slots per MoE layer on the slot device and enable redirection of ubatches of at
+ * most prefill_bypass tokens. Needs every layer's weights recognised (one decode ran). 0 on success;
+ * otherwise the reason is in lh_last_error(). n_threads: CPU threads for cold experts. */
+int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_t prefill_bypass, int32_t n_threads);
+const char * lh_last_error(const struct lh_ctx * ctx);
+/* Bytes of slot memory per MoE layer (all projections), after lh_slots_init. */
+size_t lh_slot_bytes_per_layer(const struct lh_ctx * ctx);
+
+/* One expert's slab of one projection: source in the weight (host memory), destination in the slot
+ * (host or device memory). Same size; for copies driven from Python (cudaMemcpyAsync). */
+int32_t lh_expert_slab(const struct lh_ctx * ctx, int32_t layer, int32_t proj, int32_t expert, void ** src, size_t * nbytes);
+int32_t lh_slot_slab(const struct lh_ctx * ctx, int32_t layer, int32_t proj, int32_t slot, void ** dst, size_t * nbytes);
+/* Copy an expert into a slot now (all projections), synchronously. The slot must be unpublished. */
+int32_t lh_slot_load(struct lh_ctx * ctx, int32_t layer, int32_t slot, int32_t expert);
+/* A slot serves its expert only while published: publish after its copy completed, unpublish before
+ * overwriting it. */
+int32_t lh_slot_publish(struct lh_ctx * ctx, int32_t layer, int32_t slot, int32_t expert);
+int32_t lh_slot_unpublish(struct lh_ctx * ctx, int32_t layer, int32_t slot);
+
+void lh_set_debug(struct lh_ctx * ctx, int32_t flags);
 
 /* The ggml version the shim was compiled against (from the vendored headers). */
 const char * lh_built_ggml_version(void);

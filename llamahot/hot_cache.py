@@ -1,29 +1,49 @@
-"""The per-context hot-expert cache: owns the shim context and reports what it saw.
+"""The per-context hot-expert cache: owns the shim context, the policy and the slots.
 
 One HotCache per llamahot.Llama. It is created before the llama context (its callback and
-user_data go into the context params) and released after the context is freed.
+user_data go into the context params), attached once the context exists (slots allocated and,
+after each eval, routing fed to the policy and slots rebalanced), and released after the context
+is freed.
+
+Data flows one way per token: router ids -> shim counters -> policy -> slot plan -> copies ->
+slot maps the shim reads.
 """
 from __future__ import annotations
 
 import ctypes
+import os
+import time
 from typing import Any, Optional
 
+import llama_cpp
 import numpy as np
 
 from llamahot._shim import ffi, lib
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, MoELayout
+from llamahot.monitor import SnapshotWriter
+from llamahot.policy import make_policy
+from llamahot.slots import SlotManager
+
+# lh_proj of each projection name in a MoELayout.
+PROJ_INDEX = {"gate": 0, "up": 1, "down": 2, "gate_up": 3}
+SLOT_KINDS = {"host": 0, "cuda": 1}
+DEBUG_POISON = 1
+DEBUG_SHADOW = 2
 
 
 class HotCache:
-    """Routing counters and statistics of one llamahot context."""
+    """Hot-expert slots, routing counters and statistics of one llamahot context."""
 
     def __init__(self, layout: MoELayout, *, hot_experts: int, rebalance_interval: int,
-                 prefill_bypass: int, slot_device: str):
+                 prefill_bypass: int, slot_device: str, policy: str = "decayed"):
         self.layout = layout
         self.hot_experts = hot_experts
         self.rebalance_interval = rebalance_interval
         self.prefill_bypass = prefill_bypass
         self.slot_device = slot_device
+        self.policy_name = policy
+        # Fails fast on a bad name, before any model is loaded.
+        self.policy = make_policy(policy, layout.n_moe_layers, layout.n_expert, hot_experts, rebalance_interval)
 
         blk_to_moe = layout.blk_to_moe()
         ctx = lib.lh_ctx_new(layout.n_blocks, ffi.from_buffer("int32_t[]", blk_to_moe),
@@ -31,9 +51,11 @@ class HotCache:
         if ctx == ffi.NULL:
             raise MemoryError("llamahot: could not allocate the shim context")
         self._ctx = ctx
-        n = layout.n_moe_layers * layout.n_expert
-        self._counts_view = np.frombuffer(ffi.buffer(lib.lh_routing_counts(ctx), n * 8), dtype=np.int64)
-        self._counts_view = self._counts_view.reshape(layout.n_moe_layers, layout.n_expert)
+        n_layers, n_expert = layout.n_moe_layers, layout.n_expert
+        self._counts = _int64_view(lib.lh_routing_counts(ctx), n_layers * n_expert).reshape(n_layers, n_expert)
+        self._hits = _int64_view(lib.lh_hits(ctx), n_layers)
+        self._misses = _int64_view(lib.lh_misses(ctx), n_layers)
+        self._seen = np.zeros((n_layers, n_expert), dtype=np.int64)  # counts already fed to the policy
         self._final: Optional[tuple[np.ndarray, dict]] = None  # snapshot kept after release()
 
         # Placement of every routed-expert tensor in host memory (what `-ot exps=CPU` does).
@@ -42,7 +64,10 @@ class HotCache:
         self._overrides[0].pattern = self._override_pattern
         self._overrides[0].buft = lib.ggml_backend_cpu_buffer_type()
 
-        self._user_callback: Any = None  # keeps an application's ctypes callback alive
+        self.slots: Optional[SlotManager] = None
+        self._snapshot: Optional[SnapshotWriter] = None
+        self._user_callback: Any = None  # (callback, user_data): keeps an application's ctypes callback alive
+        self._tokens_since_rebalance = 0
         self._decode_tokens = 0
         self._decode_seconds = 0.0
         self._prefill_tokens = 0
@@ -62,69 +87,176 @@ class HotCache:
         return int(ffi.cast("uintptr_t", self._ctx))
 
     def chain_user_callback(self, callback: Any, user_data: Optional[int] = None) -> None:
-        """Chain an application's eval callback (a ctypes ggml_backend_sched_eval_callback)."""
-        address = ctypes.cast(callback, ctypes.c_void_p).value
-        self._user_callback = callback
-        lib.lh_set_user_callback(self._ctx, ffi.cast("ggml_backend_sched_eval_callback", address),
-                                 ffi.cast("void *", user_data or 0))
+        """Chain an application's eval callback (a ctypes ggml_backend_sched_eval_callback).
 
-    def record_eval(self, n_tokens: int, seconds: float) -> None:
-        """Time of one Llama.eval call: one token is a decode step, more are prompt processing."""
+        It is installed by attach(), after the warm-up decode, so it sees only the application's own
+        evals."""
+        self._user_callback = (callback, user_data)
+
+    def attach(self, llama_ctx: Any, model: Any, n_threads: int, model_name: str = "") -> None:
+        """Allocate the slots once the llama context exists.
+
+        The shim recognises the expert weights when a graph first runs through its callback, so
+        one single-token decode runs first; the context's memory is cleared after it, leaving the
+        context as llama_cpp created it.
+        """
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        token = llama_cpp.llama_vocab_bos(vocab)
+        tokens = (llama_cpp.llama_token * 1)(token if token >= 0 else 0)
+        rc = llama_cpp.llama_decode(llama_ctx, llama_cpp.llama_batch_get_one(tokens, 1))
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llama_ctx), True)
+        if rc != 0:
+            raise RuntimeError(f"llamahot: the warm-up decode failed (llama_decode returned {rc})")
+        projections = tuple(PROJ_INDEX[p] for p in self.layout.projections)
+        for layer in range(self.layout.n_moe_layers):
+            found = lib.lh_layer_weight_count(self._ctx, layer)
+            if found != len(projections):
+                raise RuntimeError(
+                    f"llamahot: MoE layer {layer} (block {self.layout.moe_blocks[layer]}) ran "
+                    f"{found} of its {len(projections)} routed-expert matmuls through the CPU, so its "
+                    "experts cannot be managed. Is a tensor_buft_override or n_cpu_moe setting moving "
+                    "them elsewhere? Leave expert placement to llamahot."
+                )
+        if lib.lh_slots_init(self._ctx, SLOT_KINDS[self.slot_device], self.hot_experts,
+                             self.prefill_bypass, n_threads) != 0:
+            raise RuntimeError(f"llamahot: could not set up {self.hot_experts} {self.slot_device} slots per "
+                               f"layer: {ffi.string(lib.lh_last_error(self._ctx)).decode()}")
+        self.slots = SlotManager(self._ctx, self.slot_device, self.layout.n_moe_layers, self.layout.n_expert,
+                                 self.hot_experts, projections)
+        lib.lh_reset_counters(self._ctx)
+        if self._user_callback is not None:
+            callback, user_data = self._user_callback
+            address = ctypes.cast(callback, ctypes.c_void_p).value
+            lib.lh_set_user_callback(self._ctx, ffi.cast("ggml_backend_sched_eval_callback", address),
+                                     ffi.cast("void *", user_data or 0))
+        self._snapshot = SnapshotWriter.create(os.getpid(), self.layout.n_moe_layers, self.layout.n_expert,
+                                               self.hot_experts, model_name or os.path.basename(self.layout.path))
+        self._publish_snapshot()
+
+    def after_eval(self, n_tokens: int, seconds: float) -> None:
+        """After each Llama.eval: timing, routing into the policy, rebalance when due."""
         if n_tokens == 1:
-            self._decode_tokens += n_tokens
+            self._decode_tokens += 1
             self._decode_seconds += seconds
         else:
             self._prefill_tokens += n_tokens
             self._prefill_seconds += seconds
+        if self.slots is None:
+            return
+        delta = self._counts - self._seen
+        self._seen += delta
+        self.policy.observe(delta, n_tokens)
+        self.slots.publish_completed()
+        self._tokens_since_rebalance += n_tokens
+        # The first fill follows the prompt's routing; then one rebalance per interval.
+        if self.slots.stats.rebalances == 0 or self._tokens_since_rebalance >= self.rebalance_interval:
+            self.rebalance()
+        self._publish_snapshot()
+
+    def rebalance(self) -> None:
+        """Plan the hot set from the policy and issue the copies (never waits for them)."""
+        self._tokens_since_rebalance = 0
+        self.slots.apply(self.policy.choose(self.slots.resident()))
+
+    # -- test and benchmark controls -------------------------------------------------------
+    def set_debug(self, *, poison: bool = False, shadow: bool = False) -> None:
+        """poison: NaN-fill redirected outputs first; shadow: let llama compute, recompute, compare."""
+        lib.lh_set_debug(self._ctx, (DEBUG_POISON if poison else 0) | (DEBUG_SHADOW if shadow else 0))
+
+    def set_observing(self, observing: bool) -> None:
+        """Count and redirect (default), or leave the callback installed but idle (to measure its cost)."""
+        if self._ctx is not None:
+            lib.lh_set_observing(self._ctx, bool(observing))
+
+    def open_mutations(self) -> int:
+        """Graph nodes whose op the shim has changed right now: must be 0 between evals."""
+        return self._counters().open_mutations
 
     # -- what users read -----------------------------------------------------------------
     def routing_counts(self) -> np.ndarray:
         """int64 [n_moe_layers, n_expert]: how often each expert of each MoE layer was routed to."""
         if self._final is not None:
             return self._final[0].copy()
-        return self._counts_view.copy()
+        return self._counts.copy()
+
+    def hot_sets(self) -> np.ndarray:
+        """int32 [n_moe_layers, hot_experts]: the expert each slot serves now (-1: empty or loading)."""
+        if self.slots is None:
+            return np.full((self.layout.n_moe_layers, self.hot_experts), -1, dtype=np.int32)
+        return self.slots.expert_of_slot.copy()
 
     def stats(self) -> dict:
-        """Counters since creation (or the last reset()): tokens, ubatches, decode/prefill speed."""
+        """Counters since creation (or the last reset()).
+
+        hits/misses count routed (token, expert) entries of ubatches of at most prefill_bypass
+        tokens, the ones llamahot computes; larger ubatches are left to llama.cpp and only counted
+        in routing_counts().
+        """
         if self._final is not None:
             return dict(self._final[1])
-        counters = ffi.new("struct lh_counters *")
-        lib.lh_get_counters(self._ctx, counters)
+        counters = self._counters()
+        hits, misses = int(self._hits.sum()), int(self._misses.sum())
+        transfers = self.slots.stats if self.slots is not None else None
         return {
             "hot_experts": self.hot_experts,
             "slot_device": self.slot_device,
+            "policy": self.policy_name,
             "n_moe_layers": self.layout.n_moe_layers,
             "n_expert": self.layout.n_expert,
             "tokens": int(counters.tokens),
             "ubatches": int(counters.ubatches),
             "managed_nodes": int(counters.managed_nodes),
+            "redirected_nodes": int(counters.redirected_nodes),
             "expert_weights_found": int(counters.weights_known),
+            "hits": hits,
+            "misses": misses,
+            "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+            "hits_per_layer": self._hits.copy(),
+            "misses_per_layer": self._misses.copy(),
+            "slots_total": self.layout.n_moe_layers * self.hot_experts,
+            "slots_occupied": self.slots.occupied() if self.slots else 0,
+            "slots_loading": transfers.pending if transfers else 0,
+            "slot_bytes": int(lib.lh_slot_bytes_per_layer(self._ctx)) * self.layout.n_moe_layers if self.slots else 0,
+            "bytes_moved": transfers.bytes_moved if transfers else 0,
+            "experts_loaded": transfers.experts_loaded if transfers else 0,
+            "rebalances": transfers.rebalances if transfers else 0,
+            "max_rebalance_ms": transfers.max_rebalance_ms if transfers else 0.0,
             "decode_tokens": self._decode_tokens,
             "decode_seconds": self._decode_seconds,
             "decode_tok_s": _rate(self._decode_tokens, self._decode_seconds),
             "prefill_tokens": self._prefill_tokens,
             "prefill_seconds": self._prefill_seconds,
             "prefill_tok_s": _rate(self._prefill_tokens, self._prefill_seconds),
+            "shadow_rows": int(counters.shadow_rows),
+            "shadow_mismatches": int(counters.shadow_mismatches),
         }
 
-    def set_observing(self, observing: bool) -> None:
-        """Count routing (default), or leave the callback installed but idle (for measuring its cost)."""
-        if self._ctx is not None:
-            lib.lh_set_observing(self._ctx, bool(observing))
+    @property
+    def snapshot_name(self) -> Optional[str]:
+        """Name of the shared-memory snapshot other processes read (llamahot.monitor.read_snapshots)."""
+        return self._snapshot.name if self._snapshot else None
 
     def reset(self) -> None:
-        """Zero the routing counts and statistics (e.g. between benchmark runs)."""
+        """Zero the counters and statistics (e.g. between benchmark runs); the hot sets stay."""
         if self._final is None:
             lib.lh_reset_counters(self._ctx)
+            self._seen[:] = 0
+        if self.slots is not None:
+            self.slots.stats.reset_counters()
         self._decode_tokens = self._prefill_tokens = 0
         self._decode_seconds = self._prefill_seconds = 0.0
 
     def release(self) -> None:
-        """Free the shim context; call only after the llama context that uses it was freed."""
+        """Free slots and shim context; call only after the llama context that uses them was freed."""
         if self._ctx is None:
             return
-        self._final = (self._counts_view.copy(), self.stats())
-        self._counts_view = None
+        self._final = (self._counts.copy(), self.stats())
+        if self.slots is not None:
+            self.slots.close()
+        if self._snapshot is not None:
+            self._snapshot.close()
+            self._snapshot = None
+        self._counts = self._hits = self._misses = None
         lib.lh_ctx_free(self._ctx)
         self._ctx = None
 
@@ -132,7 +264,32 @@ class HotCache:
         # Reached only when the owning Llama is gone, and with it the llama context.
         self.release()
 
+    # -- internals -------------------------------------------------------------------------
+    def _counters(self):
+        counters = ffi.new("struct lh_counters *")
+        lib.lh_get_counters(self._ctx, counters)
+        return counters
+
+    def _publish_snapshot(self) -> None:
+        if self._snapshot is None:
+            return
+        t = self.slots.stats
+        self._snapshot.write(
+            time=time.time(),
+            tokens=int(self._counters().tokens),
+            hits=int(self._hits.sum()), misses=int(self._misses.sum()),
+            decode_tokens=self._decode_tokens, decode_seconds=self._decode_seconds,
+            prefill_tokens=self._prefill_tokens, prefill_seconds=self._prefill_seconds,
+            bytes_moved=t.bytes_moved, rebalances=t.rebalances, max_rebalance_ms=t.max_rebalance_ms,
+            slots_loading=t.pending,
+            hits_per_layer=self._hits, misses_per_layer=self._misses,
+            expert_of_slot=self.slots.expert_of_slot,
+        )
+
+
+def _int64_view(pointer, n: int) -> np.ndarray:
+    return np.frombuffer(ffi.buffer(pointer, n * 8), dtype=np.int64)
+
 
 def _rate(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else 0.0
-

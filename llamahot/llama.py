@@ -45,6 +45,8 @@ class Llama(llama_cpp.Llama):
       rebalance_interval: tokens between rebalances of the hot set (default 60).
       prefill_bypass: ubatches with more tokens than this are left to llama.cpp (default 32).
       slot_device: "auto" (CUDA if llama-cpp-python was built with it, else host), "cuda" or "host".
+      policy: which experts are hot: "decayed" (default: decayed routing counts with hysteresis),
+        "lru" or "window-lfu".
       cb_eval, cb_eval_user_data: an application's own ggml_backend_sched_eval_callback (a ctypes
         llama_cpp.ggml_backend_sched_eval_callback); llamahot owns the context's callback and chains it.
     """
@@ -57,6 +59,7 @@ class Llama(llama_cpp.Llama):
         rebalance_interval: int = 60,
         prefill_bypass: int = 32,
         slot_device: str = "auto",
+        policy: str = "decayed",
         cb_eval: Any = None,
         cb_eval_user_data: Optional[int] = None,
         **kwargs: Any,
@@ -75,7 +78,7 @@ class Llama(llama_cpp.Llama):
                     f"{layout.path}; use 0..{layout.n_expert}."
                 )
             self.hot_cache = HotCache(layout, hot_experts=hot_experts, rebalance_interval=rebalance_interval,
-                                      prefill_bypass=prefill_bypass, slot_device=device)
+                                      prefill_bypass=prefill_bypass, slot_device=device, policy=policy)
             if cb_eval is not None:
                 self.hot_cache.chain_user_callback(cb_eval, cb_eval_user_data)
             kwargs.setdefault("n_gpu_layers", -1)
@@ -88,6 +91,8 @@ class Llama(llama_cpp.Llama):
                     file=sys.stderr,
                 )
         super().__init__(model_path, **kwargs)
+        if self.hot_cache is not None:
+            self.hot_cache.attach(self.ctx, self.model, self.context_params.n_threads)
 
     # llama_cpp.Llama.__init__ builds its params structs and loads the model in one go, with no
     # hook in between. These two properties catch the moment each struct is first assigned and
@@ -123,7 +128,7 @@ class Llama(llama_cpp.Llama):
             return super().eval(tokens)
         start = time.perf_counter()
         super().eval(tokens)
-        self.hot_cache.record_eval(len(tokens), time.perf_counter() - start)
+        self.hot_cache.after_eval(len(tokens), time.perf_counter() - start)
 
     def close(self) -> None:
         """Free the model and context, then the shim state the context's callback pointed at."""
@@ -140,6 +145,7 @@ class Llama(llama_cpp.Llama):
         if self.hot_cache is not None:
             cache = self.hot_cache
             state.update(hot_experts=cache.hot_experts, rebalance_interval=cache.rebalance_interval,
-                         prefill_bypass=cache.prefill_bypass, slot_device=cache.slot_device)
+                         prefill_bypass=cache.prefill_bypass, slot_device=cache.slot_device,
+                         policy=cache.policy_name)
         return state
 

@@ -1,0 +1,138 @@
+"""Which experts are hot: policies in plain numpy, no llama imports (testable on recorded traces).
+
+A policy sees routing as count deltas, `observe(delta, n_tokens)` with delta int64
+[n_layers, n_expert] = entries routed to each expert since the last call, and answers
+`choose(resident)`: the desired hot set, a bool [n_layers, n_expert] mask with at most k experts
+per layer, given the resident mask. The slot manager turns the difference into copies.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+
+def swap_plan(score: np.ndarray, resident: np.ndarray, k: int, margin: float = 0.0) -> np.ndarray:
+    """Desired hot mask from per-expert scores, changing as little as needed.
+
+    Empty slots are filled with the best-scoring non-residents that were routed to at all
+    (score > 0). A resident is replaced only by a newcomer whose score beats it by `margin`
+    (relative): the best newcomer against the weakest resident, the second against the second
+    weakest, and so on.
+    """
+    n_layers, n_expert = score.shape
+    desired = resident.copy()
+    if k == 0:
+        desired[:] = False
+        return desired
+    for layer in range(n_layers):
+        s, res = score[layer], desired[layer]
+        newcomers = np.flatnonzero(~res & (s > 0))
+        if newcomers.size == 0:
+            continue
+        newcomers = newcomers[np.argsort(-s[newcomers], kind="stable")]
+        free = k - int(res.sum())
+        if free > 0:
+            res[newcomers[:free]] = True
+            newcomers = newcomers[free:]
+        residents = np.flatnonzero(res)
+        residents = residents[np.argsort(s[residents], kind="stable")]  # weakest first
+        for new, old in zip(newcomers, residents):
+            if s[new] > s[old] * (1.0 + margin) + 1e-12:
+                res[new], res[old] = True, False
+            else:
+                break  # both lists are sorted: no later pair can pass either
+    return desired
+
+
+class DecayedFrequency:
+    """Default: exponentially decayed routing counts with hysteresis.
+
+    A routing event loses half its weight after `half_life` tokens; a newcomer must beat the
+    weakest resident's score by `margin` (relative) to replace it, so near-ties do not thrash.
+    """
+
+    name = "decayed"
+
+    def __init__(self, n_layers: int, n_expert: int, k: int, *, half_life: float = 60.0, margin: float = 0.25):
+        self.k = k
+        self.margin = margin
+        self.decay_per_token = 0.5 ** (1.0 / half_life)
+        self.score = np.zeros((n_layers, n_expert), dtype=np.float64)
+
+    def observe(self, delta: np.ndarray, n_tokens: int) -> None:
+        self.score *= self.decay_per_token ** n_tokens
+        self.score += delta
+
+    def choose(self, resident: np.ndarray) -> np.ndarray:
+        return swap_plan(self.score, resident, self.k, self.margin)
+
+    def hotness(self) -> np.ndarray:
+        return self.score
+
+
+class LRU:
+    """Least recently used: the k experts routed to most recently (ties: by count)."""
+
+    name = "lru"
+
+    def __init__(self, n_layers: int, n_expert: int, k: int):
+        self.k = k
+        self.step = 0
+        self.last_used = np.full((n_layers, n_expert), -1, dtype=np.int64)
+        self.count = np.zeros((n_layers, n_expert), dtype=np.int64)
+
+    def observe(self, delta: np.ndarray, n_tokens: int) -> None:
+        self.step += n_tokens
+        self.last_used[delta > 0] = self.step
+        self.count += delta
+
+    def choose(self, resident: np.ndarray) -> np.ndarray:
+        # Recency first, count as tie-break; +1 keeps "never used" at score 0.
+        score = (self.last_used + 1).astype(np.float64) + self.count / (self.count.max() + 1.0)
+        return swap_plan(score, resident, self.k)
+
+    def hotness(self) -> np.ndarray:
+        return (self.last_used + 1).astype(np.float64)
+
+
+class WindowLFU:
+    """Least frequently used over a sliding window of the last `window` tokens."""
+
+    name = "window-lfu"
+
+    def __init__(self, n_layers: int, n_expert: int, k: int, *, window: int = 60):
+        self.k = k
+        self.window = window
+        self.chunks: deque[tuple[np.ndarray, int]] = deque()
+        self.tokens = 0
+        self.count = np.zeros((n_layers, n_expert), dtype=np.int64)
+
+    def observe(self, delta: np.ndarray, n_tokens: int) -> None:
+        self.chunks.append((delta.copy(), n_tokens))
+        self.count += delta
+        self.tokens += n_tokens
+        while self.chunks and self.tokens - self.chunks[0][1] >= self.window:
+            old, n = self.chunks.popleft()
+            self.count -= old
+            self.tokens -= n
+
+    def choose(self, resident: np.ndarray) -> np.ndarray:
+        return swap_plan(self.count.astype(np.float64), resident, self.k)
+
+    def hotness(self) -> np.ndarray:
+        return self.count.astype(np.float64)
+
+
+POLICIES = {cls.name: cls for cls in (DecayedFrequency, LRU, WindowLFU)}
+
+
+def make_policy(name: str, n_layers: int, n_expert: int, k: int, rebalance_interval: int):
+    """A policy by name, with its window/half-life tied to the rebalance interval."""
+    if name not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}, got {name!r}")
+    if name == "decayed":
+        return DecayedFrequency(n_layers, n_expert, k, half_life=rebalance_interval)
+    if name == "window-lfu":
+        return WindowLFU(n_layers, n_expert, k, window=rebalance_interval)
+    return LRU(n_layers, n_expert, k)
