@@ -8,6 +8,7 @@
  *              original weight on the CPU, and scatter the rows into t->data.
  * Nothing else in llama's graph is touched; ids and activations are only read.
  */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime under -std=c11 */
 #include "llamahot.h"
 
 #include "ggml-alloc.h"
@@ -18,12 +19,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #ifndef LH_GGML_VERSION
 #error "LH_GGML_VERSION must be defined by the build (the vendored ggml version)"
 #endif
 
 #define LH_ALIGN 64
+
+static int64_t lh_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 /* One recognised MUL_MAT_ID weight (or a tensor known not to be one: moe_layer = -1). */
 struct lh_weight_entry {
@@ -714,6 +722,7 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
         lh_gather(t, ctx->hot, n_hot, hot_b_rows, hot_ids);
     }
     bool ok = true;
+    int64_t t0 = lh_now_ns();
     if (hot_on_gpu) {
         /* Hot work first and asynchronously; the CPU computes the cold part meanwhile. */
         ggml_backend_tensor_set_async(ctx->gpu, hot.b, hot_b_rows, 0, ggml_nbytes(hot.b));
@@ -722,12 +731,19 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
         if (ok) {
             ggml_backend_tensor_get_async(ctx->gpu, hot.out, hot_out_rows, 0, ggml_nbytes(hot.out));
         }
+        const int64_t t1 = lh_now_ns();
+        ctx->counters.gpu_submit_ns += t1 - t0;
+        t0 = t1;
     }
     if (ok && ggml_graph_n_nodes(cpu_graph) > 0) {
         ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
+        const int64_t t1 = lh_now_ns();
+        ctx->counters.cpu_compute_ns += t1 - t0;
+        t0 = t1;
     }
     if (hot_on_gpu) {
         ggml_backend_synchronize(ctx->gpu);
+        ctx->counters.gpu_wait_ns += lh_now_ns() - t0;
     }
     if (ok && n_cold > 0) {
         lh_scatter(t, ctx->cold, n_cold, (const float *) cold.out->data, dst);
@@ -843,6 +859,7 @@ bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
 
     /* ask=false: the scheduler computed every node up to and including t. */
     if (ctx->pending == t) {
+        const int64_t start = lh_now_ns();
         t->op = ctx->pending_op;
         ctx->pending = NULL;
         ctx->counters.open_mutations--;
@@ -851,6 +868,7 @@ bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
         if (e->proj == LH_PROJ_DOWN) {
             lh_count_routing(ctx, t, e->moe_layer, true);
         }
+        ctx->counters.redirect_ns += lh_now_ns() - start;
     } else {
         const struct lh_weight_entry * e = lh_managed(ctx, t);
         if (e != NULL) {

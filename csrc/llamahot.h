@@ -51,6 +51,11 @@ struct lh_counters {
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
     int64_t shadow_rows;       /* rows compared in shadow mode */
     int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */
+    /* Where the time of redirected nodes goes (nanoseconds, CLOCK_MONOTONIC). */
+    int64_t redirect_ns;       /* all of it: split, launch, compute, wait, scatter */
+    int64_t cpu_compute_ns;    /* the shim's CPU graph (cold part; hot part too on host slots) */
+    int64_t gpu_submit_ns;     /* uploading inputs and launching the hot part on the GPU */
+    int64_t gpu_wait_ns;       /* waiting for the GPU after the CPU part finished */
 };
 
 struct lh_ctx;

@@ -29,10 +29,13 @@ PROJ_INDEX = {"gate": 0, "up": 1, "down": 2, "gate_up": 3}
 SLOT_KINDS = {"host": 0, "cuda": 1}
 DEBUG_POISON = 1
 DEBUG_SHADOW = 2
+SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
 
 class HotCache:
     """Hot-expert slots, routing counters and statistics of one llamahot context."""
+
+    _ctx = None  # so release() is safe on an instance whose __init__ raised
 
     def __init__(self, layout: MoELayout, *, hot_experts: int, rebalance_interval: int,
                  prefill_bypass: int, slot_device: str, policy: str = "decayed"):
@@ -68,6 +71,8 @@ class HotCache:
         self._snapshot: Optional[SnapshotWriter] = None
         self._user_callback: Any = None  # (callback, user_data): keeps an application's ctypes callback alive
         self._tokens_since_rebalance = 0
+        self._filled = False  # the first eval (the prompt) fills the slots
+        self._snapshot_time = 0.0
         self._decode_tokens = 0
         self._decode_seconds = 0.0
         self._prefill_tokens = 0
@@ -143,19 +148,26 @@ class HotCache:
             self._prefill_seconds += seconds
         if self.slots is None:
             return
-        delta = self._counts - self._seen
-        self._seen += delta
-        self.policy.observe(delta, n_tokens)
-        self.slots.publish_completed()
-        self._tokens_since_rebalance += n_tokens
-        # The first fill follows the prompt's routing; then one rebalance per interval.
-        if self.slots.stats.rebalances == 0 or self._tokens_since_rebalance >= self.rebalance_interval:
-            self.rebalance()
-        self._publish_snapshot()
+        if self.hot_experts:
+            # Per eval only what must happen per eval; policy work waits for the rebalance.
+            if self.slots.stats.pending:
+                self.slots.publish_completed()
+            self._tokens_since_rebalance += n_tokens
+            # The first fill follows the prompt's routing; then one rebalance per interval.
+            if not self._filled or self._tokens_since_rebalance >= self.rebalance_interval:
+                self.rebalance()
+        now = time.monotonic()
+        if now - self._snapshot_time >= SNAPSHOT_PERIOD_S:
+            self._publish_snapshot(now)
 
     def rebalance(self) -> None:
-        """Plan the hot set from the policy and issue the copies (never waits for them)."""
+        """Feed the routing since the last rebalance to the policy, plan the hot set and issue the
+        copies (never waits for them)."""
+        delta = self._counts - self._seen
+        self._seen += delta
+        self.policy.observe(delta, self._tokens_since_rebalance)
         self._tokens_since_rebalance = 0
+        self._filled = True
         self.slots.apply(self.policy.choose(self.slots.resident()))
 
     # -- test and benchmark controls -------------------------------------------------------
@@ -270,9 +282,10 @@ class HotCache:
         lib.lh_get_counters(self._ctx, counters)
         return counters
 
-    def _publish_snapshot(self) -> None:
+    def _publish_snapshot(self, now: float = 0.0) -> None:
         if self._snapshot is None:
             return
+        self._snapshot_time = now or time.monotonic()
         t = self.slots.stats
         self._snapshot.write(
             time=time.time(),

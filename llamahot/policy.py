@@ -72,7 +72,11 @@ class DecayedFrequency:
 
 
 class LRU:
-    """Least recently used: the k experts routed to most recently (ties: by count)."""
+    """Least recently used: the k experts routed to most recently.
+
+    Routing arrives in chunks (one per rebalance), so experts seen in the same chunk tie on
+    recency; the tie is broken by how often the chunk routed to them.
+    """
 
     name = "lru"
 
@@ -80,16 +84,17 @@ class LRU:
         self.k = k
         self.step = 0
         self.last_used = np.full((n_layers, n_expert), -1, dtype=np.int64)
-        self.count = np.zeros((n_layers, n_expert), dtype=np.int64)
+        self.last_count = np.zeros((n_layers, n_expert), dtype=np.int64)
 
     def observe(self, delta: np.ndarray, n_tokens: int) -> None:
-        self.step += n_tokens
-        self.last_used[delta > 0] = self.step
-        self.count += delta
+        self.step += 1
+        seen = delta > 0
+        self.last_used[seen] = self.step
+        self.last_count[seen] = delta[seen]
 
     def choose(self, resident: np.ndarray) -> np.ndarray:
-        # Recency first, count as tie-break; +1 keeps "never used" at score 0.
-        score = (self.last_used + 1).astype(np.float64) + self.count / (self.count.max() + 1.0)
+        # +1 keeps "never used" at score 0; the count fraction only orders experts of one chunk.
+        score = (self.last_used + 1).astype(np.float64) + self.last_count / (self.last_count.max() + 1.0)
         return swap_plan(score, resident, self.k)
 
     def hotness(self) -> np.ndarray:
@@ -136,3 +141,35 @@ def make_policy(name: str, n_layers: int, n_expert: int, k: int, rebalance_inter
     if name == "window-lfu":
         return WindowLFU(n_layers, n_expert, k, window=rebalance_interval)
     return LRU(n_layers, n_expert, k)
+
+
+def replay(policy, trace: np.ndarray, interval: int, warmup: int | None = None) -> dict:
+    """Replay a routing trace through a policy the way HotCache drives it, without llama.
+
+    trace: int [n_tokens, n_layers, n_expert], entries routed to each expert per token. The first
+    `warmup` tokens (default: one interval) play the prompt: they fill the slots. After that the
+    hot set is chosen every `interval` tokens and serves the tokens that follow; a slot serves its
+    new expert from the next token on (host slots: copies finish before the next decode).
+    Returns hits, misses, hit_rate and loads (experts copied into slots).
+    """
+    warmup = interval if warmup is None else warmup
+    n_tokens, n_layers, n_expert = trace.shape
+    resident = np.zeros((n_layers, n_expert), dtype=bool)
+    hits = misses = loads = 0
+    start = 0
+    for end in [warmup, *range(warmup + interval, n_tokens + interval, interval)]:
+        end = min(end, n_tokens)
+        if end <= start:
+            continue
+        chunk = trace[start:end]
+        if start > 0:  # the prompt's own tokens run before any slot is filled
+            served = chunk.sum(axis=0)
+            hits += int(served[resident].sum())
+            misses += int(served[~resident].sum())
+        policy.observe(chunk.sum(axis=0), end - start)
+        desired = policy.choose(resident)
+        loads += int((desired & ~resident).sum())
+        resident = desired
+        start = end
+    total = hits + misses
+    return {"hits": hits, "misses": misses, "hit_rate": hits / total if total else 0.0, "loads": loads}

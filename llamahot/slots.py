@@ -38,7 +38,7 @@ class _CudaCopies:
         except ImportError as exc:  # pragma: no cover - depends on the machine
             raise RuntimeError(
                 "slot_device='cuda' moves experts with cuda-python; install it with `pip install cuda-python` "
-                "(or `pip install llamahot[cuda]`)."
+                "matching your CUDA major version."
             ) from exc
         self.rt = cudart
         err, self.stream = cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking)
@@ -46,6 +46,12 @@ class _CudaCopies:
         self.batches: list[tuple[object, list[tuple[int, int, int]]]] = []  # (event, [(layer, slot, expert)])
 
     def _check(self, err, what: str) -> None:
+        if err == self.rt.cudaError_t.cudaErrorInsufficientDriver:
+            raise RuntimeError(
+                f"llamahot: {what} failed: the installed cuda-python is newer than this machine's CUDA "
+                "driver. Install the cuda-python of your CUDA major version, e.g. "
+                "`pip install \"cuda-python<13\"` for CUDA 12."
+            )
         if err != self.rt.cudaError_t.cudaSuccess:
             raise RuntimeError(f"llamahot: {what} failed: {err}")
 

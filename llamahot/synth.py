@@ -506,6 +506,14 @@ PRESETS: dict[str, ModelSpec] = {
             n_head_kv=4, head_dim=128, n_ff=6144, n_expert=128, n_expert_used=8,
             n_ff_exp=768, expert_qtype=QType.Q4_K, context_length=40960,
         ),
+        # Qwen3-30B-A3B's expert shapes (n_embd 2048, expert FFN 768, Q4_K, 8 of 32 used) in 4
+        # layers: decodes in milliseconds per token on a CPU like a real model, so the machinery's
+        # fixed per-node costs are measured against realistic expert work.
+        ModelSpec(
+            name="qwen3moe-mini", arch="qwen3moe", n_layer=4, n_embd=2048, n_head=16,
+            n_head_kv=4, head_dim=128, n_ff=6144, n_expert=32, n_expert_used=8,
+            n_ff_exp=768, expert_qtype=QType.Q4_K,
+        ),
         ModelSpec(
             name="deepseek2-tiny", arch="deepseek2", n_layer=4, n_embd=256, n_head=4,
             n_head_kv=1, head_dim=96, n_ff=512, n_expert=32, n_expert_used=4,

@@ -7,7 +7,7 @@ import pytest
 
 from llamahot.synth import synth_model
 
-MOE_PRESETS = ("qwen3moe-tiny", "deepseek2-tiny", "gptoss-tiny")
+MOE_PRESETS = ("qwen3moe-tiny", "deepseek2-tiny", "gptoss-tiny", "qwen3moe-mini")
 TEXT_PRESET = "qwen3moe-tiny"
 DENSE_PRESET = "dense-tiny"
 

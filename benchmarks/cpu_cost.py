@@ -1,11 +1,14 @@
-"""CPU cost of llamahot's observing callback: decode tok/s of stock llama_cpp.Llama vs llamahot.Llama.
+"""CPU cost of llamahot's machinery: decode tok/s of stock llama_cpp.Llama vs llamahot.Llama.
 
-Both models are loaded side by side and decoded in interleaved repetitions (median reported), one
-token per eval, after the same prompt. llamahot runs with hot_experts=0: experts in host memory (the
-same placement as stock on a CPU build) and the shim's callback stopping at every MoE layer to count
-routing.
+All models are loaded side by side and decoded in interleaved repetitions (median reported), one
+token per eval, after the same prompt. On a CPU build llamahot's experts sit in host memory, the
+same placement as stock, so every difference is the cost of the mechanism:
+  idle       the callback installed but never stopping the graph
+  observing  hot_experts=0: one stop per MoE layer to count routing
+  host slots hot_experts=K on host slots: every expert matmul of a decode step computed by the
+             shim, hot experts from slot copies, cold ones from the original weights
 
-    python benchmarks/cpu_observe.py [--preset qwen3moe-tiny] [--tokens 128] [--reps 5]
+    python benchmarks/cpu_cost.py [--preset gptoss-tiny] [--tokens 128] [--reps 5]
 """
 from __future__ import annotations
 
@@ -46,12 +49,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--out", default="benchmarks/results/cpu_observe.json")
+    parser.add_argument("--out", default="benchmarks/results/cpu_cost.json")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         sizes = {}
-        for name in ("qwen3moe-tiny", "deepseek2-tiny", "gptoss-tiny"):
+        for name in ("qwen3moe-tiny", "deepseek2-tiny", "gptoss-tiny", "qwen3moe-mini"):
             sizes[name] = synth_model(Path(tmp) / f"{name}.gguf", name, seed=0)
         preset = args.preset or max(sizes, key=lambda n: sizes[n].stat().st_size)
         path = str(sizes[preset]) if preset in sizes else str(synth_model(Path(tmp) / f"{preset}.gguf", preset))
@@ -61,16 +64,21 @@ def main() -> None:
                   logits_all=True, verbose=False)
         idle = llamahot.Llama(path, hot_experts=0, **kw)
         idle.hot_cache.set_observing(False)
+        layout = llamahot.read_moe_layout(path)
         modes = {
             "stock": llama_cpp.Llama(path, **kw),
             "llamahot callback idle": idle,
             "llamahot observing (K=0)": llamahot.Llama(path, hot_experts=0, **kw),
         }
+        for k in sorted({layout.n_expert_used, layout.n_expert // 2, layout.n_expert}):
+            modes[f"llamahot host slots K={k}"] = llamahot.Llama(path, hot_experts=k, rebalance_interval=32,
+                                                                 slot_device="host", **kw)
         times = {mode: [] for mode in modes}
         for _ in range(args.reps):
             for mode, llm in modes.items():
                 times[mode].append(decode_seconds(llm, args.tokens))
         observed = modes["llamahot observing (K=0)"].hot_cache.stats()
+        slot_stats = {mode: llm.hot_cache.stats() for mode, llm in modes.items() if "slots" in mode}
         for llm in modes.values():
             llm.close()
 
@@ -86,6 +94,11 @@ def main() -> None:
         print(f"{mode:28s} {rate:15.1f} {base / med:9.3f}   " + " ".join(f"{args.tokens / s:.1f}" for s in secs))
     print(f"llamahot counted {observed['tokens']} tokens in {observed['ubatches']} ubatches "
           f"({observed['managed_nodes']} MoE-layer stops)")
+    for mode, st in slot_stats.items():
+        print(f"{mode}: hit rate {st['hit_rate']:.3f}, {st['redirected_nodes']} nodes redirected, "
+              f"{st['rebalances']} rebalances, {st['bytes_moved'] / 2**20:.1f} MiB moved")
+        rows_by_mode = {r["mode"]: r for r in rows}
+        rows_by_mode[mode].update(hit_rate=st["hit_rate"], redirected_nodes=st["redirected_nodes"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"preset": preset, "tokens": args.tokens, "reps": args.reps,
                                           "threads": args.threads, "rows": rows}, indent=2) + "\n")

@@ -1,0 +1,130 @@
+"""Policies on routing traces: plain numpy, no llama. Traces are recorded from a fixture model
+(the shim's routing counts after each decode step) or built with a known shift in routing."""
+from __future__ import annotations
+
+import llama_cpp
+import numpy as np
+import pytest
+
+import llamahot
+from llamahot.policy import LRU, POLICIES, DecayedFrequency, WindowLFU, make_policy, replay, swap_plan
+
+from conftest import LLAMA_KW
+
+
+def shifting_trace(n_tokens=600, n_layers=3, n_expert=32, n_used=2, shift_at=300, seed=0) -> np.ndarray:
+    """80 % of routing goes to experts 0..7 before `shift_at` and to 8..15 after; the rest uniform."""
+    rng = np.random.default_rng(seed)
+    trace = np.zeros((n_tokens, n_layers, n_expert), dtype=np.int64)
+    for t in range(n_tokens):
+        favourites = np.arange(8) if t < shift_at else np.arange(8, 16)
+        for layer in range(n_layers):
+            pool = favourites if rng.random() < 0.8 else np.arange(n_expert)
+            trace[t, layer, rng.choice(pool, n_used, replace=False)] += 1
+    return trace
+
+
+@pytest.fixture(scope="module")
+def recorded_trace(text_model) -> np.ndarray:
+    """Per-token routing of a greedy decode on a fixture, as the shim counted it."""
+    llm = llamahot.Llama(text_model, hot_experts=0, **LLAMA_KW)
+    llm.eval(llm.tokenize(b"def fibonacci(n):\n"))
+    rows, before = [], llm.hot_cache.routing_counts()
+    token = 0
+    for _ in range(240):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        token = int(np.argmax(logits))
+        llm.eval([token])
+        after = llm.hot_cache.routing_counts()
+        rows.append(after - before)
+        before = after
+    trace = np.stack(rows)
+    assert (trace.sum(axis=2)[:, 0] == llm.hot_cache.layout.n_expert_used).all()
+    return trace
+
+
+def test_swap_plan_fills_then_swaps_only_past_the_margin():
+    score = np.array([[5.0, 4.0, 3.0, 0.0, 1.0]])
+    empty = np.zeros_like(score, dtype=bool)
+    np.testing.assert_array_equal(swap_plan(score, empty, 2), [[True, True, False, False, False]])
+    # Never-routed experts (score 0) are not loaded even with room to spare.
+    np.testing.assert_array_equal(swap_plan(score, empty, 5), [[True, True, True, False, True]])
+    resident = np.array([[False, True, True, False, False]])  # holds 4.0 and 3.0
+    # 5.0 vs weakest resident 3.0: beats it by 67 % -> swapped at margin 0.5, kept at margin 1.0.
+    np.testing.assert_array_equal(swap_plan(score, resident, 2, 0.5), [[True, True, False, False, False]])
+    np.testing.assert_array_equal(swap_plan(score, resident, 2, 1.0), resident)
+    assert not swap_plan(score, resident, 0).any()
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_policies_keep_at_most_k_and_follow_a_shift(name):
+    trace = shifting_trace()
+    k, interval = 8, 30
+    policy = make_policy(name, trace.shape[1], trace.shape[2], k, interval)
+    resident = np.zeros(trace.shape[1:], dtype=bool)
+    for start in range(0, len(trace), interval):
+        policy.observe(trace[start:start + interval].sum(axis=0), interval)
+        resident = policy.choose(resident)
+        assert (resident.sum(axis=1) <= k).all()
+    # Well after the shift, most favourites of the second phase are hot.
+    assert resident[:, 8:16].sum(axis=1).min() >= 5, resident[:, 8:16].sum(axis=1)
+    result = replay(make_policy(name, trace.shape[1], trace.shape[2], k, interval), trace, interval)
+    uniform = k / trace.shape[2]
+    assert result["hit_rate"] > 2 * uniform, result
+
+
+def test_decayed_frequency_holds_the_top_k_of_decayed_counts(recorded_trace):
+    n_layers, n_expert = recorded_trace.shape[1:]
+    k, interval = 8, 16
+    policy = DecayedFrequency(n_layers, n_expert, k, half_life=interval, margin=0.25)
+    resident = np.zeros((n_layers, n_expert), dtype=bool)
+    score = np.zeros((n_layers, n_expert))
+    for start in range(0, len(recorded_trace), interval):
+        chunk = recorded_trace[start:start + interval]
+        policy.observe(chunk.sum(axis=0), len(chunk))
+        score = score * 0.5 ** (len(chunk) / interval) + chunk.sum(axis=0)
+        resident = policy.choose(resident)
+        np.testing.assert_allclose(policy.hotness(), score)
+        for layer in range(n_layers):
+            held, out = score[layer][resident[layer]], score[layer][~resident[layer]]
+            # Hysteresis invariant: no outsider beats the weakest resident by more than the margin,
+            # and slots are full whenever enough experts were routed to.
+            if held.size and out.size:
+                assert out.max() <= held.min() * 1.25 + 1e-9
+            assert held.size == min(k, int((score[layer] > 0).sum()))
+
+
+def test_hysteresis_damps_thrashing_on_near_ties():
+    # Two experts routed to equally often (coin flips), so each is ahead half of the time; k = 1.
+    rng = np.random.default_rng(1)
+    trace = np.zeros((2000, 1, 4), dtype=np.int64)
+    trace[np.arange(2000), 0, rng.integers(0, 2, 2000)] = 1
+    loads = {margin: replay(DecayedFrequency(1, 4, 1, half_life=20, margin=margin), trace, 10)["loads"]
+             for margin in (0.0, 0.5)}
+    assert loads[0.5] * 3 < loads[0.0], loads
+
+
+def test_lru_keeps_the_most_recent(recorded_trace):
+    n_layers, n_expert = recorded_trace.shape[1:]
+    policy = LRU(n_layers, n_expert, 4)
+    for t in range(len(recorded_trace)):
+        policy.observe(recorded_trace[t], 1)
+    resident = policy.choose(np.zeros((n_layers, n_expert), dtype=bool))
+    last = recorded_trace[-1] > 0  # the last token's experts are the most recent of all
+    assert (resident[last]).all()
+
+
+def test_window_lfu_counts_exactly_the_window(recorded_trace):
+    n_layers, n_expert = recorded_trace.shape[1:]
+    policy = WindowLFU(n_layers, n_expert, 4, window=32)
+    for t in range(len(recorded_trace)):
+        policy.observe(recorded_trace[t], 1)
+    np.testing.assert_array_equal(policy.hotness(), recorded_trace[-32:].sum(axis=0))
+
+
+def test_replay_on_recorded_trace_beats_chance_with_more_slots(recorded_trace):
+    n_layers, n_expert = recorded_trace.shape[1:]
+    rates = [replay(make_policy("decayed", n_layers, n_expert, k, 16), recorded_trace, 16)["hit_rate"]
+             for k in (4, 16, n_expert)]
+    assert rates[0] <= rates[1] <= rates[2]
+    assert rates[2] > 0.9  # all experts fit: only the first sighting of each is a miss

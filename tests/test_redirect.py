@@ -1,0 +1,224 @@
+"""The hot-expert engine on CPU with host slots: bit-exact redirection, shadow checks, statistics.
+
+The gate for every change to the redirect path: logits bit-identical to stock llama-cpp-python at
+every step of a greedy generation spanning several rebalances, with the shim's outputs NaN-poisoned
+before it writes them, for every fixture and every K; and a node-level shadow check.
+"""
+from __future__ import annotations
+
+import llama_cpp
+import numpy as np
+import pytest
+
+import llamahot
+from llamahot._shim import ffi, lib
+from llamahot.model_info import read_moe_layout
+
+from conftest import LLAMA_KW
+
+PROMPT = b"def fibonacci(n):\n    if n < 2:\n        return n\n"
+STEPS = 128
+REBALANCE = 16
+
+_stock_cache: dict[str, np.ndarray] = {}
+
+
+def greedy(llm: llama_cpp.Llama, steps: int = STEPS, after_each=None) -> np.ndarray:
+    """Logits of the prompt and of `steps` greedy single-token steps (llm built with logits_all)."""
+    llm.reset()
+    llm.eval(llm.tokenize(PROMPT))
+    if after_each:
+        after_each(llm)
+    for _ in range(steps):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        if after_each:
+            after_each(llm)
+    return llm.scores[: llm.n_tokens].copy()
+
+
+def stock_logits(path: str) -> np.ndarray:
+    if path not in _stock_cache:
+        stock = llama_cpp.Llama(path, logits_all=True, **LLAMA_KW)
+        _stock_cache[path] = greedy(stock)
+        stock.close()
+        assert np.isfinite(_stock_cache[path]).all()
+    return _stock_cache[path]
+
+
+def assert_bit_identical(expected: np.ndarray, got: np.ndarray) -> None:
+    assert expected.shape == got.shape
+    differ = np.flatnonzero((expected.view(np.uint32) != got.view(np.uint32)).any(axis=1))
+    assert differ.size == 0, f"logits differ at positions {differ[:10]} (of {len(expected)})"
+
+
+def k_values(path: str) -> list[int]:
+    layout = read_moe_layout(path)
+    return sorted({1, layout.n_expert_used, layout.n_expert // 2, layout.n_expert})
+
+
+def no_open_mutations(llm) -> None:
+    assert llm.hot_cache.open_mutations() == 0, "a graph mutation outlived the decode"
+
+
+def test_logits_bit_identical_with_host_slots(moe_model):
+    expected = stock_logits(moe_model)
+    layout = read_moe_layout(moe_model)
+    for k in k_values(moe_model):
+        llm = llamahot.Llama(moe_model, hot_experts=k, rebalance_interval=REBALANCE, slot_device="host",
+                             logits_all=True, **LLAMA_KW)
+        llm.hot_cache.set_debug(poison=True)
+        got = greedy(llm, after_each=no_open_mutations)
+        assert_bit_identical(expected, got)
+
+        stats = llm.hot_cache.stats()
+        n_prompt = len(llm.tokenize(PROMPT))
+        assert stats["rebalances"] >= STEPS // REBALANCE, stats["rebalances"]
+        # The prompt fills the slots; from then on every expert matmul of every decode step was
+        # computed by the shim: one node per projection per MoE layer per step.
+        assert stats["redirected_nodes"] == STEPS * layout.n_moe_layers * len(layout.projections)
+        # hits + misses are exactly the routed entries of the managed ubatches, layer by layer.
+        counts = llm.hot_cache.routing_counts()
+        np.testing.assert_array_equal(stats["hits_per_layer"] + stats["misses_per_layer"], counts.sum(axis=1))
+        assert counts[0].sum() == (n_prompt + STEPS) * layout.n_expert_used
+        assert stats["hits"] > 0
+        assert stats["slots_occupied"] <= stats["slots_total"] == k * layout.n_moe_layers
+        assert stats["bytes_moved"] == stats["experts_loaded"] * stats["slot_bytes"] // stats["slots_total"]
+        llm.close()
+
+
+def test_hit_rate_is_one_once_all_experts_are_hot(text_model):
+    layout = read_moe_layout(text_model)
+    llm = llamahot.Llama(text_model, hot_experts=layout.n_expert, rebalance_interval=4, **LLAMA_KW)
+    cache = llm.hot_cache
+    llm.eval(llm.tokenize(PROMPT))
+    # Decode until the policy has put every expert of every layer in a slot (only routed experts
+    # are loaded), then count afresh.
+    token = 0
+    for _ in range(400):
+        if cache.stats()["slots_occupied"] == cache.stats()["slots_total"]:
+            break
+        token = (token + 37) % llm.n_vocab()
+        llm.eval([token])
+    assert cache.stats()["slots_occupied"] == cache.stats()["slots_total"]
+    cache.reset()
+    for _ in range(16):
+        token = (token + 37) % llm.n_vocab()
+        llm.eval([token])
+    stats = cache.stats()
+    assert stats["misses"] == 0 and stats["hits"] == 16 * layout.n_expert_used * layout.n_moe_layers
+    assert stats["hit_rate"] == 1.0
+    assert sorted(np.unique(cache.hot_sets()).tolist()) == list(range(layout.n_expert))
+
+
+def test_large_ubatches_are_left_to_llama_but_counted(text_model):
+    layout = read_moe_layout(text_model)
+    n_prompt = len(llama_cpp.Llama(text_model, vocab_only=True, verbose=False).tokenize(PROMPT))
+    bypass = n_prompt - 1
+    llm = llamahot.Llama(text_model, hot_experts=layout.n_expert_used, prefill_bypass=bypass, logits_all=True,
+                         **LLAMA_KW)
+    llm.eval(llm.tokenize(PROMPT))
+    stats = llm.hot_cache.stats()
+    assert stats["redirected_nodes"] == 0 and stats["hits"] + stats["misses"] == 0
+    assert llm.hot_cache.routing_counts()[0].sum() == n_prompt * layout.n_expert_used
+    for token in (5, 6, 7):
+        llm.eval([token])
+    stats = llm.hot_cache.stats()
+    assert stats["redirected_nodes"] == 3 * layout.n_moe_layers * len(layout.projections)
+    assert stats["hits"] + stats["misses"] == 3 * layout.n_expert_used * layout.n_moe_layers
+
+
+@pytest.mark.parametrize("k_of", ["zero", "used", "all"])
+def test_shadow_mode_recomputes_every_row_identically(moe_model, k_of):
+    """llama computes each managed node; the shim recomputes it from slots + weights into a
+    NaN-filled buffer and compares every row bitwise."""
+    layout = read_moe_layout(moe_model)
+    k = {"zero": 0, "used": layout.n_expert_used, "all": layout.n_expert}[k_of]
+    llm = llamahot.Llama(moe_model, hot_experts=k, rebalance_interval=8, logits_all=True, **LLAMA_KW)
+    llm.hot_cache.set_debug(shadow=True, poison=True)
+    greedy(llm, steps=32, after_each=no_open_mutations)
+    stats = llm.hot_cache.stats()
+    rows_per_ubatch = layout.n_expert_used * layout.n_moe_layers * len(layout.projections)
+    n_prompt = len(llm.tokenize(PROMPT))
+    assert stats["shadow_rows"] == (n_prompt + 32) * rows_per_ubatch
+    assert stats["shadow_mismatches"] == 0
+    assert stats["redirected_nodes"] == 0, "shadow mode only compares; llama's results are kept"
+    if k:
+        assert stats["hits"] > 0
+
+
+def _corrupt_every_slot(llm) -> None:
+    """Test-only sabotage: overwrite the slot copies with other bytes."""
+    cache = llm.hot_cache
+    dst, nbytes = ffi.new("void **"), ffi.new("size_t *")
+    from llamahot.hot_cache import PROJ_INDEX
+    for layer in range(cache.layout.n_moe_layers):
+        for slot in range(cache.hot_experts):
+            for proj in cache.layout.projections:
+                assert lib.lh_slot_slab(cache._ctx, layer, PROJ_INDEX[proj], slot, dst, nbytes) == 0
+                ffi.memmove(dst[0], bytes(range(256)) * (nbytes[0] // 256) + bytes(nbytes[0] % 256), nbytes[0])
+
+
+def test_checks_catch_a_wrong_slot(text_model):
+    """The gates can fail: slots with wrong bytes show up in the shadow check and in the logits."""
+    layout = read_moe_layout(text_model)
+    llm = llamahot.Llama(text_model, hot_experts=layout.n_expert, rebalance_interval=10_000, logits_all=True,
+                         **LLAMA_KW)
+    llm.hot_cache.set_debug(shadow=True)
+    llm.eval(llm.tokenize(PROMPT))  # fills the slots (first rebalance)
+    _corrupt_every_slot(llm)
+    llm.eval([5])
+    assert llm.hot_cache.stats()["shadow_mismatches"] > 0
+
+    llm.hot_cache.set_debug(poison=True)
+    corrupted = greedy(llm, steps=4)
+    assert (corrupted.view(np.uint32) != stock_logits(text_model)[: len(corrupted)].view(np.uint32)).any()
+
+
+def test_two_instances_with_slots_stay_exact(all_moe_models):
+    paths = [all_moe_models["qwen3moe-tiny"], all_moe_models["gptoss-tiny"]]
+    llms = [llamahot.Llama(p, hot_experts=read_moe_layout(p).n_expert_used, rebalance_interval=8,
+                           logits_all=True, **LLAMA_KW) for p in paths]
+    for llm in llms:
+        llm.hot_cache.set_debug(poison=True)
+        llm.reset()
+        llm.eval(llm.tokenize(PROMPT))
+    for _ in range(STEPS // 2):  # interleaved: each instance's callback keeps to its own state
+        for llm in llms:
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    for path, llm in zip(paths, llms):
+        expected = stock_logits(path)[: llm.n_tokens]
+        assert_bit_identical(expected, llm.scores[: llm.n_tokens])
+        assert llm.hot_cache.stats()["redirected_nodes"] > 0
+    assert llms[0].hot_cache.snapshot_name != llms[1].hot_cache.snapshot_name
+
+
+@pytest.mark.parametrize("policy", ["decayed", "lru", "window-lfu"])
+def test_every_policy_is_exact(text_model, policy):
+    llm = llamahot.Llama(text_model, hot_experts=4, rebalance_interval=8, policy=policy, logits_all=True,
+                         **LLAMA_KW)
+    llm.hot_cache.set_debug(poison=True)
+    assert_bit_identical(stock_logits(text_model), greedy(llm))
+    assert llm.hot_cache.stats()["policy"] == policy
+
+
+def test_bad_policy_rejected(text_model):
+    with pytest.raises(ValueError, match="policy must be one of"):
+        llamahot.Llama(text_model, hot_experts=2, policy="mru", **LLAMA_KW)
+
+
+def test_stats_shape_and_reset(text_model):
+    layout = read_moe_layout(text_model)
+    llm = llamahot.Llama(text_model, hot_experts=3, **LLAMA_KW)
+    llm.create_completion("def add(a, b):", max_tokens=8, temperature=0.0)
+    stats = llm.hot_cache.stats()
+    for key in ("hits", "misses", "hit_rate", "hits_per_layer", "misses_per_layer", "slots_total",
+                "slots_occupied", "bytes_moved", "rebalances", "decode_tok_s", "max_rebalance_ms"):
+        assert key in stats
+    assert stats["hits_per_layer"].shape == (layout.n_moe_layers,)
+    assert stats["hits"] == stats["hits_per_layer"].sum()
+    assert 0.0 <= stats["hit_rate"] <= 1.0 and stats["decode_tok_s"] > 0
+    assert llm.hot_cache.hot_sets().shape == (layout.n_moe_layers, 3)
+    llm.hot_cache.reset()
+    stats = llm.hot_cache.stats()
+    assert stats["hits"] == stats["misses"] == stats["bytes_moved"] == stats["tokens"] == 0
+    assert stats["slots_occupied"] > 0, "reset keeps the hot sets"
