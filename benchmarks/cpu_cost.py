@@ -5,8 +5,10 @@ token per eval, after the same prompt. On a CPU build llamahot's experts sit in 
 same placement as stock, so every difference is the cost of the mechanism:
   idle       the callback installed but never stopping the graph
   observing  hot_experts=0: one stop per MoE layer to count routing
-  host slots hot_experts=K on host slots: every expert matmul of a decode step computed by the
-             shim, hot experts from slot copies, cold ones from the original weights
+  host slots hot_experts=K on host slots (default rebalance interval): every MoE layer's expert
+             FFN of a decode step computed by the shim in one stop, hot experts from slot copies,
+             cold ones from the original weights; "per-node" is the fallback path that stops at
+             every expert matmul
 
     python benchmarks/cpu_cost.py [--preset gptoss-tiny] [--tokens 128] [--reps 5]
 """
@@ -71,8 +73,11 @@ def main() -> None:
             "llamahot observing (K=0)": llamahot.Llama(path, hot_experts=0, **kw),
         }
         for k in sorted({layout.n_expert_used, layout.n_expert // 2, layout.n_expert}):
-            modes[f"llamahot host slots K={k}"] = llamahot.Llama(path, hot_experts=k, rebalance_interval=32,
-                                                                 slot_device="host", **kw)
+            modes[f"llamahot host slots K={k}"] = llamahot.Llama(path, hot_experts=k, slot_device="host", **kw)
+        # The fallback path (one stop per expert matmul), for comparison.
+        per_node = llamahot.Llama(path, hot_experts=layout.n_expert, slot_device="host", **kw)
+        per_node.hot_cache.set_debug(per_node=True)
+        modes[f"llamahot host slots K={layout.n_expert} per-node"] = per_node
         times = {mode: [] for mode in modes}
         for _ in range(args.reps):
             for mode, llm in modes.items():
@@ -95,8 +100,9 @@ def main() -> None:
     print(f"llamahot counted {observed['tokens']} tokens in {observed['ubatches']} ubatches "
           f"({observed['managed_nodes']} MoE-layer stops)")
     for mode, st in slot_stats.items():
-        print(f"{mode}: hit rate {st['hit_rate']:.3f}, {st['redirected_nodes']} nodes redirected, "
-              f"{st['rebalances']} rebalances, {st['bytes_moved'] / 2**20:.1f} MiB moved")
+        print(f"{mode}: hit rate {st['hit_rate']:.3f}, {st['redirected_nodes']} expert matmuls redirected "
+              f"({st['ffn_redirects']} layer FFNs in one stop), {st['rebalances']} rebalances, "
+              f"{st['bytes_moved'] / 2**20:.1f} MiB moved, longest rebalance {st['max_rebalance_ms']:.1f} ms")
         rows_by_mode = {r["mode"]: r for r in rows}
         rows_by_mode[mode].update(hit_rate=st["hit_rate"], redirected_nodes=st["redirected_nodes"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

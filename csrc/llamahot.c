@@ -55,6 +55,28 @@ struct lh_entry {
     int32_t matrix;
 };
 
+/* A MoE layer's expert FFN as llama built it: the gate/up matmuls, the nodes between them and
+ * the down matmul (activation, biases, views), in topological order. Found at the down node's
+ * ask by walking back from its input; recomputed by the shim in one go (one stop per layer). */
+#define LH_FFN_MAX_NODES 32
+struct lh_ffn {
+    int32_t layer;
+    struct ggml_tensor * down;
+    int32_t n_nodes;
+    struct ggml_tensor * nodes[LH_FFN_MAX_NODES];
+    enum ggml_op saved_op[LH_FFN_MAX_NODES + 1];   /* nodes, then down */
+    int32_t n_mutated;
+    struct ggml_tensor * mutated[LH_FFN_MAX_NODES + 1];
+};
+
+/* A host-memory weight used by the FFN (a routed-expert bias) and its copy on the GPU. */
+#define LH_MAX_DEV_COPIES 256
+struct lh_dev_copy {
+    const struct ggml_tensor * src;
+    struct ggml_tensor * dev;
+    ggml_backend_buffer_t buffer;
+};
+
 /* Growable memory for one compact problem's inputs and outputs, as a ggml buffer. */
 struct lh_scratch {
     ggml_backend_t backend;        /* whose buffer type it is allocated in */
@@ -97,6 +119,18 @@ struct lh_ctx {
     size_t shadow_cap;
     void * graph_mem;              /* metadata of the per-node compact graphs */
     size_t graph_mem_size;
+
+    /* Layer FFN fast path: per layer, whether llama's FFN was recognised (1), not (-1) or not yet
+     * tried (0); the FFN whose nodes are skipped right now; allocators for the compact graphs. */
+    int8_t * ffn_mode;             /* [n_moe_layers] */
+    struct lh_ffn ffn;
+    bool ffn_pending;
+    ggml_gallocr_t cpu_galloc;
+    ggml_gallocr_t gpu_galloc;
+    void * staging;                /* host memory for the GPU part's inputs and outputs */
+    size_t staging_size;
+    struct lh_dev_copy dev_copies[LH_MAX_DEV_COPIES];
+    int32_t n_dev_copies;
 
     /* The node whose op we changed at ask=true, restored at ask=false. */
     struct ggml_tensor * pending;
@@ -153,7 +187,8 @@ struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t
     ctx->hits = calloc((size_t) n_moe_layers, sizeof(int64_t));
     ctx->misses = calloc((size_t) n_moe_layers, sizeof(int64_t));
     ctx->slot_of_expert = malloc(sizeof(int32_t) * (size_t) n_moe_layers * (size_t) n_expert);
-    if (!ctx->blk_to_moe || !ctx->table || !ctx->layers || !ctx->counts || !ctx->hits || !ctx->misses ||
+    ctx->ffn_mode = calloc((size_t) n_moe_layers, sizeof(int8_t));
+    if (!ctx->ffn_mode || !ctx->blk_to_moe || !ctx->table || !ctx->layers || !ctx->counts || !ctx->hits || !ctx->misses ||
         !ctx->slot_of_expert) {
         lh_ctx_free(ctx);
         return NULL;
@@ -189,6 +224,18 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     }
     lh_scratch_free(&ctx->host_scratch);
     lh_scratch_free(&ctx->gpu_scratch);
+    for (int32_t i = 0; i < ctx->n_dev_copies; i++) {
+        ggml_backend_buffer_free(ctx->dev_copies[i].buffer);
+        free(ctx->dev_copies[i].dev);
+    }
+    if (ctx->cpu_galloc) {
+        ggml_gallocr_free(ctx->cpu_galloc);
+    }
+    if (ctx->gpu_galloc) {
+        ggml_gallocr_free(ctx->gpu_galloc);
+    }
+    free(ctx->staging);
+    free(ctx->ffn_mode);
     if (ctx->gpu) {
         ggml_backend_free(ctx->gpu);
     }
@@ -414,6 +461,7 @@ int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_
     }
     ggml_backend_cpu_set_n_threads(ctx->cpu, n_threads > 0 ? n_threads : 1);
     ctx->host_scratch.backend = ctx->cpu;
+    ctx->cpu_galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(ctx->cpu));
     if (kind == LH_SLOTS_GPU) {
         ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU);
         if (!dev) {
@@ -426,6 +474,7 @@ int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_
             return -1;
         }
         ctx->gpu_scratch.backend = ctx->gpu;
+        ctx->gpu_galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(ctx->gpu));
     } else if (kind != LH_SLOTS_HOST) {
         lh_error(ctx, "unknown slot kind %d", kind);
         return -1;
@@ -468,6 +517,10 @@ int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_
                 lh_error(ctx, "could not allocate %d slots for %s in %s (out of memory?)", n_slots, w->name,
                          ggml_backend_buft_name(buft));
                 return -1;
+            }
+            if (kind == LH_SLOTS_HOST) {
+                /* Touch every page now, at load time, not in the first rebalances of the decode loop. */
+                ggml_backend_buffer_clear(layer->slot_buffer[p], 0);
             }
         }
     }
@@ -755,6 +808,383 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
     return ok;
 }
 
+/* ---- the layer FFN fast path ------------------------------------------------------------------ */
+
+static bool lh_ffn_has(const struct lh_ffn * f, const struct ggml_tensor * n) {
+    for (int32_t i = 0; i < f->n_nodes; i++) {
+        if (f->nodes[i] == n) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* A node of the FFN has llama's per-entry layout: [X, n_used, n_tokens] (views narrow dim 0). */
+static bool lh_ffn_shape_ok(const struct ggml_tensor * n, const struct ggml_tensor * ids) {
+    return n->type == GGML_TYPE_F32 && n->nb[0] == sizeof(float) && n->ne[1] == ids->ne[0] &&
+           n->ne[2] == ids->ne[1] && n->ne[3] == 1;
+}
+
+static bool lh_is_weight(const struct ggml_tensor * t) {
+    return t != NULL && t->buffer != NULL && ggml_backend_buffer_get_usage(t->buffer) == GGML_BACKEND_BUFFER_USAGE_WEIGHTS &&
+           ggml_backend_buffer_is_host(t->buffer);
+}
+
+/* Collect, in post-order, the nodes that compute node n from the layer's gate/up matmuls. Only
+ * ops whose result per (token, k) row depends on that row alone are accepted, so the same nodes
+ * can be replayed on a compact list of rows; anything else makes the layer use per-node redirects. */
+static bool lh_ffn_collect(struct lh_ctx * ctx, struct lh_ffn * f, struct ggml_tensor * n, const struct ggml_tensor * ids, int depth) {
+    if (lh_ffn_has(f, n)) {
+        return true;
+    }
+    if (depth > LH_FFN_MAX_NODES || f->n_nodes >= LH_FFN_MAX_NODES || !lh_ffn_shape_ok(n, ids)) {
+        return false;
+    }
+    switch (n->op) {
+        case GGML_OP_MUL_MAT_ID: {
+            if (n->src[0] == NULL || n->src[2] != ids || !lh_redirectable(n)) {
+                return false;
+            }
+            const struct lh_weight_entry * e = lh_lookup_weight(ctx, n->src[0]);
+            if (e->moe_layer != f->layer || e->proj == LH_PROJ_DOWN) {
+                return false;
+            }
+            break;  /* a leaf of the walk: its inputs are the layer input and the ids */
+        }
+        case GGML_OP_VIEW: {
+            const struct ggml_tensor * src = n->view_src;
+            if (src == NULL || n->src[0] != src || n->ne[1] != src->ne[1] || n->ne[2] != src->ne[2] ||
+                n->nb[1] != src->nb[1] || n->nb[2] != src->nb[2] ||
+                n->view_offs + (size_t) n->ne[0] * n->nb[0] > src->nb[1] ||
+                !lh_ffn_collect(ctx, f, n->src[0], ids, depth + 1)) {
+                return false;
+            }
+            break;
+        }
+        case GGML_OP_GLU:
+            if (!lh_ffn_collect(ctx, f, n->src[0], ids, depth + 1) ||
+                (n->src[1] != NULL && !lh_ffn_collect(ctx, f, n->src[1], ids, depth + 1))) {
+                return false;
+            }
+            break;
+        case GGML_OP_UNARY:
+        case GGML_OP_CLAMP:
+        case GGML_OP_SCALE:
+            if (n->src[1] != NULL || !lh_ffn_collect(ctx, f, n->src[0], ids, depth + 1)) {
+                return false;
+            }
+            break;
+        case GGML_OP_MUL:
+        case GGML_OP_ADD:
+            if (!ggml_are_same_shape(n->src[0], n) || !ggml_are_same_shape(n->src[1], n) ||
+                !lh_ffn_collect(ctx, f, n->src[0], ids, depth + 1) || !lh_ffn_collect(ctx, f, n->src[1], ids, depth + 1)) {
+                return false;
+            }
+            break;
+        case GGML_OP_ADD_ID:
+            /* a routed-expert bias: bias[:, ids[k, token]] added to each row */
+            if (n->src[2] != ids || !lh_is_weight(n->src[1]) || n->src[1]->type != GGML_TYPE_F32 ||
+                !lh_ffn_collect(ctx, f, n->src[0], ids, depth + 1)) {
+                return false;
+            }
+            break;
+        default:
+            return false;
+    }
+    f->nodes[f->n_nodes++] = n;
+    return true;
+}
+
+/* Recognise the FFN that feeds the down node d. */
+static bool lh_ffn_find(struct lh_ctx * ctx, struct lh_ffn * f, struct ggml_tensor * d, int32_t layer) {
+    f->layer = layer;
+    f->down = d;
+    f->n_nodes = 0;
+    f->n_mutated = 0;
+    if (!lh_redirectable(d) || d->src[1]->ne[1] != d->src[2]->ne[0] ||
+        !lh_ffn_collect(ctx, f, d->src[1], d->src[2], 0)) {
+        return false;
+    }
+    /* Every gate/up projection of the layer appears exactly once, all reading the same input. */
+    int32_t matmuls = 0;
+    const struct ggml_tensor * input = NULL;
+    for (int32_t i = 0; i < f->n_nodes; i++) {
+        if (f->nodes[i]->op == GGML_OP_MUL_MAT_ID) {
+            if (input != NULL && f->nodes[i]->src[1] != input) {
+                return false;
+            }
+            input = f->nodes[i]->src[1];
+            matmuls++;
+        }
+    }
+    return matmuls == lh_layer_weight_count(ctx, layer) - 1;
+}
+
+/* Skip the FFN's nodes and the down node in llama's run (restored by lh_ffn_restore). */
+static void lh_ffn_skip(struct lh_ctx * ctx, struct lh_ffn * f) {
+    f->n_mutated = 0;
+    for (int32_t i = 0; i <= f->n_nodes; i++) {
+        struct ggml_tensor * n = i < f->n_nodes ? f->nodes[i] : f->down;
+        if (n->op == GGML_OP_VIEW) {
+            continue;  /* computes nothing */
+        }
+        f->saved_op[f->n_mutated] = n->op;
+        f->mutated[f->n_mutated++] = n;
+        n->op = GGML_OP_NONE;
+    }
+    ctx->counters.open_mutations += f->n_mutated;
+}
+
+static void lh_ffn_restore(struct lh_ctx * ctx, struct lh_ffn * f) {
+    for (int32_t i = 0; i < f->n_mutated; i++) {
+        f->mutated[i]->op = f->saved_op[i];
+    }
+    ctx->counters.open_mutations -= f->n_mutated;
+    f->n_mutated = 0;
+}
+
+/* The GPU copy of a host weight (a bias), made on first use. */
+static struct ggml_tensor * lh_dev_copy(struct lh_ctx * ctx, const struct ggml_tensor * w) {
+    for (int32_t i = 0; i < ctx->n_dev_copies; i++) {
+        if (ctx->dev_copies[i].src == w) {
+            return ctx->dev_copies[i].dev;
+        }
+    }
+    if (ctx->n_dev_copies >= LH_MAX_DEV_COPIES) {
+        return NULL;
+    }
+    ggml_backend_buffer_t buffer = NULL;
+    struct ggml_tensor * dev = lh_new_slot_tensor(w, (int32_t) w->ne[2], ggml_backend_get_default_buffer_type(ctx->gpu), &buffer);
+    if (dev == NULL) {
+        return NULL;
+    }
+    ggml_backend_tensor_set(dev, w->data, 0, ggml_nbytes(w));
+    ctx->dev_copies[ctx->n_dev_copies++] = (struct lh_dev_copy) { w, dev, buffer };
+    return dev;
+}
+
+/* One part (hot or cold) of the FFN on a compact list of n rows, built in g. */
+struct lh_ffn_part {
+    struct ggml_tensor * b;        /* [n_embd, 1, n] the layer input rows */
+    struct ggml_tensor * ids;      /* [1, n] matrix index of each row: slot (hot) or expert (cold) */
+    struct ggml_tensor * experts;  /* [1, n] expert of each row, for biases */
+    struct ggml_tensor * out;      /* [n_embd, 1, n] */
+};
+
+static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, const struct lh_ffn * f, bool hot, bool on_gpu,
+                              int64_t n, struct lh_ffn_part * part) {
+    struct lh_layer * layer = &ctx->layers[f->layer];
+    struct ggml_tensor * clones[LH_FFN_MAX_NODES];
+    const struct ggml_tensor * input = NULL;
+    for (int32_t i = 0; i < f->n_nodes; i++) {
+        if (f->nodes[i]->op == GGML_OP_MUL_MAT_ID) {
+            input = f->nodes[i]->src[1];
+            break;
+        }
+    }
+    part->b = ggml_new_tensor_3d(g, GGML_TYPE_F32, input->ne[0], 1, n);
+    part->ids = ggml_new_tensor_2d(g, GGML_TYPE_I32, 1, n);
+    part->experts = ggml_new_tensor_2d(g, GGML_TYPE_I32, 1, n);
+    ggml_set_input(part->b);
+    ggml_set_input(part->ids);
+    ggml_set_input(part->experts);
+    for (int32_t i = 0; i < f->n_nodes; i++) {
+        const struct ggml_tensor * node = f->nodes[i];
+        struct ggml_tensor * c = NULL;
+        int32_t src_index[GGML_MAX_SRC];
+        for (int j = 0; j < GGML_MAX_SRC; j++) {
+            src_index[j] = -1;
+            for (int32_t k = 0; k < i && node->src[j] != NULL; k++) {
+                if (f->nodes[k] == node->src[j]) {
+                    src_index[j] = k;
+                }
+            }
+        }
+        if (node->op == GGML_OP_MUL_MAT_ID) {
+            const struct lh_weight_entry * e = lh_lookup_weight(ctx, node->src[0]);
+            struct ggml_tensor * matrix = hot ? layer->slot[e->proj] : layer->weight[e->proj];
+            c = ggml_mul_mat_id(g, matrix, part->b, part->ids);
+        } else if (node->op == GGML_OP_VIEW) {
+            struct ggml_tensor * src = clones[src_index[0]];
+            c = ggml_view_3d(g, src, node->ne[0], 1, n, src->nb[1], src->nb[2], node->view_offs);
+        } else {
+            /* Same op and parameters on the compact rows. */
+            c = ggml_new_tensor_3d(g, GGML_TYPE_F32, node->ne[0], 1, n);
+            c->op = node->op;
+            memcpy(c->op_params, node->op_params, sizeof(c->op_params));
+            for (int j = 0; j < GGML_MAX_SRC; j++) {
+                if (node->src[j] == NULL) {
+                    continue;
+                }
+                if (src_index[j] >= 0) {
+                    c->src[j] = clones[src_index[j]];
+                } else if (node->op == GGML_OP_ADD_ID && j == 1) {
+                    c->src[j] = on_gpu ? lh_dev_copy(ctx, node->src[1]) : node->src[1];
+                    if (c->src[j] == NULL) {
+                        return false;
+                    }
+                } else if (node->op == GGML_OP_ADD_ID && j == 2) {
+                    c->src[j] = part->experts;
+                } else {
+                    return false;  /* lh_ffn_collect admits no other inputs */
+                }
+            }
+        }
+        clones[i] = c;
+    }
+    /* The down projection of the activation rows. */
+    int32_t act = -1;
+    for (int32_t i = 0; i < f->n_nodes; i++) {
+        if (f->nodes[i] == f->down->src[1]) {
+            act = i;
+        }
+    }
+    if (act < 0) {
+        return false;
+    }
+    struct ggml_tensor * down = hot ? layer->slot[LH_PROJ_DOWN] : layer->weight[LH_PROJ_DOWN];
+    part->out = ggml_mul_mat_id(g, down, clones[act], part->ids);
+    ggml_set_output(part->out);
+    return true;
+}
+
+/* Gather the input rows and indices of `entries` (from the FFN's input and the ids). */
+static void lh_ffn_gather(const struct lh_ffn * f, const struct lh_entry * entries, int64_t n, const int32_t * expert_of,
+                          float * b_rows, int32_t * ids, int32_t * experts) {
+    const struct ggml_tensor * input = NULL;
+    for (int32_t i = 0; i < f->n_nodes; i++) {
+        if (f->nodes[i]->op == GGML_OP_MUL_MAT_ID) {
+            input = f->nodes[i]->src[1];
+            break;
+        }
+    }
+    const size_t row = (size_t) input->ne[0] * sizeof(float);
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t i11 = entries[i].k % input->ne[1];
+        memcpy((char *) b_rows + (size_t) i * row, (const char *) input->data + i11 * input->nb[1] + entries[i].token * input->nb[2], row);
+        ids[i] = entries[i].matrix;
+        if (experts != NULL) {  /* only when a bias needs them */
+            experts[i] = expert_of ? expert_of[entries[i].matrix] : entries[i].matrix;
+        }
+    }
+}
+
+/* Compute the down node's output (the layer's expert FFN per (token, k)) into dst: hot rows from
+ * the slots (launched first when on the GPU), cold rows from the original weights on the CPU. */
+static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * dst) {
+    const struct ggml_tensor * d = f->down;
+    const struct ggml_tensor * ids = d->src[2];
+    const int64_t n_used = ids->ne[0];
+    const int64_t n_tokens = ids->ne[1];
+    const int32_t * slot_of = ctx->slot_of_expert + (size_t) f->layer * ctx->n_expert;
+    const int32_t * expert_of = ctx->expert_of_slot ? ctx->expert_of_slot + (size_t) f->layer * ctx->n_slots : NULL;
+    const bool has_slots = ctx->layers[f->layer].slot[LH_PROJ_DOWN] != NULL;
+
+    size_t cap = ctx->entries_cap;
+    const size_t n_entries = (size_t) (n_used * n_tokens);
+    if (!lh_grow((void **) &ctx->hot, &cap, n_entries, sizeof(struct lh_entry))) {
+        return false;
+    }
+    cap = ctx->entries_cap;
+    if (!lh_grow((void **) &ctx->cold, &cap, n_entries, sizeof(struct lh_entry))) {
+        return false;
+    }
+    ctx->entries_cap = cap;
+    int64_t n_hot = 0, n_cold = 0;
+    for (int64_t tok = 0; tok < n_tokens; tok++) {
+        for (int64_t k = 0; k < n_used; k++) {
+            const int32_t e = *(const int32_t *) ((const char *) ids->data + tok * ids->nb[1] + k * ids->nb[0]);
+            const int32_t s = has_slots ? slot_of[e] : -1;
+            if (s >= 0) {
+                ctx->hot[n_hot++] = (struct lh_entry) { (int32_t) k, (int32_t) tok, s };
+            } else {
+                ctx->cold[n_cold++] = (struct lh_entry) { (int32_t) k, (int32_t) tok, e };
+            }
+        }
+    }
+
+    const size_t graph_mem = ggml_tensor_overhead() * (4 * LH_FFN_MAX_NODES + 16) + 2 * ggml_graph_overhead_custom(2 * LH_FFN_MAX_NODES + 8, false);
+    if (!lh_grow(&ctx->graph_mem, &ctx->graph_mem_size, graph_mem, 1)) {
+        return false;
+    }
+    struct ggml_init_params params = { ctx->graph_mem_size, ctx->graph_mem, true };
+    struct ggml_context * g = ggml_init(params);
+    struct ggml_cgraph * cpu_graph = ggml_new_graph_custom(g, 2 * LH_FFN_MAX_NODES + 8, false);
+    struct ggml_cgraph * gpu_graph = ggml_new_graph_custom(g, 2 * LH_FFN_MAX_NODES + 8, false);
+    const bool hot_on_gpu = ctx->slot_kind == LH_SLOTS_GPU && n_hot > 0;
+    struct lh_ffn_part hot = {0}, cold = {0};
+    bool ok = true;
+    if (n_cold > 0) {
+        ok = lh_ffn_build_part(ctx, g, f, false, false, n_cold, &cold);
+        ggml_build_forward_expand(cpu_graph, cold.out);
+    }
+    if (ok && n_hot > 0) {
+        ok = lh_ffn_build_part(ctx, g, f, true, hot_on_gpu, n_hot, &hot);
+        ggml_build_forward_expand(hot_on_gpu ? gpu_graph : cpu_graph, hot.out);
+    }
+    ok = ok && (ggml_graph_n_nodes(cpu_graph) == 0 || ggml_gallocr_alloc_graph(ctx->cpu_galloc, cpu_graph)) &&
+         (!hot_on_gpu || ggml_gallocr_alloc_graph(ctx->gpu_galloc, gpu_graph));
+    if (!ok) {
+        ggml_free(g);
+        return false;
+    }
+
+    /* GPU part first: gather into staging, upload, launch, download, all asynchronous. */
+    float * hot_out_rows = NULL;
+    int64_t t0 = lh_now_ns();
+    if (hot_on_gpu) {
+        const size_t b_bytes = ggml_nbytes(hot.b), i_bytes = ggml_nbytes(hot.ids), o_bytes = ggml_nbytes(hot.out);
+        const size_t need = lh_pad(b_bytes) + 2 * lh_pad(i_bytes) + lh_pad(o_bytes);
+        if (!lh_grow(&ctx->staging, &ctx->staging_size, need, 1)) {
+            ggml_free(g);
+            return false;
+        }
+        char * stage = (char *) ctx->staging;
+        float * b_rows = (float *) stage;
+        int32_t * slot_ids = (int32_t *) (stage + lh_pad(b_bytes));
+        int32_t * expert_ids = (int32_t *) (stage + lh_pad(b_bytes) + lh_pad(i_bytes));
+        hot_out_rows = (float *) (stage + lh_pad(b_bytes) + 2 * lh_pad(i_bytes));
+        lh_ffn_gather(f, ctx->hot, n_hot, expert_of, b_rows, slot_ids, expert_ids);
+        ggml_backend_tensor_set_async(ctx->gpu, hot.b, b_rows, 0, b_bytes);
+        ggml_backend_tensor_set_async(ctx->gpu, hot.ids, slot_ids, 0, i_bytes);
+        if (hot.experts->buffer != NULL) {
+            ggml_backend_tensor_set_async(ctx->gpu, hot.experts, expert_ids, 0, i_bytes);
+        }
+        ok = ggml_backend_graph_compute_async(ctx->gpu, gpu_graph) == GGML_STATUS_SUCCESS;
+        if (ok) {
+            ggml_backend_tensor_get_async(ctx->gpu, hot.out, hot_out_rows, 0, o_bytes);
+        }
+        const int64_t t1 = lh_now_ns();
+        ctx->counters.gpu_submit_ns += t1 - t0;
+        t0 = t1;
+    }
+    if (n_cold > 0) {
+        lh_ffn_gather(f, ctx->cold, n_cold, NULL, (float *) cold.b->data, (int32_t *) cold.ids->data, (int32_t *) cold.experts->data);  /* experts: NULL if unused */
+    }
+    if (n_hot > 0 && !hot_on_gpu) {
+        lh_ffn_gather(f, ctx->hot, n_hot, expert_of, (float *) hot.b->data, (int32_t *) hot.ids->data, (int32_t *) hot.experts->data);
+        hot_out_rows = (float *) hot.out->data;
+    }
+    if (ok && ggml_graph_n_nodes(cpu_graph) > 0) {
+        ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
+        const int64_t t1 = lh_now_ns();
+        ctx->counters.cpu_compute_ns += t1 - t0;
+        t0 = t1;
+    }
+    if (hot_on_gpu) {
+        ggml_backend_synchronize(ctx->gpu);
+        ctx->counters.gpu_wait_ns += lh_now_ns() - t0;
+    }
+    if (ok && n_cold > 0) {
+        lh_scatter(d, ctx->cold, n_cold, (const float *) cold.out->data, dst);
+    }
+    if (ok && n_hot > 0) {
+        lh_scatter(d, ctx->hot, n_hot, hot_out_rows, dst);
+    }
+    ggml_free(g);
+    return ok;
+}
+
 /* ---- the callback ------------------------------------------------------------------------- */
 
 static void lh_count_routing(struct lh_ctx * ctx, const struct ggml_tensor * t, int32_t moe_layer, bool managed_ubatch) {
@@ -795,7 +1225,9 @@ static bool lh_wants_redirect(const struct lh_ctx * ctx, const struct ggml_tenso
     return ctx->layers[layer].n_published > 0 || (ctx->debug_flags & LH_DEBUG_SHADOW);
 }
 
-static void lh_shadow_compare(struct lh_ctx * ctx, const struct ggml_tensor * t, int32_t layer, int32_t proj) {
+/* Shadow mode: llama computed node t; recompute it (per node, or the whole FFN when t is the
+ * down node of a recognised FFN) into a NaN-filled buffer and compare every row bitwise. */
+static void lh_shadow_compare(struct lh_ctx * ctx, const struct ggml_tensor * t, int32_t layer, int32_t proj, const struct lh_ffn * ffn) {
     const size_t n = (size_t) (t->nb[2] / sizeof(float)) * (size_t) t->ne[2];
     size_t cap = ctx->shadow_cap;
     if (!lh_grow((void **) &ctx->shadow_out, &cap, n, sizeof(float))) {
@@ -805,7 +1237,8 @@ static void lh_shadow_compare(struct lh_ctx * ctx, const struct ggml_tensor * t,
     for (size_t i = 0; i < n; i++) {
         ctx->shadow_out[i] = NAN;
     }
-    const bool ok = lh_compute_node(ctx, t, layer, proj, (char *) ctx->shadow_out);
+    const bool ok = ffn ? lh_compute_ffn(ctx, ffn, (char *) ctx->shadow_out)
+                        : lh_compute_node(ctx, t, layer, proj, (char *) ctx->shadow_out);
     const size_t row = (size_t) t->ne[0] * sizeof(float);
     for (int64_t tok = 0; tok < t->ne[2]; tok++) {
         for (int64_t k = 0; k < t->ne[1]; k++) {
@@ -818,22 +1251,43 @@ static void lh_shadow_compare(struct lh_ctx * ctx, const struct ggml_tensor * t,
     }
 }
 
-static void lh_redirect(struct lh_ctx * ctx, struct ggml_tensor * t, int32_t layer, int32_t proj) {
-    if (ctx->debug_flags & LH_DEBUG_POISON) {
-        for (int64_t tok = 0; tok < t->ne[2]; tok++) {
-            for (int64_t k = 0; k < t->ne[1]; k++) {
-                float * row = (float *) ((char *) t->data + k * t->nb[1] + tok * t->nb[2]);
-                for (int64_t i = 0; i < t->ne[0]; i++) {
-                    row[i] = NAN;
-                }
+static void lh_poison(struct ggml_tensor * t) {
+    for (int64_t tok = 0; tok < t->ne[2]; tok++) {
+        for (int64_t k = 0; k < t->ne[1]; k++) {
+            float * row = (float *) ((char *) t->data + k * t->nb[1] + tok * t->nb[2]);
+            for (int64_t i = 0; i < t->ne[0]; i++) {
+                row[i] = NAN;
             }
         }
     }
-    if (lh_compute_node(ctx, t, layer, proj, (char *) t->data)) {
-        ctx->counters.redirected_nodes++;
+}
+
+/* Compute a skipped node (or, with ffn, the skipped FFN ending at it) into its output. */
+static void lh_redirect(struct lh_ctx * ctx, struct ggml_tensor * t, int32_t layer, int32_t proj, const struct lh_ffn * ffn) {
+    const int64_t start = lh_now_ns();
+    if (ctx->debug_flags & LH_DEBUG_POISON) {
+        lh_poison(t);
+    }
+    if (ffn ? lh_compute_ffn(ctx, ffn, (char *) t->data) : lh_compute_node(ctx, t, layer, proj, (char *) t->data)) {
+        ctx->counters.redirected_nodes += ffn ? lh_layer_weight_count(ctx, layer) : 1;
+        ctx->counters.ffn_redirects += ffn != NULL;
     } else {
         fprintf(stderr, "llamahot: could not compute %s (out of memory?); its output is invalid\n", t->name);
     }
+    ctx->counters.redirect_ns += lh_now_ns() - start;
+}
+
+/* At the down node's ask: recognise the layer's FFN so it can be computed in one stop. */
+static bool lh_try_ffn(struct lh_ctx * ctx, struct ggml_tensor * t, int32_t layer) {
+    if (ctx->ffn_mode[layer] < 0) {
+        return false;
+    }
+    if (!lh_ffn_find(ctx, &ctx->ffn, t, layer)) {
+        ctx->ffn_mode[layer] = -1;  /* llama built something else here: per-node redirects from now on */
+        return false;
+    }
+    ctx->ffn_mode[layer] = 1;
+    return true;
 }
 
 bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
@@ -844,8 +1298,24 @@ bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
         if (e == NULL) {
             return ctx->user_wanted;
         }
+        const bool shadow = ctx->debug_flags & LH_DEBUG_SHADOW;
         if (lh_wants_redirect(ctx, t, e->moe_layer)) {
-            if (!(ctx->debug_flags & LH_DEBUG_SHADOW)) {
+            /* Whole-FFN mode: gate/up run on untouched (their nodes are skipped at the down node's
+             * ask, before the run that contains them is computed); one stop, at the down node.
+             * Not with an application's callback: it may stop the run between them. */
+            const bool ffn_mode = ctx->user_cb == NULL && !(ctx->debug_flags & LH_DEBUG_PER_NODE) &&
+                                  ctx->ffn_mode[e->moe_layer] >= 0;
+            if (ffn_mode && e->proj != LH_PROJ_DOWN) {
+                return false;
+            }
+            if (ffn_mode && lh_try_ffn(ctx, t, e->moe_layer)) {
+                if (!shadow) {
+                    lh_ffn_skip(ctx, &ctx->ffn);
+                }
+                ctx->ffn_pending = true;
+                return true;
+            }
+            if (!shadow) {
                 /* Only this: inputs are not computed yet and t->data may alias earlier nodes. */
                 ctx->pending = t;
                 ctx->pending_op = t->op;
@@ -858,23 +1328,31 @@ bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
     }
 
     /* ask=false: the scheduler computed every node up to and including t. */
-    if (ctx->pending == t) {
-        const int64_t start = lh_now_ns();
+    if (ctx->ffn_pending && ctx->ffn.down == t) {
+        ctx->ffn_pending = false;
+        lh_ffn_restore(ctx, &ctx->ffn);
+        const int32_t layer = ctx->ffn.layer;
+        if (ctx->debug_flags & LH_DEBUG_SHADOW) {
+            lh_shadow_compare(ctx, t, layer, LH_PROJ_DOWN, &ctx->ffn);
+        } else {
+            lh_redirect(ctx, t, layer, LH_PROJ_DOWN, &ctx->ffn);
+        }
+        lh_count_routing(ctx, t, layer, true);
+    } else if (ctx->pending == t) {
         t->op = ctx->pending_op;
         ctx->pending = NULL;
         ctx->counters.open_mutations--;
         const struct lh_weight_entry * e = lh_managed(ctx, t);
-        lh_redirect(ctx, t, e->moe_layer, e->proj);
+        lh_redirect(ctx, t, e->moe_layer, e->proj, NULL);
         if (e->proj == LH_PROJ_DOWN) {
             lh_count_routing(ctx, t, e->moe_layer, true);
         }
-        ctx->counters.redirect_ns += lh_now_ns() - start;
     } else {
         const struct lh_weight_entry * e = lh_managed(ctx, t);
         if (e != NULL) {
             const bool managed_ubatch = ctx->cpu != NULL && t->ne[2] <= ctx->prefill_bypass;
             if (ctx->debug_flags & LH_DEBUG_SHADOW && lh_wants_redirect(ctx, t, e->moe_layer)) {
-                lh_shadow_compare(ctx, t, e->moe_layer, e->proj);
+                lh_shadow_compare(ctx, t, e->moe_layer, e->proj, NULL);
             }
             if (e->proj == LH_PROJ_DOWN) {
                 lh_count_routing(ctx, t, e->moe_layer, managed_ubatch);

@@ -39,6 +39,7 @@ enum lh_slot_kind {
 enum lh_debug_flags {
     LH_DEBUG_POISON = 1, /* fill a redirected node's output with NaN before writing it */
     LH_DEBUG_SHADOW = 2, /* let llama compute managed nodes, recompute them, compare every row */
+    LH_DEBUG_PER_NODE = 4, /* redirect every expert matmul on its own (the fallback path) */
 };
 
 /* Cumulative counters, read by Python between decode calls. */
@@ -47,7 +48,8 @@ struct lh_counters {
     int64_t tokens;            /* tokens of those ubatches */
     int64_t managed_nodes;     /* managed MUL_MAT_ID nodes seen at ask=false */
     int64_t weights_known;     /* distinct routed-expert weights recognised so far */
-    int64_t redirected_nodes;  /* nodes computed by the shim from slots + original weights */
+    int64_t redirected_nodes;  /* expert matmul nodes computed by the shim from slots + original weights */
+    int64_t ffn_redirects;     /* ... of which in whole-FFN mode: layers computed in one stop */
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
     int64_t shadow_rows;       /* rows compared in shadow mode */
     int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */

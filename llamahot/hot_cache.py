@@ -29,6 +29,7 @@ PROJ_INDEX = {"gate": 0, "up": 1, "down": 2, "gate_up": 3}
 SLOT_KINDS = {"host": 0, "cuda": 1}
 DEBUG_POISON = 1
 DEBUG_SHADOW = 2
+DEBUG_PER_NODE = 4
 SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
 
@@ -171,9 +172,12 @@ class HotCache:
         self.slots.apply(self.policy.choose(self.slots.resident()))
 
     # -- test and benchmark controls -------------------------------------------------------
-    def set_debug(self, *, poison: bool = False, shadow: bool = False) -> None:
-        """poison: NaN-fill redirected outputs first; shadow: let llama compute, recompute, compare."""
-        lib.lh_set_debug(self._ctx, (DEBUG_POISON if poison else 0) | (DEBUG_SHADOW if shadow else 0))
+    def set_debug(self, *, poison: bool = False, shadow: bool = False, per_node: bool = False) -> None:
+        """Test-only checks. poison: NaN-fill redirected outputs before writing them; shadow: let
+        llama compute, recompute, compare every row; per_node: redirect each expert matmul on its
+        own (the fallback path) instead of each layer's FFN in one stop."""
+        lib.lh_set_debug(self._ctx, (DEBUG_POISON if poison else 0) | (DEBUG_SHADOW if shadow else 0) |
+                         (DEBUG_PER_NODE if per_node else 0))
 
     def set_observing(self, observing: bool) -> None:
         """Count and redirect (default), or leave the callback installed but idle (to measure its cost)."""
@@ -219,6 +223,11 @@ class HotCache:
             "ubatches": int(counters.ubatches),
             "managed_nodes": int(counters.managed_nodes),
             "redirected_nodes": int(counters.redirected_nodes),
+            "ffn_redirects": int(counters.ffn_redirects),
+            "redirect_ms": counters.redirect_ns / 1e6,
+            "cpu_compute_ms": counters.cpu_compute_ns / 1e6,
+            "gpu_submit_ms": counters.gpu_submit_ns / 1e6,
+            "gpu_wait_ms": counters.gpu_wait_ns / 1e6,
             "expert_weights_found": int(counters.weights_known),
             "hits": hits,
             "misses": misses,

@@ -60,13 +60,16 @@ def no_open_mutations(llm) -> None:
     assert llm.hot_cache.open_mutations() == 0, "a graph mutation outlived the decode"
 
 
-def test_logits_bit_identical_with_host_slots(moe_model):
+@pytest.mark.parametrize("per_node", [False, True], ids=["layer-ffn", "per-node"])
+def test_logits_bit_identical_with_host_slots(moe_model, per_node):
+    """Both redirect paths: each layer's expert FFN in one stop (default), and one stop per
+    expert matmul (the fallback for FFNs the shim does not recognise)."""
     expected = stock_logits(moe_model)
     layout = read_moe_layout(moe_model)
     for k in k_values(moe_model):
         llm = llamahot.Llama(moe_model, hot_experts=k, rebalance_interval=REBALANCE, slot_device="host",
                              logits_all=True, **LLAMA_KW)
-        llm.hot_cache.set_debug(poison=True)
+        llm.hot_cache.set_debug(poison=True, per_node=per_node)
         got = greedy(llm, after_each=no_open_mutations)
         assert_bit_identical(expected, got)
 
@@ -76,6 +79,7 @@ def test_logits_bit_identical_with_host_slots(moe_model):
         # The prompt fills the slots; from then on every expert matmul of every decode step was
         # computed by the shim: one node per projection per MoE layer per step.
         assert stats["redirected_nodes"] == STEPS * layout.n_moe_layers * len(layout.projections)
+        assert stats["ffn_redirects"] == (0 if per_node else STEPS * layout.n_moe_layers)
         # hits + misses are exactly the routed entries of the managed ubatches, layer by layer.
         counts = llm.hot_cache.routing_counts()
         np.testing.assert_array_equal(stats["hits_per_layer"] + stats["misses_per_layer"], counts.sum(axis=1))
@@ -127,19 +131,20 @@ def test_large_ubatches_are_left_to_llama_but_counted(text_model):
     assert stats["hits"] + stats["misses"] == 3 * layout.n_expert_used * layout.n_moe_layers
 
 
+@pytest.mark.parametrize("per_node", [False, True], ids=["layer-ffn", "per-node"])
 @pytest.mark.parametrize("k_of", ["zero", "used", "all"])
-def test_shadow_mode_recomputes_every_row_identically(moe_model, k_of):
-    """llama computes each managed node; the shim recomputes it from slots + weights into a
-    NaN-filled buffer and compares every row bitwise."""
+def test_shadow_mode_recomputes_every_row_identically(moe_model, k_of, per_node):
+    """llama computes each managed node; the shim recomputes it (per node, or the layer's whole
+    FFN at its down node) from slots + weights into a NaN-filled buffer and compares every row."""
     layout = read_moe_layout(moe_model)
     k = {"zero": 0, "used": layout.n_expert_used, "all": layout.n_expert}[k_of]
     llm = llamahot.Llama(moe_model, hot_experts=k, rebalance_interval=8, logits_all=True, **LLAMA_KW)
-    llm.hot_cache.set_debug(shadow=True, poison=True)
+    llm.hot_cache.set_debug(shadow=True, poison=True, per_node=per_node)
     greedy(llm, steps=32, after_each=no_open_mutations)
     stats = llm.hot_cache.stats()
-    rows_per_ubatch = layout.n_expert_used * layout.n_moe_layers * len(layout.projections)
+    nodes_compared = len(layout.projections) if per_node else 1  # per layer and ubatch
     n_prompt = len(llm.tokenize(PROMPT))
-    assert stats["shadow_rows"] == (n_prompt + 32) * rows_per_ubatch
+    assert stats["shadow_rows"] == (n_prompt + 32) * layout.n_expert_used * layout.n_moe_layers * nodes_compared
     assert stats["shadow_mismatches"] == 0
     assert stats["redirected_nodes"] == 0, "shadow mode only compares; llama's results are kept"
     if k:
@@ -158,18 +163,19 @@ def _corrupt_every_slot(llm) -> None:
                 ffi.memmove(dst[0], bytes(range(256)) * (nbytes[0] // 256) + bytes(nbytes[0] % 256), nbytes[0])
 
 
-def test_checks_catch_a_wrong_slot(text_model):
+@pytest.mark.parametrize("per_node", [False, True], ids=["layer-ffn", "per-node"])
+def test_checks_catch_a_wrong_slot(text_model, per_node):
     """The gates can fail: slots with wrong bytes show up in the shadow check and in the logits."""
     layout = read_moe_layout(text_model)
     llm = llamahot.Llama(text_model, hot_experts=layout.n_expert, rebalance_interval=10_000, logits_all=True,
                          **LLAMA_KW)
-    llm.hot_cache.set_debug(shadow=True)
+    llm.hot_cache.set_debug(shadow=True, per_node=per_node)
     llm.eval(llm.tokenize(PROMPT))  # fills the slots (first rebalance)
     _corrupt_every_slot(llm)
     llm.eval([5])
     assert llm.hot_cache.stats()["shadow_mismatches"] > 0
 
-    llm.hot_cache.set_debug(poison=True)
+    llm.hot_cache.set_debug(poison=True, per_node=per_node)
     corrupted = greedy(llm, steps=4)
     assert (corrupted.view(np.uint32) != stock_logits(text_model)[: len(corrupted)].view(np.uint32)).any()
 
@@ -222,3 +228,20 @@ def test_stats_shape_and_reset(text_model):
     stats = llm.hot_cache.stats()
     assert stats["hits"] == stats["misses"] == stats["bytes_moved"] == stats["tokens"] == 0
     assert stats["slots_occupied"] > 0, "reset keeps the hot sets"
+
+
+def test_application_callback_with_slots_stays_exact(text_model):
+    """With an application's eval callback chained, the shim redirects per node (the callback may
+    stop the graph anywhere) and the application still sees every node it asks for."""
+    from ggml_nodes import NodeRecorder
+
+    layout = read_moe_layout(text_model)
+    recorder = NodeRecorder(("ffn_moe_topk",))
+    llm = llamahot.Llama(text_model, hot_experts=layout.n_expert_used, rebalance_interval=8, logits_all=True,
+                         cb_eval=recorder.callback, **LLAMA_KW)
+    llm.hot_cache.set_debug(poison=True)
+    got = greedy(llm, steps=8)
+    assert_bit_identical(stock_logits(text_model)[: len(got)], got)
+    stats = llm.hot_cache.stats()
+    assert stats["redirected_nodes"] > 0 and stats["ffn_redirects"] == 0
+    assert sorted(recorder.stacked("ffn_moe_topk")) == list(layout.moe_blocks)
