@@ -44,6 +44,9 @@ def demo(args: argparse.Namespace) -> int:
           f"prefill {stats['prefill_tok_s']:.1f} tok/s")
     print(f"routing: the {max(args.hot_experts, 1)} most-used experts of each layer took "
           f"{100 * share.mean():.0f}% of its selections (mean over layers)")
+    print(f"hot experts ({stats['slot_device']} slots, {stats['policy']} policy): hit rate {stats['hit_rate']:.1%} "
+          f"({stats['hits']} hits, {stats['misses']} misses), {stats['slots_occupied']}/{stats['slots_total']} "
+          f"slots filled, {stats['rebalances']} rebalances, {stats['bytes_moved'] / 2**20:.1f} MiB moved")
     llm.close()
     return 0
 

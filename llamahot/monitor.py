@@ -6,8 +6,10 @@ by a sequence counter (odd while writing), so a reader retries instead of seeing
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
+import weakref
 import sys
 import time
 from multiprocessing import resource_tracker, shared_memory
@@ -25,6 +27,14 @@ _HEADER = np.dtype([("magic", "<u8"), ("version", "<i8"), ("seq", "<i8"), ("pid"
                     ("n_layers", "<i8"), ("n_expert", "<i8"), ("n_slots", "<i8"), ("created", "<f8"),
                     ("model", "S128")])
 _instance_numbers = itertools.count()
+_live_writers: "weakref.WeakSet[SnapshotWriter]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_writers() -> None:
+    """Remove this process's blocks at exit even if a Llama was never closed."""
+    for writer in list(_live_writers):
+        writer.close()
 
 
 def _dtype(n_layers: int, n_expert: int, n_slots: int) -> np.dtype:
@@ -42,6 +52,7 @@ class SnapshotWriter:
     def __init__(self, shm: shared_memory.SharedMemory, record: np.ndarray):
         self._shm = shm
         self._record = record
+        _live_writers.add(self)
 
     @classmethod
     def create(cls, pid: int, n_layers: int, n_expert: int, n_slots: int, model: str) -> "SnapshotWriter":
@@ -76,9 +87,13 @@ class SnapshotWriter:
         r["seq"] += 1
 
     def close(self) -> None:
+        if self._shm is None:
+            return
         self._record = None
         self._shm.close()
         self._shm.unlink()
+        self._shm = None
+        _live_writers.discard(self)
 
 
 def snapshot_names(pid: int) -> list[str]:

@@ -45,3 +45,15 @@ def dense_model(model_dir) -> str:
 @pytest.fixture(scope="session")
 def all_moe_models(model_dir) -> dict[str, str]:
     return {preset: _model(model_dir, preset) for preset in MOE_PRESETS}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu run only where llama-cpp-python was built with a GPU backend."""
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA build of llama-cpp-python and a GPU (run on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
