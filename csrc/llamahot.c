@@ -971,8 +971,11 @@ struct lh_ffn_part {
     struct ggml_tensor * out;      /* [n_embd, 1, n] */
 };
 
+/* Rows are laid out [X, 1, n] (one row per "token"), or, when every row belongs to one token whose
+ * input is shared by all its experts (single-token decode), [X, n, 1] with one input row: the
+ * input is then quantized once, as llama does, instead of once per expert. */
 static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, const struct lh_ffn * f, bool hot, bool on_gpu,
-                              int64_t n, struct lh_ffn_part * part) {
+                              int64_t n, bool one_token, struct lh_ffn_part * part) {
     struct lh_layer * layer = &ctx->layers[f->layer];
     struct ggml_tensor * clones[LH_FFN_MAX_NODES];
     const struct ggml_tensor * input = NULL;
@@ -982,9 +985,10 @@ static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, cons
             break;
         }
     }
-    part->b = ggml_new_tensor_3d(g, GGML_TYPE_F32, input->ne[0], 1, n);
-    part->ids = ggml_new_tensor_2d(g, GGML_TYPE_I32, 1, n);
-    part->experts = ggml_new_tensor_2d(g, GGML_TYPE_I32, 1, n);
+    const int64_t ne1 = one_token ? n : 1, ne2 = one_token ? 1 : n;
+    part->b = ggml_new_tensor_3d(g, GGML_TYPE_F32, input->ne[0], 1, ne2);
+    part->ids = ggml_new_tensor_2d(g, GGML_TYPE_I32, ne1, ne2);
+    part->experts = ggml_new_tensor_2d(g, GGML_TYPE_I32, ne1, ne2);
     ggml_set_input(part->b);
     ggml_set_input(part->ids);
     ggml_set_input(part->experts);
@@ -1006,10 +1010,10 @@ static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, cons
             c = ggml_mul_mat_id(g, matrix, part->b, part->ids);
         } else if (node->op == GGML_OP_VIEW) {
             struct ggml_tensor * src = clones[src_index[0]];
-            c = ggml_view_3d(g, src, node->ne[0], 1, n, src->nb[1], src->nb[2], node->view_offs);
+            c = ggml_view_3d(g, src, node->ne[0], ne1, ne2, src->nb[1], src->nb[2], node->view_offs);
         } else {
             /* Same op and parameters on the compact rows. */
-            c = ggml_new_tensor_3d(g, GGML_TYPE_F32, node->ne[0], 1, n);
+            c = ggml_new_tensor_3d(g, GGML_TYPE_F32, node->ne[0], ne1, ne2);
             c->op = node->op;
             memcpy(c->op_params, node->op_params, sizeof(c->op_params));
             for (int j = 0; j < GGML_MAX_SRC; j++) {
@@ -1049,8 +1053,8 @@ static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, cons
 }
 
 /* Gather the input rows and indices of `entries` (from the FFN's input and the ids). */
-static void lh_ffn_gather(const struct lh_ffn * f, const struct lh_entry * entries, int64_t n, const int32_t * expert_of,
-                          float * b_rows, int32_t * ids, int32_t * experts) {
+static void lh_ffn_gather(const struct lh_ffn * f, const struct lh_entry * entries, int64_t n, bool one_token,
+                          const int32_t * expert_of, float * b_rows, int32_t * ids, int32_t * experts) {
     const struct ggml_tensor * input = NULL;
     for (int32_t i = 0; i < f->n_nodes; i++) {
         if (f->nodes[i]->op == GGML_OP_MUL_MAT_ID) {
@@ -1060,8 +1064,10 @@ static void lh_ffn_gather(const struct lh_ffn * f, const struct lh_entry * entri
     }
     const size_t row = (size_t) input->ne[0] * sizeof(float);
     for (int64_t i = 0; i < n; i++) {
-        const int64_t i11 = entries[i].k % input->ne[1];
-        memcpy((char *) b_rows + (size_t) i * row, (const char *) input->data + i11 * input->nb[1] + entries[i].token * input->nb[2], row);
+        if (!one_token || i == 0) {
+            const int64_t i11 = entries[i].k % input->ne[1];
+            memcpy((char *) b_rows + (size_t) i * row, (const char *) input->data + i11 * input->nb[1] + entries[i].token * input->nb[2], row);
+        }
         ids[i] = entries[i].matrix;
         if (experts != NULL) {  /* only when a bias needs them */
             experts[i] = expert_of ? expert_of[entries[i].matrix] : entries[i].matrix;
@@ -1112,14 +1118,15 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
     struct ggml_cgraph * cpu_graph = ggml_new_graph_custom(g, 2 * LH_FFN_MAX_NODES + 8, false);
     struct ggml_cgraph * gpu_graph = ggml_new_graph_custom(g, 2 * LH_FFN_MAX_NODES + 8, false);
     const bool hot_on_gpu = ctx->slot_kind == LH_SLOTS_GPU && n_hot > 0;
+    const bool one_token = n_tokens == 1 && f->nodes[0]->op == GGML_OP_MUL_MAT_ID && f->nodes[0]->src[1]->ne[1] == 1;
     struct lh_ffn_part hot = {0}, cold = {0};
     bool ok = true;
     if (n_cold > 0) {
-        ok = lh_ffn_build_part(ctx, g, f, false, false, n_cold, &cold);
+        ok = lh_ffn_build_part(ctx, g, f, false, false, n_cold, one_token, &cold);
         ggml_build_forward_expand(cpu_graph, cold.out);
     }
     if (ok && n_hot > 0) {
-        ok = lh_ffn_build_part(ctx, g, f, true, hot_on_gpu, n_hot, &hot);
+        ok = lh_ffn_build_part(ctx, g, f, true, hot_on_gpu, n_hot, one_token, &hot);
         ggml_build_forward_expand(hot_on_gpu ? gpu_graph : cpu_graph, hot.out);
     }
     ok = ok && (ggml_graph_n_nodes(cpu_graph) == 0 || ggml_gallocr_alloc_graph(ctx->cpu_galloc, cpu_graph)) &&
@@ -1144,7 +1151,7 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         int32_t * slot_ids = (int32_t *) (stage + lh_pad(b_bytes));
         int32_t * expert_ids = (int32_t *) (stage + lh_pad(b_bytes) + lh_pad(i_bytes));
         hot_out_rows = (float *) (stage + lh_pad(b_bytes) + 2 * lh_pad(i_bytes));
-        lh_ffn_gather(f, ctx->hot, n_hot, expert_of, b_rows, slot_ids, expert_ids);
+        lh_ffn_gather(f, ctx->hot, n_hot, one_token, expert_of, b_rows, slot_ids, expert_ids);
         ggml_backend_tensor_set_async(ctx->gpu, hot.b, b_rows, 0, b_bytes);
         ggml_backend_tensor_set_async(ctx->gpu, hot.ids, slot_ids, 0, i_bytes);
         if (hot.experts->buffer != NULL) {
@@ -1159,10 +1166,10 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         t0 = t1;
     }
     if (n_cold > 0) {
-        lh_ffn_gather(f, ctx->cold, n_cold, NULL, (float *) cold.b->data, (int32_t *) cold.ids->data, (int32_t *) cold.experts->data);  /* experts: NULL if unused */
+        lh_ffn_gather(f, ctx->cold, n_cold, one_token, NULL, (float *) cold.b->data, (int32_t *) cold.ids->data, (int32_t *) cold.experts->data);  /* experts: NULL if unused */
     }
     if (n_hot > 0 && !hot_on_gpu) {
-        lh_ffn_gather(f, ctx->hot, n_hot, expert_of, (float *) hot.b->data, (int32_t *) hot.ids->data, (int32_t *) hot.experts->data);
+        lh_ffn_gather(f, ctx->hot, n_hot, one_token, expert_of, (float *) hot.b->data, (int32_t *) hot.ids->data, (int32_t *) hot.experts->data);
         hot_out_rows = (float *) hot.out->data;
     }
     if (ok && ggml_graph_n_nodes(cpu_graph) > 0) {

@@ -82,6 +82,10 @@ class Llama(llama_cpp.Llama):
             if cb_eval is not None:
                 self.hot_cache.chain_user_callback(cb_eval, cb_eval_user_data)
             kwargs.setdefault("n_gpu_layers", -1)
+            if device == "cuda":
+                # Experts then load into pinned host memory (CUDA_Host) instead of a pageable mmap:
+                # slot copies run at full PCIe speed and truly asynchronously.
+                kwargs.setdefault("use_mmap", False)
             if kwargs.get("verbose", True):
                 print(
                     f"llamahot: {layout.arch}, {layout.n_moe_layers} MoE layers x {layout.n_expert} experts "
