@@ -1,7 +1,7 @@
 """CPU cost of llamahot's machinery: decode tok/s of stock llama_cpp.Llama vs llamahot.Llama.
 
-All models are loaded side by side and decoded in interleaved repetitions (median reported), one
-token per eval, after the same prompt. On a CPU build llamahot's experts sit in host memory, the
+All models are loaded side by side and take turns token by token (see paired_decode_times); the
+table gives median tok/s and the median of per-step paired ratios. On a CPU build llamahot's experts sit in host memory, the
 same placement as stock, so every difference is the cost of the mechanism:
   idle       the callback installed but never stopping the graph
   observing  hot_experts=0: one stop per MoE layer to count routing
@@ -10,7 +10,7 @@ same placement as stock, so every difference is the cost of the mechanism:
              cold ones from the original weights; "per-node" is the fallback path that stops at
              every expert matmul
 
-    python benchmarks/cpu_cost.py [--preset gptoss-tiny] [--tokens 128] [--reps 5]
+    python benchmarks/cpu_cost.py [--preset qwen3moe-mini] [--tokens 1024] [--restart 256]
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -32,37 +31,46 @@ from llamahot.synth import synth_model
 PROMPT = b"def fibonacci(n):\n    if n < 2:\n        return n\n"
 
 
-def decode_seconds(llm: llama_cpp.Llama, n_tokens: int) -> float:
-    """Seconds spent in eval for n_tokens greedy single-token steps after the prompt."""
-    llm.reset()
-    llm.eval(llm.tokenize(PROMPT))
-    spent = 0.0
-    for _ in range(n_tokens):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        start = time.perf_counter()
-        llm.eval([token])
-        spent += time.perf_counter() - start
-    return spent
+def paired_decode_times(modes: dict, n_tokens: int, restart_every: int) -> dict[str, np.ndarray]:
+    """Seconds of each single-token eval, modes taking turns token by token (order rotated).
+
+    Every mode decodes its own greedy continuation of the same prompt; all restart from the prompt
+    every `restart_every` tokens (prompts are not timed). Taking turns per token means background
+    load on a small machine hits every mode alike, so paired ratios are far steadier than ratios of
+    separate runs.
+    """
+    times = {mode: [] for mode in modes}
+    order = list(modes)
+    for step in range(n_tokens):
+        if step % restart_every == 0:
+            for llm in modes.values():
+                llm.reset()
+                llm.eval(llm.tokenize(PROMPT))
+        shift = step % len(order)
+        for mode in order[shift:] + order[:shift]:
+            llm = modes[mode]
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            start = time.perf_counter()
+            llm.eval([token])
+            times[mode].append(time.perf_counter() - start)
+    return {mode: np.array(t) for mode, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default=None, help="fixture preset (default: the largest MoE tiny preset)")
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--preset", default="qwen3moe-mini", help="fixture preset (default: the largest test fixture)")
+    parser.add_argument("--tokens", type=int, default=1024, help="decode tokens per mode")
+    parser.add_argument("--restart", type=int, default=256, help="tokens between restarts from the prompt")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", default="benchmarks/results/cpu_cost.json")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        sizes = {}
-        for name in ("qwen3moe-tiny", "deepseek2-tiny", "gptoss-tiny", "qwen3moe-mini"):
-            sizes[name] = synth_model(Path(tmp) / f"{name}.gguf", name, seed=0)
-        preset = args.preset or max(sizes, key=lambda n: sizes[n].stat().st_size)
-        path = str(sizes[preset]) if preset in sizes else str(synth_model(Path(tmp) / f"{preset}.gguf", preset))
+        path = str(synth_model(Path(tmp) / f"{args.preset}.gguf", args.preset, seed=0))
+        preset = args.preset
         size_mib = os.path.getsize(path) / 2**20
         # n_ctx covers the prompt plus every decoded token.
-        kw = dict(n_ctx=args.tokens + 128, n_threads=args.threads, n_threads_batch=args.threads,
+        kw = dict(n_ctx=args.restart + 128, n_threads=args.threads, n_threads_batch=args.threads,
                   logits_all=True, verbose=False)
         idle = llamahot.Llama(path, hot_experts=0, **kw)
         idle.hot_cache.set_observing(False)
@@ -78,25 +86,28 @@ def main() -> None:
         per_node = llamahot.Llama(path, hot_experts=layout.n_expert, slot_device="host", **kw)
         per_node.hot_cache.set_debug(per_node=True)
         modes[f"llamahot host slots K={layout.n_expert} per-node"] = per_node
-        times = {mode: [] for mode in modes}
-        for _ in range(args.reps):
-            for mode, llm in modes.items():
-                times[mode].append(decode_seconds(llm, args.tokens))
+        for llm in modes.values():
+            if isinstance(llm, llamahot.Llama):
+                llm.hot_cache.reset()
+        times = paired_decode_times(modes, args.tokens, args.restart)
         observed = modes["llamahot observing (K=0)"].hot_cache.stats()
         slot_stats = {mode: llm.hot_cache.stats() for mode, llm in modes.items() if "slots" in mode}
         for llm in modes.values():
             llm.close()
 
-    base = statistics.median(times["stock"])
+    base = times["stock"]
     rows = []
-    print(f"{preset} ({Path(path).name}, {size_mib:.1f} MiB), {args.tokens} decode tokens, "
-          f"{args.reps} interleaved reps, {args.threads} threads, {platform.processor() or platform.machine()}")
-    print(f"{'mode':28s} {'tok/s (median)':>15s} {'vs stock':>9s}   all reps tok/s")
+    print(f"{preset} ({Path(path).name}, {size_mib:.1f} MiB), {args.tokens} decode tokens per mode taking turns "
+          f"token by token, restart every {args.restart}, {args.threads} threads, "
+          f"{platform.processor() or platform.machine()}")
+    print(f"{'mode':36s} {'tok/s':>8s} {'vs stock':>9s} {'paired ratio (25%-75%)':>24s}")
     for mode, secs in times.items():
-        med = statistics.median(secs)
-        rate = args.tokens / med
-        rows.append({"mode": mode, "tok_s": rate, "ratio": base / med, "reps_tok_s": [args.tokens / s for s in secs]})
-        print(f"{mode:28s} {rate:15.1f} {base / med:9.3f}   " + " ".join(f"{args.tokens / s:.1f}" for s in secs))
+        paired = base / secs  # same step, same moment: background load cancels
+        q25, q50, q75 = np.percentile(paired, [25, 50, 75])
+        rows.append({"mode": mode, "tok_s": 1 / np.median(secs), "ratio": float(np.median(base) / np.median(secs)),
+                     "paired_ratio_median": float(q50), "paired_ratio_q25": float(q25), "paired_ratio_q75": float(q75)})
+        print(f"{mode:36s} {1 / np.median(secs):8.1f} {np.median(base) / np.median(secs):9.3f} "
+              f"{q50:10.3f} ({q25:.3f}-{q75:.3f})")
     print(f"llamahot counted {observed['tokens']} tokens in {observed['ubatches']} ubatches "
           f"({observed['managed_nodes']} MoE-layer stops)")
     for mode, st in slot_stats.items():
@@ -106,7 +117,7 @@ def main() -> None:
         rows_by_mode = {r["mode"]: r for r in rows}
         rows_by_mode[mode].update(hit_rate=st["hit_rate"], redirected_nodes=st["redirected_nodes"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"preset": preset, "tokens": args.tokens, "reps": args.reps,
+    Path(args.out).write_text(json.dumps({"preset": preset, "tokens": args.tokens, "restart": args.restart,
                                           "threads": args.threads, "rows": rows}, indent=2) + "\n")
 
 

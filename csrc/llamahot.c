@@ -1297,6 +1297,23 @@ static bool lh_try_ffn(struct lh_ctx * ctx, struct ggml_tensor * t, int32_t laye
     return true;
 }
 
+int32_t lh_restore(struct lh_ctx * ctx) {
+    int32_t restored = 0;
+    if (ctx->ffn_pending) {
+        restored += ctx->ffn.n_mutated;
+        lh_ffn_restore(ctx, &ctx->ffn);
+        ctx->ffn_pending = false;
+    }
+    if (ctx->pending != NULL) {
+        ctx->pending->op = ctx->pending_op;
+        ctx->pending = NULL;
+        ctx->counters.open_mutations--;
+        restored++;
+    }
+    ctx->user_wanted = false;
+    return restored;
+}
+
 bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
     struct lh_ctx * ctx = (struct lh_ctx *) user_data;
     if (ask) {

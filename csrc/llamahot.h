@@ -111,6 +111,10 @@ int32_t lh_slot_unpublish(struct lh_ctx * ctx, int32_t layer, int32_t slot);
 
 void lh_set_debug(struct lh_ctx * ctx, int32_t flags);
 
+/* Undo graph changes a computation left behind (one aborted between a node's ask and its answer):
+ * call after every decode. Returns how many nodes it restored (0 normally). */
+int32_t lh_restore(struct lh_ctx * ctx);
+
 /* The ggml version the shim was compiled against (from the vendored headers). */
 const char * lh_built_ggml_version(void);
 

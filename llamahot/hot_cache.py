@@ -139,6 +139,10 @@ class HotCache:
                                                self.hot_experts, model_name or os.path.basename(self.layout.path))
         self._publish_snapshot()
 
+    def end_of_eval(self) -> int:
+        """Undo graph changes a failed or aborted decode left behind; returns how many (0 normally)."""
+        return lib.lh_restore(self._ctx) if self._ctx is not None else 0
+
     def after_eval(self, n_tokens: int, seconds: float) -> None:
         """After each Llama.eval: timing, routing into the policy, rebalance when due."""
         if n_tokens == 1:

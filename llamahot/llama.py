@@ -131,7 +131,12 @@ class Llama(llama_cpp.Llama):
         if self.hot_cache is None:
             return super().eval(tokens)
         start = time.perf_counter()
-        super().eval(tokens)
+        try:
+            super().eval(tokens)
+        finally:
+            # A decode that failed or was aborted mid-graph must not leave a skipped node behind:
+            # llama.cpp reuses graphs.
+            self.hot_cache.end_of_eval()
         self.hot_cache.after_eval(len(tokens), time.perf_counter() - start)
 
     def close(self) -> None:

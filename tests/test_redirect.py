@@ -245,3 +245,29 @@ def test_application_callback_with_slots_stays_exact(text_model):
     stats = llm.hot_cache.stats()
     assert stats["redirected_nodes"] > 0 and stats["ffn_redirects"] == 0
     assert sorted(recorder.stacked("ffn_moe_topk")) == list(layout.moe_blocks)
+
+
+@pytest.mark.parametrize("per_node", [False, True], ids=["layer-ffn", "per-node"])
+def test_aborted_decode_leaves_no_skipped_node(text_model, per_node):
+    """A decode aborted mid-graph (llama_set_abort_callback) returns before the shim's answer for
+    the node it skipped; llamahot restores the graph after the failed eval, and later evals stay
+    exact (llama.cpp reuses the graph)."""
+    layout = read_moe_layout(text_model)
+    llm = llamahot.Llama(text_model, hot_experts=layout.n_expert, rebalance_interval=8, logits_all=True,
+                         **LLAMA_KW)
+    llm.hot_cache.set_debug(poison=True, per_node=per_node)
+    greedy(llm, steps=4)
+    calls = {"n": 0}
+
+    @llama_cpp.ggml_abort_callback
+    def abort_soon(_data):
+        calls["n"] += 1
+        return calls["n"] > 3  # a few nodes into the graph, past at least one skipped node
+
+    llama_cpp.llama_set_abort_callback(llm.ctx, abort_soon, None)
+    with pytest.raises(Exception):
+        llm.eval([7])
+    assert llm.hot_cache.open_mutations() == 0
+    llama_cpp.llama_set_abort_callback(llm.ctx, llama_cpp.ggml_abort_callback(), None)  # NULL: none
+    got = greedy(llm)
+    assert_bit_identical(stock_logits(text_model), got)
