@@ -691,15 +691,14 @@ static void lh_scatter(const struct ggml_tensor * t, const struct lh_entry * ent
     }
 }
 
-/* Compute node t (llama's op restored) from slots and original weight into dst (t's layout). */
-static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, int32_t layer, int32_t proj, char * dst) {
-    const struct ggml_tensor * ids = t->src[2];
+/* Split a node's (token, k) entries into hot (expert in a published slot: matrix = slot) and cold
+ * (matrix = expert), into ctx->hot / ctx->cold, in (token, k) order: the order in which llama's
+ * kernels group each expert's rows. */
+static bool lh_split_entries(struct lh_ctx * ctx, const struct ggml_tensor * ids, int32_t layer, bool has_slots,
+                             int64_t * n_hot_out, int64_t * n_cold_out) {
     const int64_t n_used = ids->ne[0];
     const int64_t n_tokens = ids->ne[1];
     const int32_t * slot_of = ctx->slot_of_expert + (size_t) layer * ctx->n_expert;
-    struct ggml_tensor * w = ctx->layers[layer].weight[proj];
-    struct ggml_tensor * slots = ctx->layers[layer].slot[proj];
-
     const size_t n_entries = (size_t) (n_used * n_tokens);
     size_t cap = ctx->entries_cap;
     if (!lh_grow((void **) &ctx->hot, &cap, n_entries, sizeof(struct lh_entry))) {
@@ -710,19 +709,56 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
         return false;
     }
     ctx->entries_cap = cap;
-
-    /* (token, k) order: the order in which llama's kernels group each expert's rows. */
     int64_t n_hot = 0, n_cold = 0;
     for (int64_t tok = 0; tok < n_tokens; tok++) {
         for (int64_t k = 0; k < n_used; k++) {
             const int32_t e = *(const int32_t *) ((const char *) ids->data + tok * ids->nb[1] + k * ids->nb[0]);
-            const int32_t s = slots ? slot_of[e] : -1;
+            const int32_t s = has_slots ? slot_of[e] : -1;
             if (s >= 0) {
                 ctx->hot[n_hot++] = (struct lh_entry) { (int32_t) k, (int32_t) tok, s };
             } else {
                 ctx->cold[n_cold++] = (struct lh_entry) { (int32_t) k, (int32_t) tok, e };
             }
         }
+    }
+    *n_hot_out = n_hot;
+    *n_cold_out = n_cold;
+    return true;
+}
+
+/* The end of a redirect: the CPU part (while the GPU part, launched before, runs), the wait for
+ * the GPU, then every row scattered into dst in t's layout. */
+static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct ggml_cgraph * cpu_graph, bool hot_on_gpu,
+                      int64_t t0, bool ok, int64_t n_cold, const float * cold_rows, int64_t n_hot, const float * hot_rows,
+                      char * dst) {
+    if (ok && ggml_graph_n_nodes(cpu_graph) > 0) {
+        ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
+        const int64_t t1 = lh_now_ns();
+        ctx->counters.cpu_compute_ns += t1 - t0;
+        t0 = t1;
+    }
+    if (hot_on_gpu) {
+        ggml_backend_synchronize(ctx->gpu);
+        ctx->counters.gpu_wait_ns += lh_now_ns() - t0;
+    }
+    if (ok && n_cold > 0) {
+        lh_scatter(t, ctx->cold, n_cold, cold_rows, dst);
+    }
+    if (ok && n_hot > 0) {
+        lh_scatter(t, ctx->hot, n_hot, hot_rows, dst);
+    }
+    return ok;
+}
+
+/* Compute node t (llama's op restored) from slots and original weight into dst (t's layout). */
+static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, int32_t layer, int32_t proj, char * dst) {
+    const struct ggml_tensor * ids = t->src[2];
+    struct ggml_tensor * w = ctx->layers[layer].weight[proj];
+    struct ggml_tensor * slots = ctx->layers[layer].slot[proj];
+
+    int64_t n_hot, n_cold;
+    if (!lh_split_entries(ctx, ids, layer, slots != NULL, &n_hot, &n_cold)) {
+        return false;
     }
 
     /* Host scratch: the cold part, then the hot part (for GPU slots: its host staging). */
@@ -788,22 +824,8 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
         ctx->counters.gpu_submit_ns += t1 - t0;
         t0 = t1;
     }
-    if (ok && ggml_graph_n_nodes(cpu_graph) > 0) {
-        ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
-        const int64_t t1 = lh_now_ns();
-        ctx->counters.cpu_compute_ns += t1 - t0;
-        t0 = t1;
-    }
-    if (hot_on_gpu) {
-        ggml_backend_synchronize(ctx->gpu);
-        ctx->counters.gpu_wait_ns += lh_now_ns() - t0;
-    }
-    if (ok && n_cold > 0) {
-        lh_scatter(t, ctx->cold, n_cold, (const float *) cold.out->data, dst);
-    }
-    if (ok && n_hot > 0) {
-        lh_scatter(t, ctx->hot, n_hot, hot_out_rows, dst);
-    }
+    ok = lh_finish(ctx, t, cpu_graph, hot_on_gpu, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
+                   n_hot, hot_out_rows, dst);
     ggml_free(g);
     return ok;
 }
@@ -1080,33 +1102,13 @@ static void lh_ffn_gather(const struct lh_ffn * f, const struct lh_entry * entri
 static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * dst) {
     const struct ggml_tensor * d = f->down;
     const struct ggml_tensor * ids = d->src[2];
-    const int64_t n_used = ids->ne[0];
     const int64_t n_tokens = ids->ne[1];
-    const int32_t * slot_of = ctx->slot_of_expert + (size_t) f->layer * ctx->n_expert;
     const int32_t * expert_of = ctx->expert_of_slot ? ctx->expert_of_slot + (size_t) f->layer * ctx->n_slots : NULL;
     const bool has_slots = ctx->layers[f->layer].slot[LH_PROJ_DOWN] != NULL;
 
-    size_t cap = ctx->entries_cap;
-    const size_t n_entries = (size_t) (n_used * n_tokens);
-    if (!lh_grow((void **) &ctx->hot, &cap, n_entries, sizeof(struct lh_entry))) {
+    int64_t n_hot, n_cold;
+    if (!lh_split_entries(ctx, ids, f->layer, has_slots, &n_hot, &n_cold)) {
         return false;
-    }
-    cap = ctx->entries_cap;
-    if (!lh_grow((void **) &ctx->cold, &cap, n_entries, sizeof(struct lh_entry))) {
-        return false;
-    }
-    ctx->entries_cap = cap;
-    int64_t n_hot = 0, n_cold = 0;
-    for (int64_t tok = 0; tok < n_tokens; tok++) {
-        for (int64_t k = 0; k < n_used; k++) {
-            const int32_t e = *(const int32_t *) ((const char *) ids->data + tok * ids->nb[1] + k * ids->nb[0]);
-            const int32_t s = has_slots ? slot_of[e] : -1;
-            if (s >= 0) {
-                ctx->hot[n_hot++] = (struct lh_entry) { (int32_t) k, (int32_t) tok, s };
-            } else {
-                ctx->cold[n_cold++] = (struct lh_entry) { (int32_t) k, (int32_t) tok, e };
-            }
-        }
     }
 
     const size_t graph_mem = ggml_tensor_overhead() * (4 * LH_FFN_MAX_NODES + 16) + 2 * ggml_graph_overhead_custom(2 * LH_FFN_MAX_NODES + 8, false);
@@ -1172,22 +1174,8 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         lh_ffn_gather(f, ctx->hot, n_hot, one_token, expert_of, (float *) hot.b->data, (int32_t *) hot.ids->data, (int32_t *) hot.experts->data);
         hot_out_rows = (float *) hot.out->data;
     }
-    if (ok && ggml_graph_n_nodes(cpu_graph) > 0) {
-        ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
-        const int64_t t1 = lh_now_ns();
-        ctx->counters.cpu_compute_ns += t1 - t0;
-        t0 = t1;
-    }
-    if (hot_on_gpu) {
-        ggml_backend_synchronize(ctx->gpu);
-        ctx->counters.gpu_wait_ns += lh_now_ns() - t0;
-    }
-    if (ok && n_cold > 0) {
-        lh_scatter(d, ctx->cold, n_cold, (const float *) cold.out->data, dst);
-    }
-    if (ok && n_hot > 0) {
-        lh_scatter(d, ctx->hot, n_hot, hot_out_rows, dst);
-    }
+    ok = lh_finish(ctx, d, cpu_graph, hot_on_gpu, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
+                   n_hot, hot_out_rows, dst);
     ggml_free(g);
     return ok;
 }
