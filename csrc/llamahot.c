@@ -200,6 +200,8 @@ struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t
     return ctx;
 }
 
+static void lh_slots_free(struct lh_ctx * ctx);
+
 static void lh_scratch_free(struct lh_scratch * s) {
     if (s->buffer) {
         ggml_backend_buffer_free(s->buffer);
@@ -212,15 +214,8 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     if (!ctx) {
         return;
     }
-    if (ctx->layers) {
-        for (int32_t l = 0; l < ctx->n_moe_layers; l++) {
-            for (int p = 0; p < LH_PROJ_COUNT; p++) {
-                if (ctx->layers[l].slot_buffer[p]) {
-                    ggml_backend_buffer_free(ctx->layers[l].slot_buffer[p]);
-                }
-                free(ctx->layers[l].slot[p]);
-            }
-        }
+    if (ctx->layers && ctx->slot_of_expert) {
+        lh_slots_free(ctx);
     }
     lh_scratch_free(&ctx->host_scratch);
     lh_scratch_free(&ctx->gpu_scratch);
@@ -481,7 +476,41 @@ int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_
     }
     ctx->slot_kind = kind;
     ctx->prefill_bypass = prefill_bypass;
-    ctx->n_slots = n_slots;
+    return lh_slots_resize(ctx, n_slots);
+}
+
+/* Free every slot tensor and forget every published slot. */
+static void lh_slots_free(struct lh_ctx * ctx) {
+    for (int32_t l = 0; l < ctx->n_moe_layers; l++) {
+        struct lh_layer * layer = &ctx->layers[l];
+        for (int p = 0; p < LH_PROJ_COUNT; p++) {
+            if (layer->slot_buffer[p]) {
+                ggml_backend_buffer_free(layer->slot_buffer[p]);
+            }
+            free(layer->slot[p]);
+            layer->slot[p] = NULL;
+            layer->slot_buffer[p] = NULL;
+        }
+        layer->n_published = 0;
+    }
+    for (size_t i = 0; i < (size_t) ctx->n_moe_layers * (size_t) ctx->n_expert; i++) {
+        ctx->slot_of_expert[i] = -1;
+    }
+    free(ctx->expert_of_slot);
+    ctx->expert_of_slot = NULL;
+    ctx->n_slots = 0;
+}
+
+int32_t lh_slots_resize(struct lh_ctx * ctx, int32_t n_slots) {
+    if (ctx->cpu == NULL) {
+        lh_error(ctx, "slots are not initialised (lh_slots_init)");
+        return -1;
+    }
+    if (n_slots < 0 || n_slots > ctx->n_expert) {
+        lh_error(ctx, "n_slots must be in 0..%d", ctx->n_expert);
+        return -1;
+    }
+    lh_slots_free(ctx);
     ctx->expert_of_slot = malloc(sizeof(int32_t) * (size_t) ctx->n_moe_layers * (size_t) (n_slots > 0 ? n_slots : 1));
     if (!ctx->expert_of_slot) {
         lh_error(ctx, "out of memory");
@@ -490,6 +519,7 @@ int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_
     for (size_t i = 0; i < (size_t) ctx->n_moe_layers * (size_t) n_slots; i++) {
         ctx->expert_of_slot[i] = -1;
     }
+    ctx->n_slots = n_slots;
     if (n_slots == 0) {
         return 0;
     }
@@ -501,13 +531,14 @@ int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_
                 continue;
             }
             ggml_backend_buffer_type_t buft;
-            if (kind == LH_SLOTS_HOST) {
+            if (ctx->slot_kind == LH_SLOTS_HOST) {
                 /* The weight's own type (e.g. CPU_REPACK): the same kernels, bit for bit. */
                 buft = ggml_backend_buffer_get_type(w->buffer);
             } else {
                 if (!ggml_backend_buffer_is_host(w->buffer)) {
                     lh_error(ctx, "%s is not in plain host memory (repacked for the CPU?); GPU slots need "
                              "the standard layout", w->name);
+                    lh_slots_free(ctx);
                     return -1;
                 }
                 buft = ggml_backend_get_default_buffer_type(ctx->gpu);
@@ -516,9 +547,10 @@ int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_
             if (!layer->slot[p]) {
                 lh_error(ctx, "could not allocate %d slots for %s in %s (out of memory?)", n_slots, w->name,
                          ggml_backend_buft_name(buft));
+                lh_slots_free(ctx);
                 return -1;
             }
-            if (kind == LH_SLOTS_HOST) {
+            if (ctx->slot_kind == LH_SLOTS_HOST) {
                 /* Touch every page now, at load time, not in the first rebalances of the decode loop. */
                 ggml_backend_buffer_clear(layer->slot_buffer[p], 0);
             }

@@ -94,6 +94,8 @@ int32_t lh_layer_weight_count(const struct lh_ctx * ctx, int32_t layer);
  * most prefill_bypass tokens. Needs every layer's weights recognised (one decode ran). 0 on success;
  * otherwise the reason is in lh_last_error(). n_threads: CPU threads for cold experts. */
 int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_t prefill_bypass, int32_t n_threads);
+/* Replace every layer's slots by n_slots empty ones (all unpublished). No copy may be in flight. */
+int32_t lh_slots_resize(struct lh_ctx * ctx, int32_t n_slots);
 const char * lh_last_error(const struct lh_ctx * ctx);
 /* Bytes of slot memory per MoE layer (all projections), after lh_slots_init. */
 size_t lh_slot_bytes_per_layer(const struct lh_ctx * ctx);

@@ -22,7 +22,7 @@ from llamahot._shim import ffi, lib
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, MoELayout
 from llamahot.monitor import SnapshotWriter
 from llamahot.policy import make_policy
-from llamahot.slots import SlotManager
+from llamahot.slots import SlotManager, check_vram_for_slots, free_vram_bytes
 
 # lh_proj of each projection name in a MoELayout.
 PROJ_INDEX = {"gate": 0, "up": 1, "down": 2, "gate_up": 3}
@@ -123,6 +123,9 @@ class HotCache:
                     "experts cannot be managed. Is a tensor_buft_override or n_cpu_moe setting moving "
                     "them elsewhere? Leave expert placement to llamahot."
                 )
+        if self.slot_device == "cuda":
+            check_vram_for_slots(self.hot_experts, free_vram_bytes(), self.layout.expert_matrix_bytes,
+                                 self.layout.n_moe_layers, self.layout.n_expert)
         if lib.lh_slots_init(self._ctx, SLOT_KINDS[self.slot_device], self.hot_experts,
                              self.prefill_bypass, n_threads) != 0:
             raise RuntimeError(f"llamahot: could not set up {self.hot_experts} {self.slot_device} slots per "
@@ -135,8 +138,9 @@ class HotCache:
             address = ctypes.cast(callback, ctypes.c_void_p).value
             lib.lh_set_user_callback(self._ctx, ffi.cast("ggml_backend_sched_eval_callback", address),
                                      ffi.cast("void *", user_data or 0))
+        self._model_name = model_name or os.path.basename(self.layout.path)
         self._snapshot = SnapshotWriter.create(os.getpid(), self.layout.n_moe_layers, self.layout.n_expert,
-                                               self.hot_experts, model_name or os.path.basename(self.layout.path))
+                                               self.hot_experts, self._model_name)
         self._publish_snapshot()
 
     def end_of_eval(self) -> int:
@@ -174,6 +178,39 @@ class HotCache:
         self._tokens_since_rebalance = 0
         self._filled = True
         self.slots.apply(self.policy.choose(self.slots.resident()))
+
+    def set_hot_experts(self, k: int) -> None:
+        """Change the number of slots per layer without reloading the model.
+
+        Waits for copies in flight, frees the old slots, allocates K new (empty) ones, and refills
+        them from the policy's routing history at the next eval. K = 0 turns redirection off.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.layout.n_expert:
+            raise ValueError(f"hot_experts must be an integer in 0..{self.layout.n_expert}, got {k!r}")
+        if self.slots is None:
+            raise RuntimeError("llamahot: the slots are not set up (the Llama was closed?)")
+        if self.slot_device == "cuda" and k > self.hot_experts:
+            grow = k - self.hot_experts  # the old slots' memory is freed before the new ones are made
+            check_vram_for_slots(grow, free_vram_bytes(), self.layout.expert_matrix_bytes,
+                                 self.layout.n_moe_layers, self.layout.n_expert)
+        self.slots.close()
+        error = None
+        if lib.lh_slots_resize(self._ctx, k) != 0:
+            error = ffi.string(lib.lh_last_error(self._ctx)).decode()
+            k = 0
+            lib.lh_slots_resize(self._ctx, 0)
+        stats = self.slots.stats
+        self.hot_experts = k
+        self.policy.k = k
+        self.slots = SlotManager(self._ctx, self.slot_device, self.layout.n_moe_layers, self.layout.n_expert, k,
+                                 self.slots.projections, stats)
+        self._filled = False
+        self._snapshot.close()
+        self._snapshot = SnapshotWriter.create(os.getpid(), self.layout.n_moe_layers, self.layout.n_expert, k,
+                                               self._model_name)
+        self._publish_snapshot()
+        if error is not None:
+            raise RuntimeError(f"llamahot: could not set up the slots ({error}); hot experts are off (K=0)")
 
     # -- test and benchmark controls -------------------------------------------------------
     def set_debug(self, *, poison: bool = False, shadow: bool = False, per_node: bool = False) -> None:

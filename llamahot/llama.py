@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import Any, Optional, Sequence
 
 import llama_cpp
@@ -25,12 +26,30 @@ def _resolve_slot_device(slot_device: Any) -> str:
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
     if slot_device == "cuda" and not gpu:
         raise RuntimeError(
-            "slot_device='cuda' needs a GPU build of llama-cpp-python, but the installed one is CPU-only. "
-            "Reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install --force-reinstall --no-cache-dir "
-            "llama-cpp-python==0.3.36, or use slot_device='host'."
+            "slot_device='cuda' needs a CUDA build of llama-cpp-python and a visible NVIDIA GPU, but llama.cpp "
+            "reports no GPU device. If `nvidia-smi` shows a GPU, reinstall llama-cpp-python with CUDA: "
+            "CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36 "
+            "(then reinstall llamahot). Or use slot_device='host'."
         )
+    if slot_device == "auto" and not gpu:
+        warnings.warn(
+            "llamahot: llama.cpp reports no GPU device, so hot experts use host slots (in RAM): exact, but no "
+            "faster than llama_cpp.Llama. For a speed-up install a CUDA build of llama-cpp-python "
+            "(CMAKE_ARGS=\"-DGGML_CUDA=on\"); pass slot_device='host' to silence this.",
+            stacklevel=3,
+        )
+        return "host"
     if slot_device == "auto":
-        return "cuda" if gpu else "host"
+        slot_device = "cuda"
+    if slot_device == "cuda":
+        try:
+            from cuda.bindings import runtime  # noqa: F401  (moves experts into VRAM slots)
+        except ImportError as exc:
+            raise RuntimeError(
+                "slot_device='cuda' moves experts with cuda-python, which is not installed: "
+                "pip install cuda-python (its major version must match your CUDA driver, e.g. "
+                "\"cuda-python<13\" for CUDA 12)."
+            ) from exc
     return slot_device
 
 

@@ -31,6 +31,7 @@ class MoELayout:
     moe_blocks: tuple[int, ...]       # block index of each MoE layer, in order
     projections: tuple[str, ...]      # e.g. ("gate", "up", "down") or ("gate_up", "down")
     expert_bytes: int                 # bytes of one expert of one layer, all its tensors
+    expert_matrix_bytes: int          # ... of its weight matrices only: what one slot holds
     expert_tensor_bytes: int          # bytes of every routed-expert tensor of the model
 
     @property
@@ -76,6 +77,7 @@ def read_moe_layout(path: str | Path) -> MoELayout:
     moe_blocks: set[int] = set()
     projections: list[str] = []
     per_layer_bytes: dict[int, int] = {}
+    per_layer_matrix_bytes: dict[int, int] = {}
     total = 0
     for tensor in reader.tensors:
         if not _EXPERT_ANY.search(tensor.name):
@@ -85,6 +87,7 @@ def read_moe_layout(path: str | Path) -> MoELayout:
         total += int(tensor.n_bytes)
         match = _EXPERT_WEIGHT.match(tensor.name)
         if match:
+            per_layer_matrix_bytes[blk] = per_layer_matrix_bytes.get(blk, 0) + int(tensor.n_bytes)
             moe_blocks.add(blk)
             if match.group(2) not in projections:
                 projections.append(match.group(2))
@@ -106,5 +109,6 @@ def read_moe_layout(path: str | Path) -> MoELayout:
         moe_blocks=tuple(sorted(moe_blocks)),
         projections=tuple(sorted(projections, key=order.__getitem__)),
         expert_bytes=per_layer_bytes[first] // n_expert,
+        expert_matrix_bytes=per_layer_matrix_bytes[first] // n_expert,
         expert_tensor_bytes=total,
     )

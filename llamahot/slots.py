@@ -15,6 +15,43 @@ import numpy as np
 from llamahot._shim import ffi, lib
 
 
+# VRAM left free besides the slots: the shim's compact graphs, GPU copies of expert biases, and
+# room for llama.cpp's own buffers to grow.
+VRAM_RESERVE = 512 * 2**20
+
+
+def largest_k_that_fits(free_bytes: int, slot_bytes_per_expert: int, n_layers: int, n_expert: int,
+                        reserve: int = VRAM_RESERVE) -> int:
+    """The most slots per layer that fit in `free_bytes` of VRAM, keeping `reserve` free."""
+    per_k = slot_bytes_per_expert * n_layers
+    return max(0, min(n_expert, (free_bytes - reserve) // per_k)) if per_k else n_expert
+
+
+def check_vram_for_slots(k: int, free_bytes: int, slot_bytes_per_expert: int, n_layers: int, n_expert: int,
+                         reserve: int = VRAM_RESERVE) -> None:
+    """Raise ValueError naming the largest K that fits when K slots per layer do not fit."""
+    need = k * slot_bytes_per_expert * n_layers
+    if need + reserve <= free_bytes:
+        return
+    fits = largest_k_that_fits(free_bytes, slot_bytes_per_expert, n_layers, n_expert, reserve)
+    raise ValueError(
+        f"hot_experts={k} needs {need / 2**30:.2f} GiB of VRAM for its slots ({k} x "
+        f"{slot_bytes_per_expert / 2**20:.2f} MiB per expert x {n_layers} layers) plus "
+        f"{reserve / 2**30:.2f} GiB of headroom, but only {free_bytes / 2**30:.2f} GiB is free after loading "
+        f"the model. The largest hot_experts that fits is {fits}."
+    )
+
+
+def free_vram_bytes() -> int:
+    """Free memory of the current CUDA device, as the CUDA runtime reports it."""
+    from cuda.bindings import runtime as cudart
+
+    err, free, _total = cudart.cudaMemGetInfo()
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"llamahot: cudaMemGetInfo failed: {err}")
+    return int(free)
+
+
 @dataclass
 class TransferStats:
     bytes_moved: int = 0

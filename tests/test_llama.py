@@ -149,7 +149,9 @@ def test_bad_slot_device_rejected(text_model):
 def test_cuda_slots_on_cpu_build_say_what_to_install(text_model):
     with pytest.raises(RuntimeError, match="GGML_CUDA=on"):
         llamahot.Llama(text_model, hot_experts=2, slot_device="cuda", **LLAMA_KW)
-    llm = llamahot.Llama(text_model, hot_experts=2, slot_device="auto", **LLAMA_KW)
+    with pytest.warns(UserWarning, match="host slots") as caught:
+        llm = llamahot.Llama(text_model, hot_experts=2, slot_device="auto", **LLAMA_KW)
+    assert len(caught) == 1
     assert llm.hot_cache.slot_device == "host"
 
 
@@ -204,3 +206,19 @@ def test_every_routed_expert_tensor_is_placed_in_host_memory(all_moe_models, cap
                   if line.startswith("tensor ") and "buffer type overridden to CPU" in line}
     assert overridden == expert_tensors
     assert "llamahot: gpt-oss, 4 MoE layers x 32 experts" in log
+
+
+def test_vram_check_names_the_largest_k_that_fits(text_model):
+    from llamahot.slots import check_vram_for_slots, largest_k_that_fits
+
+    layout = read_moe_layout(text_model)
+    per_expert = layout.expert_matrix_bytes
+    assert 0 < per_expert <= layout.expert_bytes
+    free = 10 * per_expert * layout.n_moe_layers + 2**20
+    assert largest_k_that_fits(free, per_expert, layout.n_moe_layers, layout.n_expert, reserve=2**20) == 10
+    check_vram_for_slots(10, free, per_expert, layout.n_moe_layers, layout.n_expert, reserve=2**20)
+    with pytest.raises(ValueError, match=r"hot_experts=11 needs .* The largest hot_experts that fits is 10\."):
+        check_vram_for_slots(11, free, per_expert, layout.n_moe_layers, layout.n_expert, reserve=2**20)
+    # Plenty of room: capped at the expert count; none at all: 0.
+    assert largest_k_that_fits(2**40, per_expert, layout.n_moe_layers, layout.n_expert) == layout.n_expert
+    assert largest_k_that_fits(0, per_expert, layout.n_moe_layers, layout.n_expert) == 0

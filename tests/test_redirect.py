@@ -271,3 +271,26 @@ def test_aborted_decode_leaves_no_skipped_node(text_model, per_node):
     llama_cpp.llama_set_abort_callback(llm.ctx, llama_cpp.ggml_abort_callback(), None)  # NULL: none
     got = greedy(llm)
     assert_bit_identical(stock_logits(text_model), got)
+
+
+def test_changing_hot_experts_at_runtime_stays_exact(moe_model):
+    """set_hot_experts(K) frees and re-creates the slots without reloading; logits stay bit-exact."""
+    layout = read_moe_layout(moe_model)
+    llm = llamahot.Llama(moe_model, hot_experts=1, rebalance_interval=8, logits_all=True, **LLAMA_KW)
+    cache = llm.hot_cache
+    cache.set_debug(poison=True)
+    llm.reset()
+    llm.eval(llm.tokenize(PROMPT))
+    schedule = {20: layout.n_expert, 50: 0, 70: layout.n_expert_used, 100: layout.n_expert // 2}
+    for step in range(STEPS):
+        if step in schedule:
+            cache.set_hot_experts(schedule[step])
+            assert cache.stats()["slots_total"] == schedule[step] * layout.n_moe_layers
+            assert cache.hot_sets().shape == (layout.n_moe_layers, schedule[step])
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        no_open_mutations(llm)
+    assert_bit_identical(stock_logits(moe_model), llm.scores[: llm.n_tokens])
+    stats = cache.stats()
+    assert stats["slots_occupied"] > 0 and stats["hits"] > 0
+    with pytest.raises(ValueError, match="hot_experts must be an integer"):
+        cache.set_hot_experts(layout.n_expert + 1)
