@@ -1,0 +1,314 @@
+"""The GPU suite of issue #4: correctness of llamahot on CUDA slots against stock llama-cpp-python, and
+a decode/prefill speed table against stock placements, with the roofline of a hot-expert cache.
+
+    python benchmarks/gpu/bench.py MODEL.gguf --out DIR [--ks 16,32,64,96,128] [--reps 3]
+
+Modes (16 threads, n_ctx 2048, ubatch 512):
+  stock RAM      llama_cpp.Llama, every routed-expert tensor in host memory (`-ot exps=CPU`), rest on GPU
+  stock static   llama_cpp.Llama with the experts of the last G layers on the GPU and the others in host
+                 memory (like `--n-cpu-moe`), G chosen so the experts on the GPU take the VRAM of K slots
+  llamahot K     llamahot.Llama(hot_experts=K, slot_device="cuda") — one instance, K changed in place
+  llamahot idle  the same instance with K = 0 and the callback never stopping
+  stock GPU      llama_cpp.Llama, everything on the GPU
+Per K, the modes take turns (order rotated) for `reps` repetitions of: a short prompt then `--tokens`
+single-token decode steps, and a 512-token prefill. Medians are reported.
+
+Roofline: T(h) = T_gpu + (1 - h) * T_cold, with T_gpu the per-token decode time of stock GPU and
+T_cold = T_ram - T_gpu (what moving every expert to the CPU adds to a token), h the measured hit rate.
+On a CPU-only build the same script runs with host slots (a dry run of its logic, not a benchmark).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+import llamahot
+from llamahot._shim import ffi, lib
+from llamahot.model_info import EXPERT_TENSOR_PATTERN, read_moe_layout
+
+SHORT_PROMPT = b"def fibonacci(n):\n    if n < 2:\n        return n\n"
+
+
+class StockPlaced(llama_cpp.Llama):
+    """Stock llama_cpp.Llama with the tensors matching `cpu_pattern` in host memory (like `-ot PATTERN=CPU`)."""
+
+    def __init__(self, path: str, *, cpu_pattern: str | None, **kwargs):
+        self._cpu_pattern = cpu_pattern
+        self._pattern_c = ffi.new("char[]", cpu_pattern.encode()) if cpu_pattern else None
+        self._overrides = ffi.new("struct llama_model_tensor_buft_override[2]")
+        if cpu_pattern:
+            self._overrides[0].pattern = self._pattern_c
+            self._overrides[0].buft = lib.ggml_backend_cpu_buffer_type()
+        super().__init__(path, **kwargs)
+
+    @property
+    def model_params(self):
+        return self.__dict__["model_params"]
+
+    @model_params.setter
+    def model_params(self, params):
+        if self._cpu_pattern:
+            params.tensor_buft_overrides = int(ffi.cast("uintptr_t", self._overrides))
+        self.__dict__["model_params"] = params
+
+
+def static_cpu_pattern(n_blocks_on_cpu: int, moe_blocks: tuple[int, ...]) -> str | None:
+    """Regex putting the experts of the first `n_blocks_on_cpu` MoE blocks in host memory."""
+    cpu_blocks = moe_blocks[:n_blocks_on_cpu]
+    if not cpu_blocks:
+        return None
+    return r"^blk\.(" + "|".join(map(str, cpu_blocks)) + r")" + EXPERT_TENSOR_PATTERN
+
+
+def logits_now(llm) -> np.ndarray:
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+
+
+def decode_rate(llm, n_tokens: int) -> float:
+    """tok/s of greedy single-token decode steps after a short prompt (llamahot's counters then cover
+    the decode steps alone)."""
+    llm.reset()
+    llm.eval(llm.tokenize(SHORT_PROMPT))
+    if isinstance(llm, llamahot.Llama):
+        llm.hot_cache.reset()
+    spent = 0.0
+    for _ in range(n_tokens):
+        token = int(np.argmax(logits_now(llm)))
+        start = time.perf_counter()
+        llm.eval([token])
+        spent += time.perf_counter() - start
+    return n_tokens / spent
+
+
+def prefill_rate(llm, tokens: list[int]) -> float:
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(tokens)
+    return len(tokens) / (time.perf_counter() - start)
+
+
+def prefill_tokens(llm, n: int) -> list[int]:
+    text = (SHORT_PROMPT * 200)
+    tokens = llm.tokenize(text)[:n]
+    assert len(tokens) == n, f"need {n} prompt tokens, got {len(tokens)}"
+    return tokens
+
+
+def greedy_run(llm, steps: int, forced: list[int] | None = None) -> tuple[list[int], np.ndarray]:
+    """Greedy tokens and the logits of every step; with `forced`, feed those tokens instead (teacher forcing)."""
+    llm.reset()
+    llm.eval(llm.tokenize(SHORT_PROMPT))
+    tokens, logits = [], []
+    for i in range(steps):
+        row = logits_now(llm)
+        logits.append(row)
+        tokens.append(int(np.argmax(row)))
+        llm.eval([forced[i] if forced is not None else tokens[-1]])
+    return tokens, np.stack(logits)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--ks", default="16,32,64,96,128")
+    parser.add_argument("--check-ks", default="32,64", help="K values checked against stock for correctness")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=64, help="decode steps per repetition")
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--check-steps", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=16)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    device = "cuda" if gpu else "host"
+    layout = read_moe_layout(args.model)
+    ks = [min(int(k), layout.n_expert) for k in args.ks.split(",")]
+    check_ks = [min(int(k), layout.n_expert) for k in args.check_ks.split(",")]
+    kw = dict(n_ctx=2048, n_batch=512, n_ubatch=512, n_threads=args.threads, n_threads_batch=args.threads,
+              n_gpu_layers=-1, verbose=False)
+    expert_vram_per_slot = layout.expert_matrix_bytes * layout.n_moe_layers   # one slot in every layer
+    layer_expert_bytes = layout.expert_tensor_bytes / layout.n_moe_layers
+    print(f"model {Path(args.model).name}: {layout.arch}, {layout.n_moe_layers} MoE layers x {layout.n_expert} "
+          f"experts ({layout.n_expert_used} used), experts {layout.expert_tensor_bytes / 2**30:.2f} GiB; "
+          f"slot device {device}; {platform.node()}", flush=True)
+
+    t0 = time.perf_counter()
+    ram = StockPlaced(args.model, cpu_pattern=EXPERT_TENSOR_PATTERN, **kw)
+    all_gpu = StockPlaced(args.model, cpu_pattern=None, **kw)
+    hot = llamahot.Llama(args.model, hot_experts=max(ks), slot_device=device, **kw)
+    print(f"loaded stock RAM, stock GPU, llamahot in {time.perf_counter() - t0:.1f} s", flush=True)
+    long_prompt = prefill_tokens(ram, args.prefill)
+    results: dict = {"model": Path(args.model).name, "device": device, "threads": args.threads,
+                     "layout": {"n_moe_layers": layout.n_moe_layers, "n_expert": layout.n_expert,
+                                "n_expert_used": layout.n_expert_used,
+                                "expert_gib": layout.expert_tensor_bytes / 2**30},
+                     "correctness": {}, "speed": {}}
+
+    # -- correctness: greedy tokens and logits against stock experts-in-RAM -----------------------
+    ref_tokens, ref_logits = greedy_run(ram, args.check_steps)
+    _, gpu_logits = greedy_run(all_gpu, args.check_steps, forced=ref_tokens)
+    gpu_diff = float(np.abs(gpu_logits - ref_logits).max())
+    results["correctness"]["stock_gpu_vs_ram_max_abs_logit_diff"] = gpu_diff
+    print(f"correctness: stock GPU vs stock RAM, max |logit diff| over {args.check_steps} steps = {gpu_diff:.4g}")
+    for k in check_ks:
+        hot.hot_cache.set_hot_experts(k)
+        greedy_run(hot, 16)  # first fill from a prompt
+        tokens, _ = greedy_run(hot, args.check_steps)
+        same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), len(tokens))
+        _, forced_logits = greedy_run(hot, args.check_steps, forced=ref_tokens)
+        diff = float(np.abs(forced_logits - ref_logits).max())
+        st = hot.hot_cache.stats()
+        row = {"identical_greedy_tokens": same, "max_abs_logit_diff": diff, "hit_rate": st["hit_rate"],
+               "open_mutations": hot.hot_cache.open_mutations(), "finite": bool(np.isfinite(forced_logits).all())}
+        results["correctness"][f"llamahot_K{k}"] = row
+        print(f"correctness: llamahot K={k}: greedy identical for {same}/{args.check_steps} tokens, "
+              f"max |logit diff| {diff:.4g} (stock GPU: {gpu_diff:.4g}), hit rate {st['hit_rate']:.3f}", flush=True)
+    results["correctness"]["stock_gpu_finite"] = bool(np.isfinite(gpu_logits).all())
+
+    # -- speed -------------------------------------------------------------------------------------
+    longest_rebalance: dict[str, float] = {}
+
+    def measure(llm, name: str) -> dict:
+        if isinstance(llm, llamahot.Llama) and llm.hot_cache.slots is not None:
+            # Rebalances anywhere in the run count (reset() below zeroes the counters).
+            longest_rebalance[name] = max(longest_rebalance.get(name, 0.0), llm.hot_cache.slots.stats.max_rebalance_ms)
+        d = decode_rate(llm, args.tokens)
+        row = {"decode_tok_s": d}
+        if isinstance(llm, llamahot.Llama):
+            st = llm.hot_cache.stats()
+            n = max(st["decode_tokens"], 1)
+            longest_rebalance[name] = max(longest_rebalance.get(name, 0.0), st["max_rebalance_ms"])
+            row.update(hit_rate=st["hit_rate"],
+                       stops_ms_per_token=st["redirect_ms"] / n, gpu_submit_ms_per_token=st["gpu_submit_ms"] / n,
+                       gpu_wait_ms_per_token=st["gpu_wait_ms"] / n, cpu_ms_per_token=st["cpu_compute_ms"] / n,
+                       slot_gib=st["slot_bytes"] / 2**30)
+        row["prefill_tok_s"] = prefill_rate(llm, long_prompt)
+        return row
+
+    samples: dict[str, list[dict]] = {}
+
+    def record(name: str, row: dict) -> None:
+        samples.setdefault(name, []).append(row)
+
+    # Callback installed but idle, and observing only (K = 0), against stock RAM.
+    hot.hot_cache.set_hot_experts(0)
+    for rep in range(args.reps):
+        for name in ["stock RAM", "llamahot idle", "llamahot observing"][rep % 3:] + \
+                    ["stock RAM", "llamahot idle", "llamahot observing"][: rep % 3]:
+            if name == "stock RAM":
+                record(name, measure(ram, name))
+            else:
+                hot.hot_cache.set_observing(name == "llamahot observing")
+                record(name, measure(hot, name))
+    hot.hot_cache.set_observing(True)
+
+    for k in ks:
+        gpu_layers = min(layout.n_moe_layers, round(k * expert_vram_per_slot / layer_expert_bytes))
+        static = StockPlaced(args.model, cpu_pattern=static_cpu_pattern(layout.n_moe_layers - gpu_layers,
+                                                                         layout.moe_blocks), **kw)
+        hot.hot_cache.set_hot_experts(k)
+        greedy_run(hot, 16)  # first fill
+        modes = [("stock RAM", ram), (f"stock static {gpu_layers} layers", static), (f"llamahot K={k}", hot),
+                 ("stock GPU", all_gpu)]
+        for rep in range(args.reps):
+            for name, llm in modes[rep % 4:] + modes[: rep % 4]:
+                record(name, measure(llm, name))
+        results["speed"].setdefault("static_for_k", {})[str(k)] = f"stock static {gpu_layers} layers"
+        static.close()
+        print(f"K={k}: measured", flush=True)
+
+    summary = {}
+    for name, rows in samples.items():
+        keys = rows[0].keys()
+        summary[name] = {key: statistics.median(r[key] for r in rows if key in r) for key in keys}
+        summary[name]["n"] = len(rows)
+    t_gpu = 1 / summary["stock GPU"]["decode_tok_s"]
+    t_ram = 1 / summary["stock RAM"]["decode_tok_s"]
+    t_cold = t_ram - t_gpu
+    results["speed"]["summary"] = summary
+    results["speed"]["longest_rebalance_ms"] = longest_rebalance
+    results["speed"]["roofline"] = {"t_gpu_ms": t_gpu * 1e3, "t_cold_ms": t_cold * 1e3}
+
+    lines = [f"| mode | VRAM for experts (GiB) | decode tok/s | vs stock RAM | prefill tok/s | vs stock RAM | "
+             f"hit rate | roofline tok/s | vs roofline |", "|---|---|---|---|---|---|---|---|---|"]
+    base_d, base_p = summary["stock RAM"]["decode_tok_s"], summary["stock RAM"]["prefill_tok_s"]
+
+    def line(name, vram, roof=None):
+        s = summary[name]
+        hit = f"{s['hit_rate']:.3f}" if "hit_rate" in s else ""
+        roof_cols = f"{roof:.1f} | {s['decode_tok_s'] / roof:.3f}" if roof else " | "
+        lines.append(f"| {name} | {vram} | {s['decode_tok_s']:.1f} | {s['decode_tok_s'] / base_d:.3f} | "
+                     f"{s['prefill_tok_s']:.0f} | {s['prefill_tok_s'] / base_p:.3f} | {hit} | {roof_cols} |")
+
+    line("stock RAM", "0")
+    line("llamahot idle", "0")
+    line("llamahot observing", "0")
+    for k in ks:
+        static_name = results["speed"]["static_for_k"][str(k)]
+        g = int(re.search(r"(\d+) layers", static_name).group(1))
+        line(static_name, f"{g * layer_expert_bytes / 2**30:.2f}")
+        s = summary[f"llamahot K={k}"]
+        roof = 1 / (t_gpu + (1 - s["hit_rate"]) * t_cold)
+        s["roofline_tok_s"] = roof
+        line(f"llamahot K={k}", f"{k * expert_vram_per_slot / 2**30:.2f}", roof)
+    line("stock GPU", f"{layout.expert_tensor_bytes / 2**30:.2f}")
+    detail = ["| llamahot K | stops ms/token | GPU submit ms/token | GPU wait ms/token | CPU ms/token | "
+              "longest rebalance ms |", "|---|---|---|---|---|---|"]
+    for k in ks:
+        s = summary[f"llamahot K={k}"]
+        detail.append(f"| {k} | {s['stops_ms_per_token']:.2f} | {s['gpu_submit_ms_per_token']:.2f} | "
+                      f"{s['gpu_wait_ms_per_token']:.2f} | {s['cpu_ms_per_token']:.2f} | "
+                      f"{longest_rebalance.get(f'llamahot K={k}', 0.0):.1f} |")
+    table = "\n".join(lines + [""] + detail)
+    print(table)
+    print(f"roofline: T_gpu {t_gpu * 1e3:.2f} ms (stock GPU), T_cold {t_cold * 1e3:.2f} ms (stock RAM - stock GPU)")
+    (out / "table.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    plot(out / "decode_vs_vram.png", summary, results, ks, layout, expert_vram_per_slot, layer_expert_bytes,
+         t_gpu, t_cold)
+    hot.close()
+    ram.close()
+    all_gpu.close()
+    return 0
+
+
+def plot(path: Path, summary, results, ks, layout, per_slot, per_layer, t_gpu, t_cold) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    static = [(int(re.search(r"(\d+) layers", results["speed"]["static_for_k"][str(k)]).group(1)) * per_layer / 2**30,
+               summary[results["speed"]["static_for_k"][str(k)]]["decode_tok_s"]) for k in ks]
+    hot = [(k * per_slot / 2**30, summary[f"llamahot K={k}"]["decode_tok_s"]) for k in ks]
+    grid = np.linspace(0, layout.n_expert, 65)
+    roof = [(k * per_slot / 2**30, 1 / (t_gpu + (1 - k / layout.n_expert) * t_cold)) for k in grid]
+    ax.plot(*zip(*roof), "--", color="gray", label="roofline, uniform routing (h = K/n_expert)")
+    ax.plot(*zip(*static), "s-", label="stock static offload (whole layers)")
+    ax.plot(*zip(*hot), "o-", label="llamahot hot-expert slots")
+    ax.axhline(summary["stock RAM"]["decode_tok_s"], color="C3", lw=0.8, label="stock, experts in RAM")
+    ax.axhline(summary["stock GPU"]["decode_tok_s"], color="C2", lw=0.8, label="stock, all on GPU")
+    ax.set_xlabel("VRAM for routed experts (GiB)")
+    ax.set_ylabel("decode tok/s")
+    ax.set_title(f"{results['model']}: decode speed vs VRAM")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

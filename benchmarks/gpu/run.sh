@@ -1,0 +1,24 @@
+#!/bin/bash
+# The whole GPU suite of issue #4 in one run on a bare, offline H100 machine (benchmarks/gpu/README.md):
+# set up, synthesize a model with Qwen3-30B-A3B's shapes, GPU tests, correctness and speed.
+#
+#   bash benchmarks/gpu/run.sh OUT_DIR [--quick]
+set -o pipefail
+out=${1:?usage: bash benchmarks/gpu/run.sh OUT_DIR [--quick]}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+bash benchmarks/gpu/setup.sh "$out" > "$out/setup.log" 2>&1 || { tail -40 "$out/setup.log"; exit 1; }
+tail -2 "$out/setup.log"
+export PYTHONPATH=/tmp/site:$PWD
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2; } \
+    | tee "$out/machine.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/pytest_gpu.log" | tail -5
+preset=qwen3moe-30b-a3b
+[ "$2" = "--quick" ] && preset=qwen3moe-mini
+model=/tmp/models/$preset.gguf
+mkdir -p /tmp/models
+[ -f "$model" ] || python3 -m llamahot.synth "$preset" "$model" > "$out/synth.log" 2>&1 || { tail "$out/synth.log"; exit 1; }
+echo "run: setup, tests and model ready after $(( $(date +%s) - start )) s"
+python3 benchmarks/gpu/bench.py "$model" --out "$out" 2>&1 | grep -v "^llama_kv_cache\|^llama_context" | tee "$out/bench.log"
+echo "run: done after $(( $(date +%s) - start )) s"
