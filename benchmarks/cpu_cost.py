@@ -72,13 +72,13 @@ def main() -> None:
         # n_ctx covers the prompt plus every decoded token.
         kw = dict(n_ctx=args.restart + 128, n_threads=args.threads, n_threads_batch=args.threads,
                   logits_all=True, verbose=False)
-        idle = llamahot.Llama(path, hot_experts=0, **kw)
+        idle = llamahot.Llama(path, hot_experts=0, slot_device="host", **kw)
         idle.hot_cache.set_observing(False)
         layout = llamahot.read_moe_layout(path)
         modes = {
             "stock": llama_cpp.Llama(path, **kw),
             "llamahot callback idle": idle,
-            "llamahot observing (K=0)": llamahot.Llama(path, hot_experts=0, **kw),
+            "llamahot observing (K=0)": llamahot.Llama(path, hot_experts=0, slot_device="host", **kw),
         }
         for k in sorted({layout.n_expert_used, layout.n_expert // 2, layout.n_expert}):
             modes[f"llamahot host slots K={k}"] = llamahot.Llama(path, hot_experts=k, slot_device="host", **kw)

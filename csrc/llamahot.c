@@ -26,6 +26,8 @@
 #endif
 
 #define LH_ALIGN 64
+/* Weight bytes a CPU part must read before it is worth splitting over threads (~100 us on one core). */
+#define LH_PARALLEL_MIN_BYTES ((size_t) 1 << 20)
 
 static int64_t lh_now_ns(void) {
     struct timespec ts;
@@ -106,6 +108,7 @@ struct lh_ctx {
     int32_t n_slots;
     int32_t slot_kind;
     int32_t prefill_bypass;
+    int32_t n_threads;             /* CPU threads for the shim's own graphs */
     int32_t * slot_of_expert;      /* [n_moe_layers][n_expert], -1 = cold */
     int32_t * expert_of_slot;      /* [n_moe_layers][n_slots], -1 = empty */
     ggml_backend_t cpu;            /* cold experts (and hot ones for host slots) */
@@ -454,7 +457,8 @@ int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_
         lh_error(ctx, "could not create a CPU backend");
         return -1;
     }
-    ggml_backend_cpu_set_n_threads(ctx->cpu, n_threads > 0 ? n_threads : 1);
+    ctx->n_threads = n_threads > 0 ? n_threads : 1;
+    ggml_backend_cpu_set_n_threads(ctx->cpu, ctx->n_threads);
     ctx->host_scratch.backend = ctx->cpu;
     ctx->cpu_galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(ctx->cpu));
     if (kind == LH_SLOTS_GPU) {
@@ -761,9 +765,12 @@ static bool lh_split_entries(struct lh_ctx * ctx, const struct ggml_tensor * ids
 /* The end of a redirect: the CPU part (while the GPU part, launched before, runs), the wait for
  * the GPU, then every row scattered into dst in t's layout. */
 static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct ggml_cgraph * cpu_graph, bool hot_on_gpu,
-                      int64_t t0, bool ok, int64_t n_cold, const float * cold_rows, int64_t n_hot, const float * hot_rows,
-                      char * dst) {
+                      size_t cpu_weight_bytes, int64_t t0, bool ok, int64_t n_cold, const float * cold_rows,
+                      int64_t n_hot, const float * hot_rows, char * dst) {
     if (ok && ggml_graph_n_nodes(cpu_graph) > 0) {
+        /* Little work (small models, few cold experts): one thread, no OpenMP region and barriers,
+         * which would cost more than they save. */
+        ggml_backend_cpu_set_n_threads(ctx->cpu, cpu_weight_bytes < LH_PARALLEL_MIN_BYTES ? 1 : ctx->n_threads);
         ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
         const int64_t t1 = lh_now_ns();
         ctx->counters.cpu_compute_ns += t1 - t0;
@@ -856,7 +863,8 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
         ctx->counters.gpu_submit_ns += t1 - t0;
         t0 = t1;
     }
-    ok = lh_finish(ctx, t, cpu_graph, hot_on_gpu, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
+    const size_t cpu_bytes = (size_t) (n_cold + (hot_on_gpu ? 0 : n_hot)) * w->nb[2];
+    ok = lh_finish(ctx, t, cpu_graph, hot_on_gpu, cpu_bytes, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
                    n_hot, hot_out_rows, dst);
     ggml_free(g);
     return ok;
@@ -1206,7 +1214,13 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         lh_ffn_gather(f, ctx->hot, n_hot, one_token, expert_of, (float *) hot.b->data, (int32_t *) hot.ids->data, (int32_t *) hot.experts->data);
         hot_out_rows = (float *) hot.out->data;
     }
-    ok = lh_finish(ctx, d, cpu_graph, hot_on_gpu, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
+    size_t expert_bytes = 0;
+    for (int p = 0; p < LH_PROJ_COUNT; p++) {
+        const struct ggml_tensor * w = ctx->layers[f->layer].weight[p];
+        expert_bytes += w ? w->nb[2] : 0;
+    }
+    const size_t cpu_bytes = (size_t) (n_cold + (hot_on_gpu ? 0 : n_hot)) * expert_bytes;
+    ok = lh_finish(ctx, d, cpu_graph, hot_on_gpu, cpu_bytes, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
                    n_hot, hot_out_rows, dst);
     ggml_free(g);
     return ok;
