@@ -345,8 +345,9 @@ class HotCache:
             prefill_tokens=self._prefill_tokens, prefill_seconds=self._prefill_seconds,
             bytes_moved=t.bytes_moved, rebalances=t.rebalances, max_rebalance_ms=t.max_rebalance_ms,
             slots_loading=t.pending,
+            slot_bytes=int(lib.lh_slot_bytes_per_layer(self._ctx)) * self.layout.n_moe_layers,
             hits_per_layer=self._hits, misses_per_layer=self._misses,
-            expert_of_slot=self.slots.expert_of_slot,
+            expert_of_slot=self.slots.expert_of_slot, routing_counts=self._counts,
         )
 
 

@@ -18,10 +18,10 @@ from typing import Optional
 import numpy as np
 
 MAGIC = 0x504E5354_4F484C4C  # "LLHOTSNP" little-endian
-VERSION = 1
+VERSION = 2
 PREFIX = "llamahot_"
 SCALARS = ("time", "tokens", "hits", "misses", "decode_tokens", "decode_seconds", "prefill_tokens",
-           "prefill_seconds", "bytes_moved", "rebalances", "max_rebalance_ms", "slots_loading")
+           "prefill_seconds", "bytes_moved", "rebalances", "max_rebalance_ms", "slots_loading", "slot_bytes")
 
 _HEADER = np.dtype([("magic", "<u8"), ("version", "<i8"), ("seq", "<i8"), ("pid", "<i8"),
                     ("n_layers", "<i8"), ("n_expert", "<i8"), ("n_slots", "<i8"), ("created", "<f8"),
@@ -43,6 +43,7 @@ def _dtype(n_layers: int, n_expert: int, n_slots: int) -> np.dtype:
         ("hits_per_layer", "<i8", (n_layers,)),
         ("misses_per_layer", "<i8", (n_layers,)),
         ("expert_of_slot", "<i4", (n_layers, n_slots)),
+        ("routing_counts", "<i8", (n_layers, n_expert)),   # cumulative; a monitor diffs two pictures
     ])
 
 
@@ -77,13 +78,15 @@ class SnapshotWriter:
         return self._shm.name
 
     def write(self, *, hits_per_layer: np.ndarray, misses_per_layer: np.ndarray,
-              expert_of_slot: np.ndarray, **scalars: float) -> None:
+              expert_of_slot: np.ndarray, routing_counts: np.ndarray | None = None, **scalars: float) -> None:
         r = self._record
         r["seq"] += 1  # odd: being written
         r["scalars"] = [scalars.get(key, 0.0) for key in SCALARS]
         r["hits_per_layer"] = hits_per_layer
         r["misses_per_layer"] = misses_per_layer
         r["expert_of_slot"] = expert_of_slot
+        if routing_counts is not None:
+            r["routing_counts"] = routing_counts
         r["seq"] += 1
 
     def close(self) -> None:
@@ -145,7 +148,7 @@ def read_snapshots(pid: int) -> list[dict]:
 def _as_dict(name: str, r: np.ndarray) -> dict:
     out = {key: float(v) for key, v in zip(SCALARS, r["scalars"])}
     for key in ("tokens", "hits", "misses", "decode_tokens", "prefill_tokens", "bytes_moved", "rebalances",
-                "slots_loading"):
+                "slots_loading", "slot_bytes"):
         out[key] = int(out[key])
     total = out["hits"] + out["misses"]
     out.update(
@@ -154,7 +157,7 @@ def _as_dict(name: str, r: np.ndarray) -> dict:
         hit_rate=out["hits"] / total if total else 0.0,
         decode_tok_s=out["decode_tokens"] / out["decode_seconds"] if out["decode_seconds"] > 0 else 0.0,
         hits_per_layer=r["hits_per_layer"].copy(), misses_per_layer=r["misses_per_layer"].copy(),
-        expert_of_slot=r["expert_of_slot"].copy(),
+        expert_of_slot=r["expert_of_slot"].copy(), routing_counts=r["routing_counts"].copy(),
     )
     out["slots_occupied"] = int((out["expert_of_slot"] >= 0).sum())
     return out

@@ -44,11 +44,13 @@ def test_snapshot_is_readable_by_pid_from_another_process(text_model):
     snap = mine[0]
     assert snap["pid"] == os.getpid() and snap["model"] == os.path.basename(text_model)
     assert snap["hot_experts"] == 3 and snap["n_moe_layers"] == stats["n_moe_layers"]
-    for key in ("tokens", "hits", "misses", "decode_tokens", "bytes_moved", "rebalances", "slots_occupied"):
+    for key in ("tokens", "hits", "misses", "decode_tokens", "bytes_moved", "rebalances", "slots_occupied",
+                "slot_bytes"):
         assert snap[key] == stats[key], key
     assert snap["hit_rate"] == stats["hit_rate"]
     assert snap["hits_per_layer"] == stats["hits_per_layer"].tolist()
     assert snap["expert_of_slot"] == llm.hot_cache.hot_sets().tolist()
+    assert snap["routing_counts"] == llm.hot_cache.routing_counts().tolist()
     # The reader did not take the block with it when it exited.
     assert monitor.read_snapshot(llm.hot_cache.snapshot_name) is not None
 
