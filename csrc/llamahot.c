@@ -472,11 +472,20 @@ int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_
             lh_error(ctx, "could not initialise GPU device %s", ggml_backend_dev_name(dev));
             return -1;
         }
-        ctx->gpu_scratch.backend = ctx->gpu;
-        ctx->gpu_galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(ctx->gpu));
+    } else if (kind == LH_SLOTS_EMULATED_GPU) {
+        ctx->gpu = ggml_backend_cpu_init();
+        if (!ctx->gpu) {
+            lh_error(ctx, "could not create a CPU backend");
+            return -1;
+        }
+        ggml_backend_cpu_set_n_threads(ctx->gpu, ctx->n_threads);
     } else if (kind != LH_SLOTS_HOST) {
         lh_error(ctx, "unknown slot kind %d", kind);
         return -1;
+    }
+    if (ctx->gpu) {
+        ctx->gpu_scratch.backend = ctx->gpu;
+        ctx->gpu_galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(ctx->gpu));
     }
     ctx->slot_kind = kind;
     ctx->prefill_bypass = prefill_bypass;
@@ -539,9 +548,10 @@ int32_t lh_slots_resize(struct lh_ctx * ctx, int32_t n_slots) {
                 /* The weight's own type (e.g. CPU_REPACK): the same kernels, bit for bit. */
                 buft = ggml_backend_buffer_get_type(w->buffer);
             } else {
-                if (!ggml_backend_buffer_is_host(w->buffer)) {
-                    lh_error(ctx, "%s is not in plain host memory (repacked for the CPU?); GPU slots need "
-                             "the standard layout", w->name);
+                if (!ggml_backend_buffer_is_host(w->buffer) || w->extra != NULL) {
+                    /* Repacked CPU layouts (CPU_REPACK) keep per-tensor traits in ->extra. */
+                    lh_error(ctx, "%s is not in plain host memory in the standard layout (repacked for the CPU? "
+                             "load the model with use_extra_bufts=false); GPU slots need it", w->name);
                     lh_slots_free(ctx);
                     return -1;
                 }
@@ -801,7 +811,7 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
     }
 
     /* Host scratch: the cold part, then the hot part (for GPU slots: its host staging). */
-    const bool hot_on_gpu = ctx->slot_kind == LH_SLOTS_GPU && n_hot > 0;
+    const bool hot_on_gpu = ctx->gpu != NULL && n_hot > 0;
     if (!lh_scratch_reserve(&ctx->host_scratch, lh_part_bytes(t, n_cold) + lh_part_bytes(t, n_hot)) ||
         (hot_on_gpu && !lh_scratch_reserve(&ctx->gpu_scratch, lh_part_bytes(t, n_hot)))) {
         return false;
@@ -1159,7 +1169,7 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
     struct ggml_context * g = ggml_init(params);
     struct ggml_cgraph * cpu_graph = ggml_new_graph_custom(g, 2 * LH_FFN_MAX_NODES + 8, false);
     struct ggml_cgraph * gpu_graph = ggml_new_graph_custom(g, 2 * LH_FFN_MAX_NODES + 8, false);
-    const bool hot_on_gpu = ctx->slot_kind == LH_SLOTS_GPU && n_hot > 0;
+    const bool hot_on_gpu = ctx->gpu != NULL && n_hot > 0;
     const bool one_token = n_tokens == 1 && f->nodes[0]->op == GGML_OP_MUL_MAT_ID && f->nodes[0]->src[1]->ne[1] == 1;
     struct lh_ffn_part hot = {0}, cold = {0};
     bool ok = true;

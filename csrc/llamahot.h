@@ -33,6 +33,8 @@ enum lh_proj {
 enum lh_slot_kind {
     LH_SLOTS_HOST = 0,   /* CPU, in each weight's own buffer type: bit-exact, for tests and CI */
     LH_SLOTS_GPU = 1,    /* the first GPU device of ggml's registry (CUDA), standard layout */
+    LH_SLOTS_EMULATED_GPU = 2, /* test-only: a second CPU backend standing in for the GPU, so the GPU
+                                  code path (device buffers, async copies, device graphs) runs in CI */
 };
 
 /* Test-only checks. */

@@ -26,7 +26,8 @@ from llamahot.slots import SlotManager, check_vram_for_slots, free_vram_bytes
 
 # lh_proj of each projection name in a MoELayout.
 PROJ_INDEX = {"gate": 0, "up": 1, "down": 2, "gate_up": 3}
-SLOT_KINDS = {"host": 0, "cuda": 1}
+# "emulated-gpu" is test-only: a second CPU backend in the GPU's place, so CI runs the GPU code path.
+SLOT_KINDS = {"host": 0, "cuda": 1, "emulated-gpu": 2}
 DEBUG_POISON = 1
 DEBUG_SHADOW = 2
 DEBUG_PER_NODE = 4

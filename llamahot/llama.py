@@ -12,6 +12,7 @@ from llamahot.hot_cache import HotCache
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, read_moe_layout
 
 SLOT_DEVICES = ("auto", "cuda", "host")
+EMULATED_GPU = "emulated-gpu"  # test-only: the GPU code path on a CPU backend (tests/test_emulated_gpu.py)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -21,6 +22,8 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def _resolve_slot_device(slot_device: Any) -> str:
+    if slot_device == EMULATED_GPU:
+        return slot_device
     if slot_device not in SLOT_DEVICES:
         raise ValueError(f"slot_device must be one of {', '.join(map(repr, SLOT_DEVICES))}, got {slot_device!r}")
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
@@ -128,6 +131,9 @@ class Llama(llama_cpp.Llama):
     def model_params(self, params: llama_cpp.llama_model_params) -> None:
         if self.hot_cache is not None:
             params.tensor_buft_overrides = self.hot_cache.tensor_buft_overrides_address
+            if self.hot_cache.slot_device != "host":
+                # Device slots copy expert slabs as they are: keep the standard layout (no CPU repacking).
+                params.use_extra_bufts = False
         self.__dict__["model_params"] = params
 
     @property
