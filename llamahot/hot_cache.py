@@ -309,6 +309,11 @@ class HotCache:
         self._decode_tokens = self._prefill_tokens = 0
         self._decode_seconds = self._prefill_seconds = 0.0
 
+    def finish_transfers(self) -> None:
+        """Wait for slot copies in flight (they read the model's memory: call before freeing it)."""
+        if self.slots is not None:
+            self.slots.close()
+
     def release(self) -> None:
         """Free slots and shim context; call only after the llama context that uses them was freed."""
         if self._ctx is None:

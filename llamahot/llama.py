@@ -166,6 +166,8 @@ class Llama(llama_cpp.Llama):
 
     def close(self) -> None:
         """Free the model and context, then the shim state the context's callback pointed at."""
+        if self.hot_cache is not None:
+            self.hot_cache.finish_transfers()  # copies in flight read the model's expert memory
         if "_stack" in self.__dict__:
             super().close()
         if self.hot_cache is not None:
