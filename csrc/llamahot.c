@@ -130,8 +130,13 @@ struct lh_ctx {
     bool ffn_pending;
     ggml_gallocr_t cpu_galloc;
     ggml_gallocr_t gpu_galloc;
-    void * staging;                /* host memory for the GPU part's inputs and outputs */
+    /* Host memory for the GPU part's inputs and outputs: pinned when the device offers it, so the
+     * download is truly asynchronous (into pageable memory CUDA would block the CPU until the GPU
+     * finished, and the cold part could not overlap the hot one). */
+    void * staging;
     size_t staging_size;
+    ggml_backend_buffer_type_t staging_buft;   /* the GPU's host buffer type, or NULL: malloc */
+    ggml_backend_buffer_t staging_buffer;
     struct lh_dev_copy dev_copies[LH_MAX_DEV_COPIES];
     int32_t n_dev_copies;
 
@@ -232,7 +237,11 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     if (ctx->gpu_galloc) {
         ggml_gallocr_free(ctx->gpu_galloc);
     }
-    free(ctx->staging);
+    if (ctx->staging_buffer) {
+        ggml_backend_buffer_free(ctx->staging_buffer);
+    } else {
+        free(ctx->staging);
+    }
     free(ctx->ffn_mode);
     if (ctx->gpu) {
         ggml_backend_free(ctx->gpu);
@@ -484,6 +493,8 @@ int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_
         return -1;
     }
     if (ctx->gpu) {
+        ggml_backend_dev_t dev = ggml_backend_get_device(ctx->gpu);
+        ctx->staging_buft = dev && kind == LH_SLOTS_GPU ? ggml_backend_dev_host_buffer_type(dev) : NULL;
         ctx->gpu_scratch.backend = ctx->gpu;
         ctx->gpu_galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(ctx->gpu));
     }
@@ -675,6 +686,31 @@ static bool lh_grow(void ** p, size_t * cap, size_t need, size_t elem) {
     return true;
 }
 
+static void * lh_staging(struct lh_ctx * ctx, size_t size) {
+    if (size <= ctx->staging_size) {
+        return ctx->staging;
+    }
+    size_t n = (size_t) 1 << 16;
+    while (n < size) {
+        n *= 2;
+    }
+    if (ctx->staging_buft) {
+        if (ctx->staging_buffer) {
+            ggml_backend_buffer_free(ctx->staging_buffer);
+        }
+        ctx->staging_buffer = ggml_backend_buft_alloc_buffer(ctx->staging_buft, n);
+        ctx->staging = ctx->staging_buffer ? ggml_backend_buffer_get_base(ctx->staging_buffer) : NULL;
+    } else {
+        void * p = realloc(ctx->staging, n);
+        if (p == NULL) {
+            return NULL;
+        }
+        ctx->staging = p;
+    }
+    ctx->staging_size = ctx->staging ? n : 0;
+    return ctx->staging;
+}
+
 static bool lh_scratch_reserve(struct lh_scratch * s, size_t size) {
     if (size <= s->size) {
         return true;
@@ -810,10 +846,12 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
         return false;
     }
 
-    /* Host scratch: the cold part, then the hot part (for GPU slots: its host staging). */
+    /* Host scratch: the cold part, then the hot part; for GPU slots the hot part's host side is the
+     * staging area. */
     const bool hot_on_gpu = ctx->gpu != NULL && n_hot > 0;
+    char * stage = hot_on_gpu ? (char *) lh_staging(ctx, lh_part_bytes(t, n_hot)) : NULL;
     if (!lh_scratch_reserve(&ctx->host_scratch, lh_part_bytes(t, n_cold) + lh_part_bytes(t, n_hot)) ||
-        (hot_on_gpu && !lh_scratch_reserve(&ctx->gpu_scratch, lh_part_bytes(t, n_hot)))) {
+        (hot_on_gpu && (stage == NULL || !lh_scratch_reserve(&ctx->gpu_scratch, lh_part_bytes(t, n_hot))))) {
         return false;
     }
     const size_t graph_mem = ggml_tensor_overhead() * 16 + 2 * ggml_graph_overhead_custom(8, false);
@@ -837,7 +875,7 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
         ggml_build_forward_expand(cpu_graph, cold.out);
     }
     /* Where the hot part's inputs are gathered and its output lands, in host memory. */
-    float * hot_b_rows = (float *) (host_base + host_off);
+    float * hot_b_rows = (float *) (hot_on_gpu ? stage : host_base + host_off);
     int32_t * hot_ids = NULL;
     float * hot_out_rows = NULL;
     if (n_hot > 0) {
@@ -1194,11 +1232,11 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
     if (hot_on_gpu) {
         const size_t b_bytes = ggml_nbytes(hot.b), i_bytes = ggml_nbytes(hot.ids), o_bytes = ggml_nbytes(hot.out);
         const size_t need = lh_pad(b_bytes) + 2 * lh_pad(i_bytes) + lh_pad(o_bytes);
-        if (!lh_grow(&ctx->staging, &ctx->staging_size, need, 1)) {
+        char * stage = (char *) lh_staging(ctx, need);
+        if (stage == NULL) {
             ggml_free(g);
             return false;
         }
-        char * stage = (char *) ctx->staging;
         float * b_rows = (float *) stage;
         int32_t * slot_ids = (int32_t *) (stage + lh_pad(b_bytes));
         int32_t * expert_ids = (int32_t *) (stage + lh_pad(b_bytes) + lh_pad(i_bytes));
