@@ -116,6 +116,29 @@ def greedy_run(llm, steps: int, forced: list[int] | None = None) -> tuple[list[i
     return tokens, np.stack(logits)
 
 
+def check_correctness(args, results: dict, ram, all_gpu, hot, check_ks: list[int]) -> None:
+    """Greedy tokens and teacher-forced logits of llamahot (and stock GPU) against stock RAM."""
+    ref_tokens, ref_logits = greedy_run(ram, args.check_steps)
+    _, gpu_logits = greedy_run(all_gpu, args.check_steps, forced=ref_tokens)
+    gpu_diff = float(np.abs(gpu_logits - ref_logits).max())
+    results["correctness"]["stock_gpu_vs_ram_max_abs_logit_diff"] = gpu_diff
+    print(f"correctness: stock GPU vs stock RAM, max |logit diff| over {args.check_steps} steps = {gpu_diff:.4g}")
+    for k in check_ks:
+        hot.hot_cache.set_hot_experts(k)
+        greedy_run(hot, 16)  # first fill from a prompt
+        tokens, _ = greedy_run(hot, args.check_steps)
+        same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), len(tokens))
+        _, forced_logits = greedy_run(hot, args.check_steps, forced=ref_tokens)
+        diff = float(np.abs(forced_logits - ref_logits).max())
+        st = hot.hot_cache.stats()
+        row = {"identical_greedy_tokens": same, "max_abs_logit_diff": diff, "hit_rate": st["hit_rate"],
+               "open_mutations": hot.hot_cache.open_mutations(), "finite": bool(np.isfinite(forced_logits).all())}
+        results["correctness"][f"llamahot_K{k}"] = row
+        print(f"correctness: llamahot K={k}: greedy identical for {same}/{args.check_steps} tokens, "
+              f"max |logit diff| {diff:.4g} (stock GPU: {gpu_diff:.4g}), hit rate {st['hit_rate']:.3f}", flush=True)
+    results["correctness"]["stock_gpu_finite"] = bool(np.isfinite(gpu_logits).all())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -127,7 +150,10 @@ def main() -> int:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--check-steps", type=int, default=256)
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="stop starting new K blocks after this many seconds (results so far are kept)")
     args = parser.parse_args()
+    started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
@@ -156,25 +182,16 @@ def main() -> int:
                      "correctness": {}, "speed": {}}
 
     # -- correctness: greedy tokens and logits against stock experts-in-RAM -----------------------
-    ref_tokens, ref_logits = greedy_run(ram, args.check_steps)
-    _, gpu_logits = greedy_run(all_gpu, args.check_steps, forced=ref_tokens)
-    gpu_diff = float(np.abs(gpu_logits - ref_logits).max())
-    results["correctness"]["stock_gpu_vs_ram_max_abs_logit_diff"] = gpu_diff
-    print(f"correctness: stock GPU vs stock RAM, max |logit diff| over {args.check_steps} steps = {gpu_diff:.4g}")
-    for k in check_ks:
-        hot.hot_cache.set_hot_experts(k)
-        greedy_run(hot, 16)  # first fill from a prompt
-        tokens, _ = greedy_run(hot, args.check_steps)
-        same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), len(tokens))
-        _, forced_logits = greedy_run(hot, args.check_steps, forced=ref_tokens)
-        diff = float(np.abs(forced_logits - ref_logits).max())
-        st = hot.hot_cache.stats()
-        row = {"identical_greedy_tokens": same, "max_abs_logit_diff": diff, "hit_rate": st["hit_rate"],
-               "open_mutations": hot.hot_cache.open_mutations(), "finite": bool(np.isfinite(forced_logits).all())}
-        results["correctness"][f"llamahot_K{k}"] = row
-        print(f"correctness: llamahot K={k}: greedy identical for {same}/{args.check_steps} tokens, "
-              f"max |logit diff| {diff:.4g} (stock GPU: {gpu_diff:.4g}), hit rate {st['hit_rate']:.3f}", flush=True)
-    results["correctness"]["stock_gpu_finite"] = bool(np.isfinite(gpu_logits).all())
+    def save() -> None:  # after every section, so a run cut short still leaves its results
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+
+    try:
+        check_correctness(args, results, ram, all_gpu, hot, check_ks)
+    except Exception as exc:  # keep going: the speed table is still worth having
+        import traceback
+        traceback.print_exc()
+        results.setdefault("errors", []).append(f"correctness: {exc!r}")
+    save()
 
     # -- speed -------------------------------------------------------------------------------------
     longest_rebalance: dict[str, float] = {}
@@ -213,7 +230,12 @@ def main() -> int:
                 record(name, measure(hot, name))
     hot.hot_cache.set_observing(True)
 
+    measured_ks = []
     for k in ks:
+        if measured_ks and time.perf_counter() - started > args.budget_s:
+            print(f"K={k}: skipped (time budget of {args.budget_s:.0f} s spent)", flush=True)
+            results.setdefault("skipped_ks", []).append(k)
+            continue
         gpu_layers = min(layout.n_moe_layers, round(k * expert_vram_per_slot / layer_expert_bytes))
         static = StockPlaced(args.model, cpu_pattern=static_cpu_pattern(layout.n_moe_layers - gpu_layers,
                                                                          layout.moe_blocks), **kw)
@@ -226,7 +248,10 @@ def main() -> int:
                 record(name, measure(llm, name))
         results["speed"].setdefault("static_for_k", {})[str(k)] = f"stock static {gpu_layers} layers"
         static.close()
-        print(f"K={k}: measured", flush=True)
+        measured_ks.append(k)
+        save()
+        print(f"K={k}: measured after {time.perf_counter() - started:.0f} s", flush=True)
+    ks = measured_ks
 
     summary = {}
     for name, rows in samples.items():
