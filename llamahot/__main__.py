@@ -1,4 +1,9 @@
-"""`llamahot demo` (or `python -m llamahot demo`): generate text with the embedded default model and show what llamahot saw."""
+"""The `llamahot` command (also `python -m llamahot`).
+
+  llamahot demo              generate text with the embedded default model and show what llamahot saw
+  llamahot inspect MODEL     a GGUF model's MoE layout, expert sizes and the memory K slots take
+  llamahot synth PRESET OUT  write a synthetic test model
+"""
 from __future__ import annotations
 
 import argparse
@@ -51,8 +56,40 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def inspect(args: argparse.Namespace) -> int:
+    from llamahot.model_info import read_moe_layout
+    from llamahot.slots import VRAM_RESERVE, largest_k_that_fits
+
+    layout = read_moe_layout(args.model)  # ValueError with the reason for files that are not MoE GGUFs
+    per_expert = layout.expert_matrix_bytes
+    print(f"{Path(layout.path).name}: {layout.arch}, {layout.n_blocks} blocks, {layout.n_moe_layers} MoE layers "
+          f"x {layout.n_expert} routed experts, {layout.n_expert_used} used per token")
+    print(f"  projections per expert: {', '.join(layout.projections)}; one expert of one layer: "
+          f"{per_expert / 2**20:.2f} MiB of weights ({layout.expert_bytes / 2**20:.2f} MiB with biases/scales)")
+    print(f"  all routed experts: {layout.expert_tensor_bytes / 2**30:.2f} GiB; a decode token reads about "
+          f"{layout.n_moe_layers * layout.n_expert_used * per_expert / 2**20:.0f} MiB of them")
+    print("  slots per layer (hot_experts) -> memory for slots:")
+    ks = sorted({k for k in (1, 4, 8, 16, 32, 44, 64, 96, 128, 256) if k <= layout.n_expert} | {layout.n_expert})
+    for k in ks:
+        print(f"    K={k:<4d} {k * per_expert * layout.n_moe_layers / 2**30:8.2f} GiB "
+              f"({100 * k / layout.n_expert:.0f} % of the experts)")
+    if args.vram_gib is not None:
+        free = int(args.vram_gib * 2**30)
+        fits = largest_k_that_fits(free, per_expert, layout.n_moe_layers, layout.n_expert)
+        print(f"  with {args.vram_gib:g} GiB free after loading (keeping {VRAM_RESERVE / 2**30:.1f} GiB headroom): "
+              f"hot_experts={fits}")
+    return 0
+
+
+def synth(args: argparse.Namespace) -> int:
+    from llamahot import synth as synth_module
+
+    return synth_module.main([args.preset, str(args.out), "--seed", str(args.seed)])
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llamahot", description=__doc__)
+    parser = argparse.ArgumentParser(prog="llamahot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="generate text with the embedded default model and print llamahot's statistics")
     p.add_argument("--model", help="a MoE GGUF file (default: the embedded synthetic model)")
@@ -60,8 +97,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="def fibonacci(n):")
     p.add_argument("--max-tokens", type=int, default=48)
     p.set_defaults(func=demo)
+    p = sub.add_parser("inspect", help="show a model's MoE layout, expert sizes and the memory K slots take")
+    p.add_argument("model", help="a GGUF file")
+    p.add_argument("--vram-gib", type=float, default=None,
+                   help="free VRAM after loading the model: print the largest hot_experts that fits")
+    p.set_defaults(func=inspect)
+    from llamahot.synth import PRESETS
+
+    p = sub.add_parser("synth", help="write a synthetic test model (deterministic, nothing downloaded)")
+    p.add_argument("preset", choices=sorted(PRESETS))
+    p.add_argument("out", type=Path, help="output .gguf path")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=synth)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:  # bad input: say what is wrong, no traceback
+        print(f"llamahot {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
