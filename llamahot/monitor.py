@@ -7,6 +7,7 @@ by a sequence counter (odd while writing), so a reader retries instead of seeing
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import os
 import weakref
@@ -50,9 +51,10 @@ def _dtype(n_layers: int, n_expert: int, n_slots: int) -> np.dtype:
 class SnapshotWriter:
     """The writing side, owned by a HotCache; the block is unlinked on close()."""
 
-    def __init__(self, shm: shared_memory.SharedMemory, record: np.ndarray):
+    def __init__(self, shm: shared_memory.SharedMemory, record: np.ndarray, tracked: bool = True):
         self._shm = shm
         self._record = record
+        self._tracked = tracked
         _live_writers.add(self)
 
     @classmethod
@@ -61,7 +63,7 @@ class SnapshotWriter:
         while True:
             name = f"{PREFIX}{pid}_{next(_instance_numbers)}"
             try:
-                shm = shared_memory.SharedMemory(name=name, create=True, size=dtype.itemsize)
+                shm, tracked = _create(name, dtype.itemsize)
                 break
             except FileExistsError:  # left by a crashed process that had our pid
                 continue
@@ -71,7 +73,7 @@ class SnapshotWriter:
         record["n_layers"], record["n_expert"], record["n_slots"] = n_layers, n_expert, n_slots
         record["created"], record["model"] = time.time(), model.encode()[:128]
         record["magic"] = MAGIC  # last: a reader ignores a block until it is complete
-        return cls(shm, record)
+        return cls(shm, record, tracked)
 
     @property
     def name(self) -> str:
@@ -94,7 +96,14 @@ class SnapshotWriter:
             return
         self._record = None
         self._shm.close()
-        self._shm.unlink()
+        try:
+            if self._tracked:
+                self._shm.unlink()
+            else:  # unlink() would ask the resource tracker, which cannot run here
+                with _untracked():
+                    self._shm.unlink()
+        except FileNotFoundError:
+            pass
         self._shm = None
         _live_writers.discard(self)
 
@@ -163,10 +172,35 @@ def _as_dict(name: str, r: np.ndarray) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _untracked():
+    """Python < 3.13 registers every SharedMemory with multiprocessing's resource tracker, a helper
+    process that unlinks the block when *this* process exits (bpo-39959) and that cannot even start
+    when stderr has no file descriptor (inside a Textual app). Skip it for the blocks made here."""
+    register, unregister = resource_tracker.register, resource_tracker.unregister
+    resource_tracker.register = resource_tracker.unregister = lambda *args: None
+    try:
+        yield
+    finally:
+        resource_tracker.register, resource_tracker.unregister = register, unregister
+
+
+def _create(name: str, size: int) -> tuple[shared_memory.SharedMemory, bool]:
+    """Create a block, registered with the resource tracker (it unlinks the block if this process
+    dies without running atexit) when the tracker can run; untracked otherwise."""
+    try:
+        resource_tracker.ensure_running()
+    except (ValueError, OSError):
+        if sys.version_info >= (3, 13):
+            return shared_memory.SharedMemory(name=name, create=True, size=size, track=False), False
+        with _untracked():
+            return shared_memory.SharedMemory(name=name, create=True, size=size), False
+    return shared_memory.SharedMemory(name=name, create=True, size=size), True
+
+
 def _attach(name: str) -> shared_memory.SharedMemory:
-    """Attach without letting this process's resource tracker unlink the writer's block at exit."""
+    """Attach to a writer's block without tracking it (the reader must never unlink it)."""
     if sys.version_info >= (3, 13):
         return shared_memory.SharedMemory(name=name, track=False)
-    shm = shared_memory.SharedMemory(name=name)
-    resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001 (bpo-39959)
-    return shm
+    with _untracked():
+        return shared_memory.SharedMemory(name=name)
