@@ -3,6 +3,7 @@
   llamahot demo              generate text with the embedded default model and show what llamahot saw
   llamahot inspect MODEL     a GGUF model's MoE layout, expert sizes and the memory K slots take
   llamahot synth PRESET OUT  write a synthetic test model
+  llamahot serve MODEL       an OpenAI-compatible server (llama_cpp.server) with hot experts
 """
 from __future__ import annotations
 
@@ -87,6 +88,22 @@ def synth(args: argparse.Namespace) -> int:
     return synth_module.main([args.preset, str(args.out), "--seed", str(args.seed)])
 
 
+def serve(args: argparse.Namespace) -> int:
+    from llamahot.model_info import read_moe_layout
+
+    read_moe_layout(args.model)  # fail fast, with the reason, before the server starts
+    try:
+        from llamahot.server import serve as run_server
+    except ImportError as exc:
+        raise ValueError(str(exc)) from exc
+    print(f"llamahot serve: {args.model} with hot_experts={args.hot_experts} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
+    run_server(args.model, host=args.host, port=args.port, hot_experts=args.hot_experts, n_ctx=args.n_ctx,
+               n_gpu_layers=-1, slot_device=args.slot_device, rebalance_interval=args.rebalance_interval,
+               verbose=False)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamahot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,6 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path, help="output .gguf path")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=synth)
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (llama_cpp.server) with hot experts",
+                       description="More options: python -m llamahot.server --help (all of llama_cpp.server's).")
+    p.add_argument("model", help="a MoE GGUF file")
+    p.add_argument("--hot-experts", type=int, default=8)
+    p.add_argument("--rebalance-interval", type=int, default=60)
+    p.add_argument("--slot-device", default="auto", choices=["auto", "cuda", "host"])
+    p.add_argument("--n-ctx", type=int, default=4096)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=serve)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
