@@ -15,6 +15,8 @@ pytest.importorskip("uvicorn")
 
 from llamahot import monitor
 
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -50,6 +52,11 @@ def test_server_answers_a_chat_completion(text_model):
                                                   "max_tokens": 16, "temperature": 0})
         assert reply["choices"][0]["message"]["role"] == "assistant"
         assert reply["usage"]["completion_tokens"] > 0
+        # The example client talks to it too.
+        client = subprocess.run([sys.executable, "examples/openai_client.py", "Say hi", "--url", base,
+                                 "--max-tokens", "8"], capture_output=True, text=True, timeout=120,
+                                cwd=str(ROOT))
+        assert client.returncode == 0 and "tokens, model" in client.stderr, client.stderr
         # The server's model is a llamahot.Llama: its cache is visible to a monitor by the server's pid.
         snapshots = monitor.read_snapshots(server.pid)
         assert len(snapshots) == 1 and snapshots[0]["hot_experts"] == 4 and snapshots[0]["tokens"] > 0
