@@ -4,6 +4,7 @@
   llamahot inspect MODEL     a GGUF model's MoE layout, expert sizes and the memory K slots take
   llamahot synth PRESET OUT  write a synthetic test model
   llamahot serve MODEL       an OpenAI-compatible server (llama_cpp.server) with hot experts
+  llamahot bench MODEL       decode speed of stock placement vs llamahot at a few K, side by side
 """
 from __future__ import annotations
 
@@ -104,6 +105,14 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from llamahot.benchmark import compare, format_rows
+
+    ks = [int(k) for k in args.hot_experts.split(",")]
+    print(format_rows(compare(args.model, ks, tokens=args.tokens, reps=args.reps, n_ctx=args.n_ctx)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamahot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=serve)
+    p = sub.add_parser("bench", help="decode speed of stock placement vs llamahot at a few K, side by side")
+    p.add_argument("model", help="a MoE GGUF file")
+    p.add_argument("--hot-experts", default="8,16", help="comma-separated K values (default 8,16)")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--n-ctx", type=int, default=2048)
+    p.set_defaults(func=bench)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -50,3 +50,11 @@ def test_synth_writes_a_model(tmp_path):
     result = run_cli("synth", "dense-tiny", str(out))
     assert result.returncode == 0 and out.stat().st_size > 0
     assert run_cli("synth", "no-such-preset", str(out)).returncode == 2  # argparse: invalid choice
+
+
+def test_bench_prints_the_side_by_side_table(text_model):
+    result = run_cli("bench", text_model, "--hot-experts", "2,8", "--tokens", "4", "--reps", "1")
+    assert result.returncode == 0, result.stderr
+    assert "stock (experts in RAM)" in result.stdout and "llamahot K=8" in result.stdout
+    bad = run_cli("bench", text_model, "--hot-experts", "999")
+    assert bad.returncode == 2 and "hot_experts=999" in bad.stderr

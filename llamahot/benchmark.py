@@ -1,0 +1,67 @@
+"""Stock vs llamahot on one model, side by side (used by `llamahot bench` and examples/bench.py)."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import llama_cpp
+import numpy as np
+
+from llamahot.llama import Llama
+
+PROMPT = b"def fibonacci(n):\n    if n < 2:\n        return n\n"
+
+
+@dataclass
+class Row:
+    mode: str
+    decode_tok_s: float
+    vs_stock: float
+    hit_rate: Optional[float]
+
+
+def decode_rate(llm: llama_cpp.Llama, n_tokens: int) -> float:
+    """tok/s of greedy single-token decode steps after a short prompt."""
+    llm.reset()
+    llm.eval(llm.tokenize(PROMPT))
+    spent = 0.0
+    for _ in range(n_tokens):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        start = time.perf_counter()
+        llm.eval([int(np.argmax(logits))])
+        spent += time.perf_counter() - start
+    return n_tokens / spent
+
+
+def compare(model: str, ks: Iterable[int], *, tokens: int = 128, reps: int = 3, **llama_kwargs) -> list[Row]:
+    """Decode speed of stock placement (experts in RAM, callback idle) and of llamahot at each K.
+
+    All models stay loaded and take turns for `reps` repetitions; medians are reported."""
+    llama_kwargs.setdefault("verbose", False)
+    stock = Llama(model, hot_experts=0, **llama_kwargs)
+    stock.hot_cache.set_observing(False)  # experts in RAM like `-ot exps=CPU`, nothing redirected
+    runs = {"stock (experts in RAM)": stock}
+    for k in ks:
+        runs[f"llamahot K={k}"] = Llama(model, hot_experts=k, **llama_kwargs)
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    try:
+        for _ in range(reps):
+            for name, llm in runs.items():
+                rates[name].append(decode_rate(llm, tokens))
+        base = statistics.median(rates["stock (experts in RAM)"])
+        return [Row(name, statistics.median(rates[name]), statistics.median(rates[name]) / base,
+                    llm.hot_cache.stats()["hit_rate"] if llm.hot_cache.hot_experts else None)
+                for name, llm in runs.items()]
+    finally:
+        for llm in runs.values():
+            llm.close()
+
+
+def format_rows(rows: list[Row]) -> str:
+    lines = [f"{'mode':28s} {'decode tok/s':>12s} {'vs stock':>9s} {'hit rate':>9s}"]
+    for row in rows:
+        hit = f"{row.hit_rate:.1%}" if row.hit_rate is not None else "-"
+        lines.append(f"{row.mode:28s} {row.decode_tok_s:12.1f} {row.vs_stock:9.3f} {hit:>9s}")
+    return "\n".join(lines)
