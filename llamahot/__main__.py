@@ -18,14 +18,14 @@ DEFAULT_PRESET = "qwen3moe-tiny"
 
 def default_model_path() -> Path:
     """The embedded default model, synthesized once into the user's cache directory."""
-    from llamahot.synth import synth_model
+    from llamahot.progress import synth_with_progress
 
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llamahot" / "models"
     path = cache / f"{DEFAULT_PRESET}.gguf"
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        synth_model(tmp, DEFAULT_PRESET, seed=0)
+        synth_with_progress(tmp, DEFAULT_PRESET)
         tmp.replace(path)  # never leave a half-written model behind
     return path
 
@@ -35,8 +35,11 @@ def demo(args: argparse.Namespace) -> int:
 
     from llamahot import Llama
 
+    from llamahot.progress import loading
+
     model = Path(args.model) if args.model else default_model_path()
-    llm = Llama(str(model), hot_experts=args.hot_experts, n_ctx=1024, verbose=False)
+    with loading(model.name) as progress:
+        llm = Llama(str(model), hot_experts=args.hot_experts, n_ctx=1024, verbose=False, load_progress=progress)
     print(f"model: {model}  ({llm.hot_cache.layout.arch}, {llm.hot_cache.layout.n_moe_layers} MoE layers, "
           f"{llm.hot_cache.layout.n_expert} experts, {llm.hot_cache.layout.n_expert_used} used per token)")
     print(f"prompt: {args.prompt!r}\n---")
@@ -84,9 +87,11 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def synth(args: argparse.Namespace) -> int:
-    from llamahot import synth as synth_module
+    from llamahot.progress import synth_with_progress
 
-    return synth_module.main([args.preset, str(args.out), "--seed", str(args.seed)])
+    path = synth_with_progress(args.out, args.preset, seed=args.seed)
+    print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB", file=sys.stderr)
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import llama_cpp
 
@@ -69,6 +69,7 @@ class Llama(llama_cpp.Llama):
       slot_device: "auto" (CUDA if llama-cpp-python was built with it, else host), "cuda" or "host".
       policy: which experts are hot: "decayed" (default: decayed routing counts with hysteresis),
         "lru" or "window-lfu".
+      load_progress: a function called with the fraction of the model loaded (0.0 .. 1.0).
       cb_eval, cb_eval_user_data: an application's own ggml_backend_sched_eval_callback (a ctypes
         llama_cpp.ggml_backend_sched_eval_callback); llamahot owns the context's callback and chains it.
     """
@@ -82,12 +83,19 @@ class Llama(llama_cpp.Llama):
         prefill_bypass: int = 32,
         slot_device: str = "auto",
         policy: str = "decayed",
+        load_progress: Optional[Callable[[float], None]] = None,
         cb_eval: Any = None,
         cb_eval_user_data: Optional[int] = None,
         **kwargs: Any,
     ):
         self.hot_cache: Optional[HotCache] = None
         self._user_cb_eval = (cb_eval, cb_eval_user_data)
+        self._load_progress = None
+        if load_progress is not None:
+            def report(fraction: float, _user_data) -> bool:
+                load_progress(float(fraction))
+                return True  # go on loading
+            self._load_progress = llama_cpp.llama_progress_callback(report)  # kept alive with self
         if hot_experts is not None:
             _check_int("hot_experts", hot_experts, 0)
             _check_int("rebalance_interval", rebalance_interval, 1)
@@ -129,6 +137,8 @@ class Llama(llama_cpp.Llama):
 
     @model_params.setter
     def model_params(self, params: llama_cpp.llama_model_params) -> None:
+        if self._load_progress is not None:
+            params.progress_callback = self._load_progress
         if self.hot_cache is not None:
             params.tensor_buft_overrides = self.hot_cache.tensor_buft_overrides_address
             if self.hot_cache.slot_device != "host":

@@ -222,3 +222,9 @@ def test_vram_check_names_the_largest_k_that_fits(text_model):
     # Plenty of room: capped at the expert count; none at all: 0.
     assert largest_k_that_fits(2**40, per_expert, layout.n_moe_layers, layout.n_expert) == layout.n_expert
     assert largest_k_that_fits(0, per_expert, layout.n_moe_layers, layout.n_expert) == 0
+
+
+def test_load_progress_is_reported(text_model):
+    seen = []
+    llamahot.Llama(text_model, hot_experts=2, load_progress=seen.append, **LLAMA_KW).close()
+    assert seen and seen[-1] == 1.0 and seen == sorted(seen)

@@ -8,11 +8,7 @@ import pytest
 
 pytest.importorskip("textual")
 
-import llamahot
 from llamahot.tui.app import HotCacheMonitor, LayerHitRates, SlotHeatmap, StatsPanel
-from llamahot.tui.source import SnapshotSource
-
-from conftest import LLAMA_KW
 
 
 def fake_snapshot(step: int, n_layers=3, n_expert=8, k=4) -> dict:
@@ -101,21 +97,37 @@ def test_monitor_lets_you_pick_among_several():
     asyncio.run(scenario())
 
 
-def test_monitor_watches_a_real_cache(text_model):
-    llm = llamahot.Llama(text_model, hot_experts=4, rebalance_interval=8, **LLAMA_KW)
-    llm.eval(llm.tokenize(b"def f(x):\n"))
+DECODER = """
+import sys, time, llamahot
+llm = llamahot.Llama(sys.argv[1], hot_experts=4, rebalance_interval=8, n_ctx=512, n_threads=2, verbose=False,
+                     slot_device="host")
+llm.eval(llm.tokenize(b"def f(x):\\n"))
+print("ready", flush=True)
+end = time.time() + float(sys.argv[2])
+token = 20
+while time.time() < end:
+    llm.eval([token]); token = 20 + (token + 7) % 200
+    if llm.n_tokens > 400: llm.reset(); llm.eval(llm.tokenize(b"def f(x):\\n"))
+llm.close()
+"""
+
+
+def test_monitor_watches_a_real_llamahot_process(text_model):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", DECODER, text_model, "3"], cwd="/", stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready"
 
     async def scenario():
-        app = HotCacheMonitor(SnapshotSource(llm.hot_cache.snapshot_name), refresh_s=0.05)
+        app = HotCacheMonitor(pid=proc.pid, refresh_s=0.05)
         async with app.run_test() as pilot:
-            for token in range(20, 60):
-                llm.eval([token])
-            llm.hot_cache._publish_snapshot()
-            await pilot.pause(0.3)
+            await pilot.pause(0.6)
             stats = text_of(app.query_one(StatsPanel))
-            assert "qwen3moe-tiny.gguf" in stats and "live" in stats
-            assert f"{llm.hot_cache.stats()['slots_occupied']}/" in stats
-            llm.close()
+            assert "qwen3moe-tiny.gguf" in stats and f"pid {proc.pid}" in stats and "live" in stats
+            assert "/16 filled" in stats
+            await asyncio.get_running_loop().run_in_executor(None, proc.wait)
             await pilot.pause(0.3)
             assert "process ended" in text_of(app.query_one(StatsPanel))
     asyncio.run(scenario())
