@@ -101,6 +101,9 @@ struct lh_ctx {
     int64_t * counts;              /* [n_moe_layers][n_expert] */
     int64_t * hits;                /* [n_moe_layers] */
     int64_t * misses;              /* [n_moe_layers] */
+    int64_t * last_routed;         /* [n_moe_layers][n_expert]: token clock of the last routing, 0 = never */
+    int64_t token_clock;           /* tokens counted since creation or the last lh_reset_counters */
+    int64_t ubatch_base;           /* token_clock at the start of the ubatch being counted */
     struct lh_counters counters;
     bool observing;                /* false: the callback stays installed but never stops the graph */
 
@@ -194,9 +197,10 @@ struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t
     ctx->counts = calloc((size_t) n_moe_layers * (size_t) n_expert, sizeof(int64_t));
     ctx->hits = calloc((size_t) n_moe_layers, sizeof(int64_t));
     ctx->misses = calloc((size_t) n_moe_layers, sizeof(int64_t));
+    ctx->last_routed = calloc((size_t) n_moe_layers * (size_t) n_expert, sizeof(int64_t));
     ctx->slot_of_expert = malloc(sizeof(int32_t) * (size_t) n_moe_layers * (size_t) n_expert);
     ctx->ffn_mode = calloc((size_t) n_moe_layers, sizeof(int8_t));
-    if (!ctx->ffn_mode || !ctx->blk_to_moe || !ctx->table || !ctx->layers || !ctx->counts || !ctx->hits || !ctx->misses ||
+    if (!ctx->ffn_mode || !ctx->last_routed || !ctx->blk_to_moe || !ctx->table || !ctx->layers || !ctx->counts || !ctx->hits || !ctx->misses ||
         !ctx->slot_of_expert) {
         lh_ctx_free(ctx);
         return NULL;
@@ -255,6 +259,7 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     free(ctx->counts);
     free(ctx->hits);
     free(ctx->misses);
+    free(ctx->last_routed);
     free(ctx->slot_of_expert);
     free(ctx->expert_of_slot);
     free(ctx->hot);
@@ -280,6 +285,7 @@ void lh_set_debug(struct lh_ctx * ctx, int32_t flags) {
 int64_t * lh_routing_counts(struct lh_ctx * ctx) { return ctx->counts; }
 int64_t * lh_hits(struct lh_ctx * ctx) { return ctx->hits; }
 int64_t * lh_misses(struct lh_ctx * ctx) { return ctx->misses; }
+int64_t * lh_last_routed(struct lh_ctx * ctx) { return ctx->last_routed; }
 int32_t * lh_slot_of_expert(struct lh_ctx * ctx) { return ctx->slot_of_expert; }
 int32_t * lh_expert_of_slot(struct lh_ctx * ctx) { return ctx->expert_of_slot; }
 const char * lh_last_error(const struct lh_ctx * ctx) { return ctx->error; }
@@ -297,6 +303,8 @@ void lh_reset_counters(struct lh_ctx * ctx) {
     memset(ctx->counts, 0, sizeof(int64_t) * (size_t) ctx->n_moe_layers * (size_t) ctx->n_expert);
     memset(ctx->hits, 0, sizeof(int64_t) * (size_t) ctx->n_moe_layers);
     memset(ctx->misses, 0, sizeof(int64_t) * (size_t) ctx->n_moe_layers);
+    memset(ctx->last_routed, 0, sizeof(int64_t) * (size_t) ctx->n_moe_layers * (size_t) ctx->n_expert);
+    ctx->token_clock = 0;
 }
 
 const char * lh_built_ggml_version(void) {
@@ -1284,13 +1292,19 @@ static void lh_count_routing(struct lh_ctx * ctx, const struct ggml_tensor * t, 
     const int64_t n_used = ids->ne[0];
     const int64_t n_tokens = ids->ne[1];
     int64_t * row = ctx->counts + (size_t) moe_layer * (size_t) ctx->n_expert;
+    int64_t * last = ctx->last_routed + (size_t) moe_layer * (size_t) ctx->n_expert;
     const int32_t * slot_of = ctx->slot_of_expert + (size_t) moe_layer * (size_t) ctx->n_expert;
+    if (moe_layer == 0) {  /* the first MoE layer sees every token of the ubatch */
+        ctx->ubatch_base = ctx->token_clock;
+        ctx->token_clock += n_tokens;
+    }
     int64_t hits = 0;
     for (int64_t tok = 0; tok < n_tokens; tok++) {
         for (int64_t k = 0; k < n_used; k++) {
             const int32_t e = *(const int32_t *) ((const char *) ids->data + tok * ids->nb[1] + k * ids->nb[0]);
             if (e >= 0 && e < ctx->n_expert) {
                 row[e]++;
+                last[e] = ctx->ubatch_base + tok + 1;
                 hits += slot_of[e] >= 0;
             }
         }

@@ -83,6 +83,10 @@ int64_t * lh_routing_counts(struct lh_ctx * ctx);
 /* Hot-slot hits and misses of managed ubatches (<= prefill_bypass tokens), int64 [n_moe_layers]. */
 int64_t * lh_hits(struct lh_ctx * ctx);
 int64_t * lh_misses(struct lh_ctx * ctx);
+/* Recency, int64 [n_moe_layers][n_expert]: the token (1-based, counted since creation or the last
+ * lh_reset_counters) at which each expert was last routed to; 0 = never. (The last MoE layer routes
+ * only the rows whose logits are wanted.) */
+int64_t * lh_last_routed(struct lh_ctx * ctx);
 /* Published slot maps: int32 [n_moe_layers][n_expert] (slot or -1) and [n_moe_layers][n_slots] (expert or -1). */
 int32_t * lh_slot_of_expert(struct lh_ctx * ctx);
 int32_t * lh_expert_of_slot(struct lh_ctx * ctx);

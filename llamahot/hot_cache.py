@@ -60,6 +60,7 @@ class HotCache:
         self._counts = _int64_view(lib.lh_routing_counts(ctx), n_layers * n_expert).reshape(n_layers, n_expert)
         self._hits = _int64_view(lib.lh_hits(ctx), n_layers)
         self._misses = _int64_view(lib.lh_misses(ctx), n_layers)
+        self._last_routed = _int64_view(lib.lh_last_routed(ctx), n_layers * n_expert).reshape(n_layers, n_expert)
         self._seen = np.zeros((n_layers, n_expert), dtype=np.int64)  # counts already fed to the policy
         self._final: Optional[tuple[np.ndarray, dict]] = None  # snapshot kept after release()
 
@@ -175,7 +176,7 @@ class HotCache:
         copies (never waits for them)."""
         delta = self._counts - self._seen
         self._seen += delta
-        self.policy.observe(delta, self._tokens_since_rebalance)
+        self.policy.observe(delta, self._tokens_since_rebalance, self._last_routed)
         self._tokens_since_rebalance = 0
         self._filled = True
         self.slots.apply(self.policy.choose(self.slots.resident()))
@@ -324,7 +325,7 @@ class HotCache:
         if self._snapshot is not None:
             self._snapshot.close()
             self._snapshot = None
-        self._counts = self._hits = self._misses = None
+        self._counts = self._hits = self._misses = self._last_routed = None
         lib.lh_ctx_free(self._ctx)
         self._ctx = None
 

@@ -1,7 +1,8 @@
 """Which experts are hot: policies in plain numpy, no llama imports (testable on recorded traces).
 
-A policy sees routing as count deltas, `observe(delta, n_tokens)` with delta int64
-[n_layers, n_expert] = entries routed to each expert since the last call, and answers
+A policy sees routing as count deltas, `observe(delta, n_tokens, last_used)` with delta int64
+[n_layers, n_expert] = entries routed to each expert since the last call and last_used int64
+[n_layers, n_expert] = the token (1-based clock, 0 = never) of each expert's latest routing, and answers
 `choose(resident)`: the desired hot set, a bool [n_layers, n_expert] mask with at most k experts
 per layer, given the resident mask. The slot manager turns the difference into copies.
 """
@@ -60,7 +61,7 @@ class DecayedFrequency:
         self.decay_per_token = 0.5 ** (1.0 / half_life)
         self.score = np.zeros((n_layers, n_expert), dtype=np.float64)
 
-    def observe(self, delta: np.ndarray, n_tokens: int) -> None:
+    def observe(self, delta: np.ndarray, n_tokens: int, last_used: np.ndarray | None = None) -> None:
         self.score *= self.decay_per_token ** n_tokens
         self.score += delta
 
@@ -72,33 +73,32 @@ class DecayedFrequency:
 
 
 class LRU:
-    """Least recently used: the k experts routed to most recently.
-
-    Routing arrives in chunks (one per rebalance), so experts seen in the same chunk tie on
-    recency; the tie is broken by how often the chunk routed to them.
-    """
+    """Least recently used: the k experts routed to most recently (per-token recency from the
+    shim's clock; experts routed at the same token tie, broken by how often they were routed in
+    the last interval)."""
 
     name = "lru"
 
     def __init__(self, n_layers: int, n_expert: int, k: int):
         self.k = k
-        self.step = 0
-        self.last_used = np.full((n_layers, n_expert), -1, dtype=np.int64)
+        self.last_used = np.zeros((n_layers, n_expert), dtype=np.int64)
         self.last_count = np.zeros((n_layers, n_expert), dtype=np.int64)
+        self.clock = 0
 
-    def observe(self, delta: np.ndarray, n_tokens: int) -> None:
-        self.step += 1
-        seen = delta > 0
-        self.last_used[seen] = self.step
-        self.last_count[seen] = delta[seen]
+    def observe(self, delta: np.ndarray, n_tokens: int, last_used: np.ndarray | None = None) -> None:
+        self.clock += n_tokens
+        if last_used is not None:
+            self.last_used = np.array(last_used, dtype=np.int64)
+        else:  # no per-token clock: everything routed in this chunk counts as just used
+            self.last_used[delta > 0] = self.clock
+        self.last_count = np.array(delta)
 
     def choose(self, resident: np.ndarray) -> np.ndarray:
-        # +1 keeps "never used" at score 0; the count fraction only orders experts of one chunk.
-        score = (self.last_used + 1).astype(np.float64) + self.last_count / (self.last_count.max() + 1.0)
+        score = self.last_used.astype(np.float64) + self.last_count / (self.last_count.max() + 1.0)
         return swap_plan(score, resident, self.k)
 
     def hotness(self) -> np.ndarray:
-        return (self.last_used + 1).astype(np.float64)
+        return self.last_used.astype(np.float64)
 
 
 class WindowLFU:
@@ -113,7 +113,7 @@ class WindowLFU:
         self.tokens = 0
         self.count = np.zeros((n_layers, n_expert), dtype=np.int64)
 
-    def observe(self, delta: np.ndarray, n_tokens: int) -> None:
+    def observe(self, delta: np.ndarray, n_tokens: int, last_used: np.ndarray | None = None) -> None:
         self.chunks.append((delta.copy(), n_tokens))
         self.count += delta
         self.tokens += n_tokens
@@ -155,6 +155,7 @@ def replay(policy, trace: np.ndarray, interval: int, warmup: int | None = None) 
     warmup = interval if warmup is None else warmup
     n_tokens, n_layers, n_expert = trace.shape
     resident = np.zeros((n_layers, n_expert), dtype=bool)
+    last_used = np.zeros((n_layers, n_expert), dtype=np.int64)
     hits = misses = loads = 0
     start = 0
     for end in [warmup, *range(warmup + interval, n_tokens + interval, interval)]:
@@ -166,7 +167,9 @@ def replay(policy, trace: np.ndarray, interval: int, warmup: int | None = None) 
             served = chunk.sum(axis=0)
             hits += int(served[resident].sum())
             misses += int(served[~resident].sum())
-        policy.observe(chunk.sum(axis=0), end - start)
+        for t in range(start, end):  # the shim's clock: 1-based token of each expert's latest routing
+            last_used[trace[t] > 0] = t + 1
+        policy.observe(chunk.sum(axis=0), end - start, last_used)
         desired = policy.choose(resident)
         loads += int((desired & ~resident).sum())
         resident = desired

@@ -128,3 +128,24 @@ def test_replay_on_recorded_trace_beats_chance_with_more_slots(recorded_trace):
              for k in (4, 16, n_expert)]
     assert rates[0] <= rates[1] <= rates[2]
     assert rates[2] > 0.9  # all experts fit: only the first sighting of each is a miss
+
+
+def test_lru_uses_per_token_recency_when_given():
+    policy = LRU(1, 6, 2)
+    delta = np.array([[3, 3, 3, 3, 0, 0]])
+    last_used = np.array([[10, 40, 20, 30, 0, 0]])  # all routed in this interval, at different tokens
+    policy.observe(delta, 40, last_used)
+    np.testing.assert_array_equal(policy.choose(np.zeros((1, 6), dtype=bool)), [[False, True, False, True, False, False]])
+
+
+def test_shim_records_the_token_of_each_experts_last_routing(text_model):
+    llm = llamahot.Llama(text_model, hot_experts=2, **LLAMA_KW)
+    prompt = llm.tokenize(b"def f(x):\n")
+    llm.eval(prompt)
+    before = llm.hot_cache.routing_counts()
+    llm.eval([42])
+    routed_now = (llm.hot_cache.routing_counts() - before)[0] > 0
+    last = llm.hot_cache._last_routed.copy()
+    n = len(prompt) + 1
+    assert last.max() == n
+    assert (last[0][routed_now] == n).all() and (last[0][~routed_now] < n).all()
