@@ -64,6 +64,7 @@ struct lh_entry {
 struct lh_ffn {
     int32_t layer;
     struct ggml_tensor * down;
+    const struct ggml_tensor * input;  /* the layer input the gate/up matmuls read */
     int32_t n_nodes;
     struct ggml_tensor * nodes[LH_FFN_MAX_NODES];
     enum ggml_op saved_op[LH_FFN_MAX_NODES + 1];   /* nodes, then down */
@@ -764,13 +765,21 @@ static size_t lh_part_bytes(const struct ggml_tensor * t, int64_t n) {
 }
 
 /* Gather the activation rows and matrix indices of `entries` into host memory. */
-static void lh_gather(const struct ggml_tensor * t, const struct lh_entry * entries, int64_t n, float * b_rows, int32_t * ids) {
-    const struct ggml_tensor * b = t->src[1];
+/* Gather the activation rows of `entries` from b (one row only with one_token: every entry then
+ * shares it) and their matrix indices; with `experts`, also each entry's expert (for biases),
+ * mapped from slots by expert_of when given. */
+static void lh_gather(const struct ggml_tensor * b, const struct lh_entry * entries, int64_t n, bool one_token,
+                      const int32_t * expert_of, float * b_rows, int32_t * ids, int32_t * experts) {
     const size_t row = (size_t) b->ne[0] * sizeof(float);
     for (int64_t i = 0; i < n; i++) {
-        const int64_t i11 = entries[i].k % b->ne[1];
-        memcpy((char *) b_rows + (size_t) i * row, (const char *) b->data + i11 * b->nb[1] + entries[i].token * b->nb[2], row);
+        if (!one_token || i == 0) {
+            const int64_t i11 = entries[i].k % b->ne[1];
+            memcpy((char *) b_rows + (size_t) i * row, (const char *) b->data + i11 * b->nb[1] + entries[i].token * b->nb[2], row);
+        }
         ids[i] = entries[i].matrix;
+        if (experts != NULL) {  /* only when a bias needs them */
+            experts[i] = expert_of ? expert_of[entries[i].matrix] : entries[i].matrix;
+        }
     }
 }
 
@@ -879,7 +888,7 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
         lh_place(&ctx->host_scratch, cold.b, &host_off);
         lh_place(&ctx->host_scratch, cold.ids, &host_off);
         lh_place(&ctx->host_scratch, cold.out, &host_off);
-        lh_gather(t, ctx->cold, n_cold, (float *) cold.b->data, (int32_t *) cold.ids->data);
+        lh_gather(t->src[1], ctx->cold, n_cold, false, NULL, (float *) cold.b->data, (int32_t *) cold.ids->data, NULL);
         ggml_build_forward_expand(cpu_graph, cold.out);
     }
     /* Where the hot part's inputs are gathered and its output lands, in host memory. */
@@ -903,7 +912,7 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
             hot_out_rows = (float *) hot.out->data;
             ggml_build_forward_expand(cpu_graph, hot.out);
         }
-        lh_gather(t, ctx->hot, n_hot, hot_b_rows, hot_ids);
+        lh_gather(t->src[1], ctx->hot, n_hot, false, NULL, hot_b_rows, hot_ids, NULL);
     }
     bool ok = true;
     int64_t t0 = lh_now_ns();
@@ -1035,6 +1044,7 @@ static bool lh_ffn_find(struct lh_ctx * ctx, struct lh_ffn * f, struct ggml_tens
             matmuls++;
         }
     }
+    f->input = input;
     return matmuls == lh_layer_weight_count(ctx, layer) - 1;
 }
 
@@ -1096,15 +1106,8 @@ static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, cons
                               int64_t n, bool one_token, struct lh_ffn_part * part) {
     struct lh_layer * layer = &ctx->layers[f->layer];
     struct ggml_tensor * clones[LH_FFN_MAX_NODES];
-    const struct ggml_tensor * input = NULL;
-    for (int32_t i = 0; i < f->n_nodes; i++) {
-        if (f->nodes[i]->op == GGML_OP_MUL_MAT_ID) {
-            input = f->nodes[i]->src[1];
-            break;
-        }
-    }
     const int64_t ne1 = one_token ? n : 1, ne2 = one_token ? 1 : n;
-    part->b = ggml_new_tensor_3d(g, GGML_TYPE_F32, input->ne[0], 1, ne2);
+    part->b = ggml_new_tensor_3d(g, GGML_TYPE_F32, f->input->ne[0], 1, ne2);
     part->ids = ggml_new_tensor_2d(g, GGML_TYPE_I32, ne1, ne2);
     part->experts = ggml_new_tensor_2d(g, GGML_TYPE_I32, ne1, ne2);
     ggml_set_input(part->b);
@@ -1170,29 +1173,6 @@ static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, cons
     return true;
 }
 
-/* Gather the input rows and indices of `entries` (from the FFN's input and the ids). */
-static void lh_ffn_gather(const struct lh_ffn * f, const struct lh_entry * entries, int64_t n, bool one_token,
-                          const int32_t * expert_of, float * b_rows, int32_t * ids, int32_t * experts) {
-    const struct ggml_tensor * input = NULL;
-    for (int32_t i = 0; i < f->n_nodes; i++) {
-        if (f->nodes[i]->op == GGML_OP_MUL_MAT_ID) {
-            input = f->nodes[i]->src[1];
-            break;
-        }
-    }
-    const size_t row = (size_t) input->ne[0] * sizeof(float);
-    for (int64_t i = 0; i < n; i++) {
-        if (!one_token || i == 0) {
-            const int64_t i11 = entries[i].k % input->ne[1];
-            memcpy((char *) b_rows + (size_t) i * row, (const char *) input->data + i11 * input->nb[1] + entries[i].token * input->nb[2], row);
-        }
-        ids[i] = entries[i].matrix;
-        if (experts != NULL) {  /* only when a bias needs them */
-            experts[i] = expert_of ? expert_of[entries[i].matrix] : entries[i].matrix;
-        }
-    }
-}
-
 /* Compute the down node's output (the layer's expert FFN per (token, k)) into dst: hot rows from
  * the slots (launched first when on the GPU), cold rows from the original weights on the CPU. */
 static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * dst) {
@@ -1216,7 +1196,7 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
     struct ggml_cgraph * cpu_graph = ggml_new_graph_custom(g, 2 * LH_FFN_MAX_NODES + 8, false);
     struct ggml_cgraph * gpu_graph = ggml_new_graph_custom(g, 2 * LH_FFN_MAX_NODES + 8, false);
     const bool hot_on_gpu = ctx->gpu != NULL && n_hot > 0;
-    const bool one_token = n_tokens == 1 && f->nodes[0]->op == GGML_OP_MUL_MAT_ID && f->nodes[0]->src[1]->ne[1] == 1;
+    const bool one_token = n_tokens == 1 && f->input->ne[1] == 1;
     struct lh_ffn_part hot = {0}, cold = {0};
     bool ok = true;
     if (n_cold > 0) {
@@ -1249,7 +1229,7 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         int32_t * slot_ids = (int32_t *) (stage + lh_pad(b_bytes));
         int32_t * expert_ids = (int32_t *) (stage + lh_pad(b_bytes) + lh_pad(i_bytes));
         hot_out_rows = (float *) (stage + lh_pad(b_bytes) + 2 * lh_pad(i_bytes));
-        lh_ffn_gather(f, ctx->hot, n_hot, one_token, expert_of, b_rows, slot_ids, expert_ids);
+        lh_gather(f->input, ctx->hot, n_hot, one_token, expert_of, b_rows, slot_ids, expert_ids);
         ggml_backend_tensor_set_async(ctx->gpu, hot.b, b_rows, 0, b_bytes);
         ggml_backend_tensor_set_async(ctx->gpu, hot.ids, slot_ids, 0, i_bytes);
         if (hot.experts->buffer != NULL) {
@@ -1264,10 +1244,12 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         t0 = t1;
     }
     if (n_cold > 0) {
-        lh_ffn_gather(f, ctx->cold, n_cold, one_token, NULL, (float *) cold.b->data, (int32_t *) cold.ids->data, (int32_t *) cold.experts->data);  /* experts: NULL if unused */
+        lh_gather(f->input, ctx->cold, n_cold, one_token, NULL, (float *) cold.b->data, (int32_t *) cold.ids->data,
+                  (int32_t *) cold.experts->data);  /* experts: NULL if no bias uses them */
     }
     if (n_hot > 0 && !hot_on_gpu) {
-        lh_ffn_gather(f, ctx->hot, n_hot, one_token, expert_of, (float *) hot.b->data, (int32_t *) hot.ids->data, (int32_t *) hot.experts->data);
+        lh_gather(f->input, ctx->hot, n_hot, one_token, expert_of, (float *) hot.b->data, (int32_t *) hot.ids->data,
+                  (int32_t *) hot.experts->data);
         hot_out_rows = (float *) hot.out->data;
     }
     size_t expert_bytes = 0;
