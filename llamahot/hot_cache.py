@@ -141,9 +141,7 @@ class HotCache:
             lib.lh_set_user_callback(self._ctx, ffi.cast("ggml_backend_sched_eval_callback", address),
                                      ffi.cast("void *", user_data or 0))
         self._model_name = model_name or os.path.basename(self.layout.path)
-        self._snapshot = SnapshotWriter.create(os.getpid(), self.layout.n_moe_layers, self.layout.n_expert,
-                                               self.hot_experts, self._model_name)
-        self._publish_snapshot()
+        self._new_snapshot()
 
     def end_of_eval(self) -> int:
         """Undo graph changes a failed or aborted decode left behind; returns how many (0 normally)."""
@@ -208,9 +206,7 @@ class HotCache:
                                  self.slots.projections, stats)
         self._filled = False
         self._snapshot.close()
-        self._snapshot = SnapshotWriter.create(os.getpid(), self.layout.n_moe_layers, self.layout.n_expert, k,
-                                               self._model_name)
-        self._publish_snapshot()
+        self._new_snapshot()  # its shape depends on K
         if error is not None:
             raise RuntimeError(f"llamahot: could not set up the slots ({error}); hot experts are off (K=0)")
 
@@ -280,7 +276,7 @@ class HotCache:
             "slots_total": self.layout.n_moe_layers * self.hot_experts,
             "slots_occupied": self.slots.occupied() if self.slots else 0,
             "slots_loading": transfers.pending if transfers else 0,
-            "slot_bytes": int(lib.lh_slot_bytes_per_layer(self._ctx)) * self.layout.n_moe_layers if self.slots else 0,
+            "slot_bytes": self._slot_bytes(),
             "bytes_moved": transfers.bytes_moved if transfers else 0,
             "experts_loaded": transfers.experts_loaded if transfers else 0,
             "rebalances": transfers.rebalances if transfers else 0,
@@ -339,6 +335,15 @@ class HotCache:
         lib.lh_get_counters(self._ctx, counters)
         return counters
 
+    def _slot_bytes(self) -> int:
+        """Memory of all slots (0 before they are set up, or with K = 0)."""
+        return int(lib.lh_slot_bytes_per_layer(self._ctx)) * self.layout.n_moe_layers
+
+    def _new_snapshot(self) -> None:
+        self._snapshot = SnapshotWriter.create(os.getpid(), self.layout.n_moe_layers, self.layout.n_expert,
+                                               self.hot_experts, self._model_name)
+        self._publish_snapshot()
+
     def _publish_snapshot(self, now: float = 0.0) -> None:
         if self._snapshot is None:
             return
@@ -352,7 +357,7 @@ class HotCache:
             prefill_tokens=self._prefill_tokens, prefill_seconds=self._prefill_seconds,
             bytes_moved=t.bytes_moved, rebalances=t.rebalances, max_rebalance_ms=t.max_rebalance_ms,
             slots_loading=t.pending,
-            slot_bytes=int(lib.lh_slot_bytes_per_layer(self._ctx)) * self.layout.n_moe_layers,
+            slot_bytes=self._slot_bytes(),
             hits_per_layer=self._hits, misses_per_layer=self._misses,
             expert_of_slot=self.slots.expert_of_slot, routing_counts=self._counts,
         )

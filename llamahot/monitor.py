@@ -108,14 +108,42 @@ class SnapshotWriter:
         _live_writers.discard(self)
 
 
-def snapshot_names(pid: int) -> list[str]:
-    """Names of the snapshot blocks of process `pid` (Linux: listed from /dev/shm)."""
-    prefix = f"{PREFIX}{pid}_"
+def _listed_blocks() -> Optional[list[tuple[int, int, str]]]:
+    """(pid, instance, name) of every snapshot block in /dev/shm; None where there is no listing."""
     try:
-        names = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
-    except FileNotFoundError:  # no /dev/shm listing (macOS): probe the first numbers
-        names = [f"{prefix}{i}" for i in range(32)]
-    return sorted(names, key=lambda n: int(n.rsplit("_", 1)[1]))
+        names = os.listdir("/dev/shm")
+    except FileNotFoundError:
+        return None
+    blocks = []
+    for name in names:
+        parts = name[len(PREFIX):].split("_") if name.startswith(PREFIX) else []
+        if len(parts) == 2 and all(p.isdigit() for p in parts):
+            blocks.append((int(parts[0]), int(parts[1]), name))
+    return blocks
+
+
+def snapshot_names(pid: int) -> list[str]:
+    """Names of the snapshot blocks of process `pid`, oldest first."""
+    blocks = _listed_blocks()
+    if blocks is None:  # no /dev/shm listing (macOS): probe the first numbers
+        return [f"{PREFIX}{pid}_{i}" for i in range(32)]
+    return [name for _, _, name in sorted(b for b in blocks if b[0] == pid)]
+
+
+def running_caches() -> list[tuple[int, str]]:
+    """(pid, block name) of every llamahot cache of a live process on this machine."""
+    alive = [(pid, name) for pid, _, name in _listed_blocks() or [] if _alive(pid)]
+    return sorted(alive, key=lambda block: block[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def read_snapshot(name: str, retries: int = 100) -> Optional[dict]:

@@ -21,7 +21,8 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.reactive import reactive
 from textual.widgets import ContentSwitcher, Footer, Header, OptionList, Sparkline, Static
 
-from llamahot.tui.source import Rates, SnapshotSource, rates, running_caches
+from llamahot.monitor import running_caches
+from llamahot.tui.source import Rates, SnapshotSource, rates
 
 REFRESH_S = 0.25
 HEAT = ["#30343f", "#3b4cc0", "#6788ee", "#9abbff", "#c9d7f0", "#edd1c2", "#f7a889", "#e26952", "#b40426"]

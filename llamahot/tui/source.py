@@ -1,40 +1,12 @@
 """Where the monitor's pictures come from: the shared-memory snapshots of llamahot processes."""
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
 from llamahot import monitor
-
-_NAME = re.compile(rf"^{monitor.PREFIX}(\d+)_(\d+)$")
-
-
-def running_caches() -> list[tuple[int, str]]:
-    """(pid, block name) of every live llamahot cache on this machine (Linux: from /dev/shm)."""
-    found = []
-    try:
-        names = os.listdir("/dev/shm")
-    except FileNotFoundError:
-        return []
-    for name in sorted(names):
-        match = _NAME.match(name)
-        if match and _alive(int(match.group(1))):
-            found.append((int(match.group(1)), name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class SnapshotSource:
