@@ -4,7 +4,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import llama_cpp
 import numpy as np
@@ -22,15 +22,24 @@ class Row:
     hit_rate: Optional[float]
 
 
-def decode_rate(llm: llama_cpp.Llama, n_tokens: int) -> float:
-    """tok/s of greedy single-token decode steps after a short prompt."""
+def last_logits(llm: llama_cpp.Llama) -> np.ndarray:
+    """A copy of the logits of the last evaluated token (works without logits_all)."""
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+
+
+def decode_rate(llm: llama_cpp.Llama, n_tokens: int,
+                after_prompt: Optional[Callable[[llama_cpp.Llama], None]] = None) -> float:
+    """tok/s of greedy single-token decode steps after a short prompt; `after_prompt(llm)` runs
+    between the two (e.g. to zero llamahot's counters so they cover the decode steps alone)."""
     llm.reset()
     llm.eval(llm.tokenize(PROMPT))
+    if after_prompt is not None:
+        after_prompt(llm)
     spent = 0.0
     for _ in range(n_tokens):
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        token = int(np.argmax(last_logits(llm)))
         start = time.perf_counter()
-        llm.eval([int(np.argmax(logits))])
+        llm.eval([token])
         spent += time.perf_counter() - start
     return n_tokens / spent
 

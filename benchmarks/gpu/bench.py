@@ -33,9 +33,10 @@ import numpy as np
 
 import llamahot
 from llamahot._shim import ffi, lib
+from llamahot.benchmark import PROMPT as SHORT_PROMPT
+from llamahot.benchmark import decode_rate, last_logits
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, read_moe_layout
 
-SHORT_PROMPT = b"def fibonacci(n):\n    if n < 2:\n        return n\n"
 
 
 class StockPlaced(llama_cpp.Llama):
@@ -69,24 +70,9 @@ def static_cpu_pattern(n_blocks_on_cpu: int, moe_blocks: tuple[int, ...]) -> str
     return r"^blk\.(" + "|".join(map(str, cpu_blocks)) + r")" + EXPERT_TENSOR_PATTERN
 
 
-def logits_now(llm) -> np.ndarray:
-    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
-
-
-def decode_rate(llm, n_tokens: int) -> float:
-    """tok/s of greedy single-token decode steps after a short prompt (llamahot's counters then cover
-    the decode steps alone)."""
-    llm.reset()
-    llm.eval(llm.tokenize(SHORT_PROMPT))
+def reset_counters_after_prompt(llm) -> None:
     if isinstance(llm, llamahot.Llama):
-        llm.hot_cache.reset()
-    spent = 0.0
-    for _ in range(n_tokens):
-        token = int(np.argmax(logits_now(llm)))
-        start = time.perf_counter()
-        llm.eval([token])
-        spent += time.perf_counter() - start
-    return n_tokens / spent
+        llm.hot_cache.reset()  # llamahot's counters then cover the decode steps alone
 
 
 def prefill_rate(llm, tokens: list[int]) -> float:
@@ -109,7 +95,7 @@ def greedy_run(llm, steps: int, forced: list[int] | None = None) -> tuple[list[i
     llm.eval(llm.tokenize(SHORT_PROMPT))
     tokens, logits = [], []
     for i in range(steps):
-        row = logits_now(llm)
+        row = last_logits(llm)
         logits.append(row)
         tokens.append(int(np.argmax(row)))
         llm.eval([forced[i] if forced is not None else tokens[-1]])
@@ -200,7 +186,7 @@ def main() -> int:
         if isinstance(llm, llamahot.Llama) and llm.hot_cache.slots is not None:
             # Rebalances anywhere in the run count (reset() below zeroes the counters).
             longest_rebalance[name] = max(longest_rebalance.get(name, 0.0), llm.hot_cache.slots.stats.max_rebalance_ms)
-        d = decode_rate(llm, args.tokens)
+        d = decode_rate(llm, args.tokens, after_prompt=reset_counters_after_prompt)
         row = {"decode_tok_s": d}
         if isinstance(llm, llamahot.Llama):
             st = llm.hot_cache.stats()
