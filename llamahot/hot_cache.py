@@ -34,6 +34,22 @@ DEBUG_PER_NODE = 4
 SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
 
+class HostPlacement:
+    """A `tensor_buft_overrides` list for llama_model_params that puts the tensors whose names match
+    `pattern` (a regex) in host memory, like `-ot PATTERN=CPU`. The list and its string are owned
+    here: keep this object alive until the model is loaded."""
+
+    def __init__(self, pattern: str):
+        self._pattern = ffi.new("char[]", pattern.encode())
+        self._overrides = ffi.new("struct llama_model_tensor_buft_override[2]")  # NULL-terminated
+        self._overrides[0].pattern = self._pattern
+        self._overrides[0].buft = lib.ggml_backend_cpu_buffer_type()
+
+    @property
+    def address(self) -> int:
+        return int(ffi.cast("uintptr_t", self._overrides))
+
+
 class HotCache:
     """Hot-expert slots, routing counters and statistics of one llamahot context."""
 
@@ -65,10 +81,7 @@ class HotCache:
         self._final: Optional[tuple[np.ndarray, dict]] = None  # snapshot kept after release()
 
         # Placement of every routed-expert tensor in host memory (what `-ot exps=CPU` does).
-        self._override_pattern = ffi.new("char[]", EXPERT_TENSOR_PATTERN.encode())
-        self._overrides = ffi.new("struct llama_model_tensor_buft_override[2]")
-        self._overrides[0].pattern = self._override_pattern
-        self._overrides[0].buft = lib.ggml_backend_cpu_buffer_type()
+        self._placement = HostPlacement(EXPERT_TENSOR_PATTERN)
 
         self.slots: Optional[SlotManager] = None
         self._snapshot: Optional[SnapshotWriter] = None
@@ -84,7 +97,7 @@ class HotCache:
     # -- wiring into llama.cpp (used by llamahot.Llama) ------------------------------------
     @property
     def tensor_buft_overrides_address(self) -> int:
-        return int(ffi.cast("uintptr_t", self._overrides))
+        return self._placement.address
 
     @property
     def eval_callback_address(self) -> int:

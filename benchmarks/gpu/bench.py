@@ -32,7 +32,7 @@ import llama_cpp
 import numpy as np
 
 import llamahot
-from llamahot._shim import ffi, lib
+from llamahot.hot_cache import HostPlacement
 from llamahot.benchmark import PROMPT as SHORT_PROMPT
 from llamahot.benchmark import decode_rate, last_logits
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, read_moe_layout
@@ -43,12 +43,7 @@ class StockPlaced(llama_cpp.Llama):
     """Stock llama_cpp.Llama with the tensors matching `cpu_pattern` in host memory (like `-ot PATTERN=CPU`)."""
 
     def __init__(self, path: str, *, cpu_pattern: str | None, **kwargs):
-        self._cpu_pattern = cpu_pattern
-        self._pattern_c = ffi.new("char[]", cpu_pattern.encode()) if cpu_pattern else None
-        self._overrides = ffi.new("struct llama_model_tensor_buft_override[2]")
-        if cpu_pattern:
-            self._overrides[0].pattern = self._pattern_c
-            self._overrides[0].buft = lib.ggml_backend_cpu_buffer_type()
+        self._placement = HostPlacement(cpu_pattern) if cpu_pattern else None
         super().__init__(path, **kwargs)
 
     @property
@@ -57,8 +52,8 @@ class StockPlaced(llama_cpp.Llama):
 
     @model_params.setter
     def model_params(self, params):
-        if self._cpu_pattern:
-            params.tensor_buft_overrides = int(ffi.cast("uintptr_t", self._overrides))
+        if self._placement is not None:
+            params.tensor_buft_overrides = self._placement.address
         self.__dict__["model_params"] = params
 
 
