@@ -867,7 +867,7 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
      * staging area. */
     const bool hot_on_gpu = ctx->gpu != NULL && n_hot > 0;
     char * stage = hot_on_gpu ? (char *) lh_staging(ctx, lh_part_bytes(t, n_hot)) : NULL;
-    if (!lh_scratch_reserve(&ctx->host_scratch, lh_part_bytes(t, n_cold) + (hot_on_gpu ? 0 : lh_part_bytes(t, n_hot))) ||
+    if (!lh_scratch_reserve(&ctx->host_scratch, lh_part_bytes(t, n_cold) + lh_part_bytes(t, n_hot)) ||
         (hot_on_gpu && (stage == NULL || !lh_scratch_reserve(&ctx->gpu_scratch, lh_part_bytes(t, n_hot))))) {
         return false;
     }
