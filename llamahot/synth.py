@@ -14,7 +14,12 @@ module writes such models from a :class:`ModelSpec`:
   is generated and written chunk by chunk, so memory stays bounded even for
   multi-GiB specs such as the ``qwen3moe-30b-a3b`` preset;
 * all presets share one SentencePiece-style ("llama") BPE tokenizer learned
-  from a small corpus embedded below, plus a ChatML chat template.
+  from a small corpus embedded below, plus a ChatML chat template;
+* random weights route almost uniformly over experts; a qwen3moe spec with a
+  :class:`RoutingSpec` (presets ``qwen3moe-30b-a3b-routed``,
+  ``qwen3moe-routed-mini``) instead routes like a trained model: Zipf-like
+  expert popularity, token dependence and temporal locality, calibrated
+  against Qwen3-30B-A3B's published statistics (docs/ROUTING.md).
 
 CLI: ``python -m llamahot.synth PRESET OUT.gguf [--seed N]``.
 """
@@ -428,6 +433,9 @@ _BUILDERS: dict[QType, Callable[[np.random.Generator, int, float], np.ndarray]] 
     QType.F16: _float(np.float16),
     QType.F32: _float(np.float32),
 }
+# Float types whose tensors can carry exact construction values (routing).
+_FLOAT_DTYPES: dict[QType, type] = {QType.F16: np.float16, QType.F32: np.float32}
+_EMBD_STD = 1.0  # token embeddings: unit-variance rows (the residual stream starts at rms ~1)
 
 
 # ---------------------------------------------------------------------------
@@ -435,6 +443,111 @@ _BUILDERS: dict[QType, Callable[[np.random.Generator, int, float], np.ndarray]] 
 # ---------------------------------------------------------------------------
 
 ARCHES = ("qwen3moe", "deepseek2", "gpt-oss", "qwen3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingSpec:
+    """Realistic routing for a ``qwen3moe`` model (docs/ROUTING.md explains and calibrates it).
+
+    Random weights route almost uniformly.  With a RoutingSpec the embeddings, layer 0's
+    attention and every router are built so that, at the nominal residual composition, the router
+    logits of every MoE layer are (in nats)
+
+        logit_e(t) = -bias * ln(rank_e) + token * z_e(t) + context * y_e(t)
+
+    * ``rank_e``: the expert's popularity rank under a random permutation drawn per layer
+      (Zipf-like skew, read from a constant direction of the residual stream);
+    * ``z_e(t)``: a fixed random function of the current token, std 1 (token subspace);
+    * ``y_e(t)``: a fixed random linear function of the recent tokens, averaged by layer 0's
+      attention head 0 with a causal Gaussian window of std ``window`` tokens (context
+      subspace), std 1 when the recent tokens are unrelated.
+
+    Routing statistics depend on the ratios only (top-k ignores a common scale); ``token`` sets
+    the softmax temperature and so the mixing weights.  The defaults are calibrated so that
+    teacher-forced decoding of Python source reproduces Qwen3-30B-A3B's published statistics.
+    """
+
+    bias: float = 1.3           # nats per ln(rank)
+    token: float = 1.5          # nats, std over experts of the token part
+    context: float = 1.7        # nats, nominal std of the context part
+    window: float = 12.0        # tokens, std of the causal Gaussian recency window
+    amplitude: float = 16.0     # residual value per routing dimension; other dims are ~1
+    n_const: int = 16           # dimensions of the constant direction (the bias carrier)
+    band_top: float = 0.5       # recency head uses RoPE pairs with theta in
+    band_ratio: float = 1e-3    #   [band_top/window * band_ratio, band_top/window]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingLayout:
+    """Where a RoutingSpec puts things in a given model shape (derived, see routing_layout)."""
+
+    const: slice                # residual dims of the constant direction c
+    token: slice                # residual dims of the token vectors u_t (head_dim of them)
+    context: slice              # residual dims written by layer 0's head 0 (head_dim of them)
+    pairs: tuple[int, ...]      # RoPE pairs (first members) carrying the recency head's q and k
+    height: float               # score(0) - score(far): recency scores are height * mean_i cos(theta_i d)
+    norm_gain: float            # attn_q_norm / attn_k_norm weight on the recency pairs
+    rms_in: float               # nominal rms of an embedding row (layer 0's attention input)
+    rms: float                  # nominal rms of the residual after layer 0's attention
+    context_gain: float         # head 0's output gain: nominal |context| = amplitude * sqrt(head_dim)
+
+    @property
+    def n_routing_dims(self) -> int:
+        return self.context.stop
+
+
+def rope_thetas(spec: ModelSpec) -> np.ndarray:
+    """RoPE angle per position of each (NEOX) pair: freq_base^(-2i/head_dim)."""
+    return spec.rope_freq_base ** (-2.0 * np.arange(spec.head_dim // 2) / spec.head_dim)
+
+
+def _recency_weights(theta: np.ndarray, height: float, n: int) -> np.ndarray:
+    s = height * np.cos(np.outer(np.arange(n, dtype=np.float64), theta)).mean(axis=1)
+    w = np.exp(s - s.max())
+    return w / w.sum()
+
+
+def recency_weights(spec: ModelSpec, n: int) -> np.ndarray:
+    """Attention weights of layer 0's head 0 over the keys d = 0 .. n-1 tokens back, at a
+    position with n keys: softmax of height * mean_i cos(theta_i d) (q.k after RoPE)."""
+    layout = routing_layout(spec)
+    return _recency_weights(rope_thetas(spec)[list(layout.pairs)], layout.height, n)
+
+
+@functools.lru_cache(maxsize=None)
+def routing_layout(spec: ModelSpec) -> RoutingLayout:
+    """Dimensions, RoPE pairs and gains of ``spec.routing``; raises ValueError if it does not fit."""
+    r = spec.routing
+    hd = spec.head_dim
+    n_const = r.n_const
+    n_routing = n_const + 2 * hd
+    if n_routing > spec.n_embd // 2:
+        raise ValueError(f"routing needs n_embd >= 2 * (n_const + 2 * head_dim) = {2 * n_routing}")
+    theta = rope_thetas(spec)
+    top = r.band_top / r.window
+    pairs = np.flatnonzero((theta <= top) & (theta >= top * r.band_ratio))
+    if len(pairs) < 6:
+        raise ValueError(f"routing: only {len(pairs)} RoPE pairs in the recency band; widen band_ratio")
+    # Near d = 0, height * mean cos(theta d) ~ height - height * mean(theta^2) d^2 / 2: a Gaussian of std window.
+    height = 1.0 / (r.window ** 2 * float(np.mean(theta[pairs] ** 2)))
+    if height < 20:
+        raise ValueError(f"routing: recency height {height:.1f} < 20 leaks attention to far tokens; "
+                         "lower band_top")
+    # q and k of head 0 are sqrt(hd/K) on the K pairs after their RMS norm; times norm_gain each,
+    # q.k / sqrt(hd) = norm_gain^2 * sqrt(hd) * mean cos, which must be height * mean cos.
+    norm_gain = math.sqrt(height / math.sqrt(hd))
+    n_free = spec.n_embd - n_routing
+    amp2 = r.amplitude ** 2
+    rms_in = math.sqrt(((n_const + hd) * amp2 + n_free * _EMBD_STD ** 2) / spec.n_embd)
+    rms = math.sqrt((n_routing * amp2 + n_free * _EMBD_STD ** 2) / spec.n_embd)
+    w = _recency_weights(theta[pairs], height, 4096)
+    # head 0 averages v = P x_tok (P orthogonal, |x_tok| = amplitude sqrt(hd) / rms_in); for
+    # unrelated tokens |sum_d w_d v_d| = sqrt(sum w^2) |v|; wo maps it (orthogonally) to the context dims.
+    context_gain = rms_in / math.sqrt(float(np.sum(w ** 2)))
+    return RoutingLayout(
+        const=slice(0, n_const), token=slice(n_const, n_const + hd),
+        context=slice(n_const + hd, n_routing), pairs=tuple(int(p) for p in pairs),
+        height=height, norm_gain=norm_gain, rms_in=rms_in, rms=rms, context_gain=context_gain)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,6 +588,8 @@ class ModelSpec:
     expert_weights_norm: bool = False
     # gpt-oss sliding-window attention (every other layer, starting with layer 0)
     sliding_window: int = 0
+    # qwen3moe only: structured embeddings, layer-0 attention and routers (None: all random)
+    routing: RoutingSpec | None = None
 
     @property
     def n_vocab(self) -> int:
@@ -491,6 +606,12 @@ class ModelSpec:
         # llama.cpp decides "lite" (no q_lora, plain attn_q) from the layer count alone.
         if self.arch == "deepseek2" and (self.n_layer in (26, 27)) != (self.q_lora_rank == 0):
             raise ValueError("deepseek2: llama.cpp requires q_lora_rank == 0 exactly when n_layer is 26 or 27")
+        if self.routing is not None:
+            if self.arch != "qwen3moe":
+                raise ValueError(f"routing is implemented for qwen3moe only, not {self.arch}")
+            if self.dense_qtype not in _FLOAT_DTYPES:
+                raise ValueError("routing needs F16 or F32 dense tensors (they carry the construction)")
+            routing_layout(self)  # raises if the construction does not fit the shape
 
 
 PRESETS: dict[str, ModelSpec] = {
@@ -513,6 +634,19 @@ PRESETS: dict[str, ModelSpec] = {
             name="qwen3moe-mini", arch="qwen3moe", n_layer=4, n_embd=2048, n_head=16,
             n_head_kv=4, head_dim=128, n_ff=6144, n_expert=32, n_expert_used=8,
             n_ff_exp=768, expert_qtype=QType.Q4_K,
+        ),
+        # Qwen3-30B-A3B's shapes with realistic routing (RoutingSpec defaults, calibrated in
+        # docs/ROUTING.md); every tensor outside the construction equals qwen3moe-30b-a3b's.
+        ModelSpec(
+            name="qwen3moe-30b-a3b-routed", arch="qwen3moe", n_layer=48, n_embd=2048, n_head=32,
+            n_head_kv=4, head_dim=128, n_ff=6144, n_expert=128, n_expert_used=8,
+            n_ff_exp=768, expert_qtype=QType.Q4_K, context_length=40960, routing=RoutingSpec(),
+        ),
+        # The same layers (128 experts, 8 used) in 4 layers, ~1.4 GiB: calibration and tests.
+        ModelSpec(
+            name="qwen3moe-routed-mini", arch="qwen3moe", n_layer=4, n_embd=2048, n_head=32,
+            n_head_kv=4, head_dim=128, n_ff=6144, n_expert=128, n_expert_used=8,
+            n_ff_exp=768, expert_qtype=QType.Q4_K, context_length=40960, routing=RoutingSpec(),
         ),
         ModelSpec(
             name="deepseek2-tiny", arch="deepseek2", n_layer=4, n_embd=256, n_head=4,
@@ -544,13 +678,16 @@ PRESETS: dict[str, ModelSpec] = {
 class TensorPlan:
     """One tensor to write: ggml shape (ne0 first), type and init std.
 
-    ``std=None`` means all ones (norm weights).
+    ``std=None`` means all ones (norm weights).  ``structure`` (routing
+    only, F16/F32 tensors): ``structure(values, first_row, seed)`` edits a
+    chunk's float values [rows, ne0] in place after the random draw.
     """
 
     name: str
     ne: tuple[int, ...]
     qtype: QType
     std: float | None
+    structure: Callable[[np.ndarray, int, int], None] | None = None
 
     @property
     def n_elements(self) -> int:
@@ -702,14 +839,146 @@ _LAYER_PLANNERS: dict[str, Callable[[ModelSpec, str, int], list[TensorPlan]]] = 
 }
 
 
+# ---------------------------------------------------------------------------
+# Realistic routing (RoutingSpec): the tensors that carry the construction
+# ---------------------------------------------------------------------------
+# Residual dims [const | token | context | free...]: embeddings are amplitude on const, a token
+# vector u_t (norm amplitude * sqrt(head_dim)) on token, 0 on context, N(0, 1) on free.  Layer 0's
+# head 0 reads const for q and k (constant vectors on the recency pairs, so that after RoPE
+# q_i.k_j depends on i - j only) and token for v, and writes the recency-weighted average of v
+# into context.  Routers read const (bias), token and context only.  Everything else is drawn as
+# without routing (natural scales), so it perturbs the routing subspace by ~1/amplitude.
+# Each function edits values [rows, ne0] (rows first_row ...) of one chunk in place; its random
+# matrices come from their own seeded RNG, so chunks agree.
+
+def _routing_rng(seed: int, what: str) -> np.random.Generator:
+    return np.random.default_rng([seed, _name_key("routing." + what)])
+
+
+def _orthogonal(rng: np.random.Generator, n: int) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
+
+
+def _rows(values: np.ndarray, first_row: int, lo: int, hi: int) -> tuple[slice, slice]:
+    """The chunk rows (local slice) holding global rows [lo, hi), and their global slice."""
+    a, b = max(lo, first_row), min(hi, first_row + len(values))
+    return slice(a - first_row, max(a, b) - first_row), slice(a, max(a, b))
+
+
+def token_vectors(spec: ModelSpec, seed: int = 0) -> np.ndarray:
+    """u_t for every token: float64 [n_vocab, head_dim], each of norm amplitude * sqrt(head_dim)."""
+    g = _routing_rng(seed, "token_vectors").standard_normal((spec.n_vocab, spec.head_dim))
+    return g * (spec.routing.amplitude * math.sqrt(spec.head_dim) / np.linalg.norm(g, axis=1, keepdims=True))
+
+
+def _embd_structure(spec: ModelSpec, values: np.ndarray, first_row: int, seed: int) -> None:
+    lay, n = routing_layout(spec), len(values)
+    values[:, lay.const] = spec.routing.amplitude
+    values[:, lay.token] = token_vectors(spec, seed)[first_row:first_row + n]
+    values[:, lay.context] = 0.0
+
+
+def _qk_structure(spec: ModelSpec, values: np.ndarray, first_row: int, seed: int) -> None:
+    """Head 0 (q) / KV head 0 (k): rows of the recency pairs read const, the other rows are 0."""
+    lay = routing_layout(spec)
+    local, _ = _rows(values, first_row, 0, spec.head_dim)
+    values[local] = 0.0
+    for pair in lay.pairs:
+        if first_row <= pair < first_row + len(values):
+            values[pair - first_row, lay.const] = 1.0 / math.sqrt(spec.routing.n_const)
+
+
+def _qk_norm_structure(spec: ModelSpec, values: np.ndarray, first_row: int, seed: int) -> None:
+    lay, half = routing_layout(spec), spec.head_dim // 2
+    pairs = np.array(lay.pairs)
+    values[0, pairs] = values[0, pairs + half] = lay.norm_gain
+
+
+def _v_structure(spec: ModelSpec, values: np.ndarray, first_row: int, seed: int) -> None:
+    """KV head 0: v = P x_token, P a random orthogonal map."""
+    lay = routing_layout(spec)
+    local, rows = _rows(values, first_row, 0, spec.head_dim)
+    values[local] = 0.0
+    values[local, lay.token] = _orthogonal(_routing_rng(seed, "value_map"), spec.head_dim)[rows]
+
+
+def _wo_structure(spec: ModelSpec, values: np.ndarray, first_row: int, seed: int) -> None:
+    """Head 0's output columns: context_gain * Q (random orthogonal) into the context rows, 0 elsewhere."""
+    lay, hd = routing_layout(spec), spec.head_dim
+    values[:, :hd] = 0.0
+    local, rows = _rows(values, first_row, lay.context.start, lay.context.stop)
+    q = _orthogonal(_routing_rng(seed, "context_map"), hd)
+    values[local, :hd] = lay.context_gain * q[rows.start - lay.context.start:rows.stop - lay.context.start]
+
+
+def router_logit_parts(spec: ModelSpec, layer: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Layer ``layer``'s router parts in nats at the nominal composition: bias [n_expert] (mean 0),
+    token rows [n_expert, head_dim] and context rows [n_expert, head_dim] (unit-variance Gaussian,
+    times ``token`` / ``context``)."""
+    r, e = spec.routing, spec.n_expert
+    rng = _routing_rng(seed, f"router.{layer}")
+    bias = np.empty(e)
+    bias[rng.permutation(e)] = -r.bias * np.log(np.arange(1, e + 1))
+    bias -= bias.mean()
+    return bias, r.token * rng.standard_normal((e, spec.head_dim)), r.context * rng.standard_normal((e, spec.head_dim))
+
+
+def _router_structure(spec: ModelSpec, layer: int, values: np.ndarray, first_row: int, seed: int) -> None:
+    """Rows are experts.  x = h / rms(h) has amplitude / rms on each routing dim at the nominal
+    composition, so each part is divided by that (and by its norm) to come out in nats."""
+    r, lay, n = spec.routing, routing_layout(spec), len(values)
+    bias, tok, ctx = (part[first_row:first_row + n] for part in router_logit_parts(spec, layer, seed))
+    unit = lay.rms / r.amplitude
+    values[:] = 0.0
+    values[:, lay.const] = (bias * unit / r.n_const)[:, None]
+    values[:, lay.token] = tok * unit / math.sqrt(spec.head_dim)
+    values[:, lay.context] = ctx * unit / math.sqrt(spec.head_dim)
+
+
+def _output_norm_structure(spec: ModelSpec, values: np.ndarray, first_row: int, seed: int) -> None:
+    """The output head reads the free dims only (at the scale an rms-1 residual would give), so
+    logits follow the attention and expert outputs, not the routing carriers."""
+    lay = routing_layout(spec)
+    values[0, :lay.n_routing_dims] = 0.0
+    values[0, lay.n_routing_dims:] = lay.rms
+
+
+_ROUTING_STRUCTURE: dict[str, Callable[..., None]] = {
+    "token_embd.weight": _embd_structure,
+    "blk.0.attn_q.weight": _qk_structure,
+    "blk.0.attn_k.weight": _qk_structure,
+    "blk.0.attn_q_norm.weight": _qk_norm_structure,
+    "blk.0.attn_k_norm.weight": _qk_norm_structure,
+    "blk.0.attn_v.weight": _v_structure,
+    "blk.0.attn_output.weight": _wo_structure,
+    "output_norm.weight": _output_norm_structure,
+}
+
+
+def _with_routing(spec: ModelSpec, plan: TensorPlan) -> TensorPlan:
+    """``plan`` with its part of the routing construction attached (unchanged if it has none)."""
+    if plan.name in _ROUTING_STRUCTURE:
+        structure = functools.partial(_ROUTING_STRUCTURE[plan.name], spec)
+    elif plan.name.endswith(".ffn_gate_inp.weight"):
+        structure = functools.partial(_router_structure, spec, int(plan.name.split(".")[1]))
+    else:
+        return plan
+    if plan.qtype not in _FLOAT_DTYPES:
+        raise ValueError(f"routing: {plan.name} must be F16 or F32, not {plan.qtype.name}")
+    return dataclasses.replace(plan, structure=structure)
+
+
 def plan_tensors(spec: ModelSpec) -> list[TensorPlan]:
     """All tensors of ``spec`` in file order, without generating any data."""
     n_vocab = spec.n_vocab
-    plans = [TensorPlan("token_embd.weight", (spec.n_embd, n_vocab), spec.dense_qtype, 1.0)]
+    plans = [TensorPlan("token_embd.weight", (spec.n_embd, n_vocab), spec.dense_qtype, _EMBD_STD)]
     for il in range(spec.n_layer):
         plans += _LAYER_PLANNERS[spec.arch](spec, f"blk.{il}", il)
     plans += [_norm("output_norm.weight", spec.n_embd),
               _weight("output.weight", (spec.n_embd, n_vocab), spec.dense_qtype)]
+    if spec.routing is not None:
+        plans = [_with_routing(spec, plan) for plan in plans]
     for plan in plans:
         block = gguf.GGML_QUANT_SIZES[plan.qtype][0]
         if plan.ne[0] % block:
@@ -825,7 +1094,17 @@ def _tensor_chunks(plan: TensorPlan, seed: int) -> Iterator[np.ndarray]:
     key = _name_key(plan.name)
     for index, start in enumerate(range(0, n_rows, rows_per_chunk)):
         n = min(rows_per_chunk, n_rows - start) * row
-        if plan.std is None:
+        if plan.structure is not None:
+            # The same draw as the float builders, then the construction edits it.
+            if plan.std is None:
+                values = np.ones(n, dtype=np.float32)
+            else:
+                values = np.random.default_rng([seed, key, index]).standard_normal(n, dtype=np.float32)
+                values *= np.float32(plan.std)
+            values = values.reshape(-1, row)
+            plan.structure(values, start, seed)
+            yield values.astype(_FLOAT_DTYPES[plan.qtype]).view(np.uint8).reshape(-1)
+        elif plan.std is None:
             yield np.ones(n, dtype=np.float32).view(np.uint8)
         else:
             yield build(np.random.default_rng([seed, key, index]), n, plan.std)
