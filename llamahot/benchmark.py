@@ -28,16 +28,24 @@ def last_logits(llm: llama_cpp.Llama) -> np.ndarray:
 
 
 def decode_rate(llm: llama_cpp.Llama, n_tokens: int,
-                after_prompt: Optional[Callable[[llama_cpp.Llama], None]] = None) -> float:
-    """tok/s of greedy single-token decode steps after a short prompt; `after_prompt(llm)` runs
-    between the two (e.g. to zero llamahot's counters so they cover the decode steps alone)."""
+                after_prompt: Optional[Callable[[llama_cpp.Llama], None]] = None,
+                text_tokens: Optional[list[int]] = None, prompt_tokens: int = 16) -> float:
+    """tok/s of single-token decode steps after a short prompt; `after_prompt(llm)` runs between
+    the two (e.g. to zero llamahot's counters so they cover the decode steps alone).
+
+    Greedy by default; with `text_tokens` the run is teacher-forced: the first `prompt_tokens` of
+    them are the prompt and the next `n_tokens` are fed one at a time (real text, real routing)."""
     llm.reset()
-    llm.eval(llm.tokenize(PROMPT))
+    if text_tokens is not None:
+        assert len(text_tokens) >= prompt_tokens + n_tokens, "text too short for the run"
+        llm.eval(text_tokens[:prompt_tokens])
+    else:
+        llm.eval(llm.tokenize(PROMPT))
     if after_prompt is not None:
         after_prompt(llm)
     spent = 0.0
-    for _ in range(n_tokens):
-        token = int(np.argmax(last_logits(llm)))
+    for i in range(n_tokens):
+        token = int(np.argmax(last_logits(llm))) if text_tokens is None else text_tokens[prompt_tokens + i]
         start = time.perf_counter()
         llm.eval([token])
         spent += time.perf_counter() - start
