@@ -123,6 +123,13 @@ struct lh_ctx {
     struct lh_entry * cold;
     size_t entries_cap;
     float * shadow_out;            /* shadow mode: our result before comparing */
+    /* Shadow mode, whole-FFN: a copy of the layer input taken right after the first gate/up matmul.
+     * llama computes the rest of the FFN there, and gallocr may put the activation into the
+     * input's memory once gate/up have read it (it does when both have the same size). */
+    void * shadow_input;
+    size_t shadow_input_cap;
+    const struct ggml_tensor * shadow_input_of;   /* the tensor it copies */
+    struct ggml_tensor shadow_input_view;         /* its header, data pointing at the copy */
     size_t shadow_cap;
     void * graph_mem;              /* metadata of the per-node compact graphs */
     size_t graph_mem_size;
@@ -266,6 +273,7 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     free(ctx->hot);
     free(ctx->cold);
     free(ctx->shadow_out);
+    free(ctx->shadow_input);
     free(ctx->graph_mem);
     free(ctx);
 }
@@ -1322,8 +1330,17 @@ static void lh_shadow_compare(struct lh_ctx * ctx, const struct ggml_tensor * t,
     for (size_t i = 0; i < n; i++) {
         ctx->shadow_out[i] = NAN;
     }
-    const bool ok = ffn ? lh_compute_ffn(ctx, ffn, (char *) ctx->shadow_out)
-                        : lh_compute_node(ctx, t, layer, proj, (char *) ctx->shadow_out);
+    bool ok;
+    if (ffn != NULL) {
+        struct lh_ffn copy = *ffn;
+        if (ctx->shadow_input_of == ffn->input) {
+            copy.input = &ctx->shadow_input_view;
+        }
+        ctx->shadow_input_of = NULL;
+        ok = lh_compute_ffn(ctx, &copy, (char *) ctx->shadow_out);
+    } else {
+        ok = lh_compute_node(ctx, t, layer, proj, (char *) ctx->shadow_out);
+    }
     const size_t row = (size_t) t->ne[0] * sizeof(float);
     for (int64_t tok = 0; tok < t->ne[2]; tok++) {
         for (int64_t k = 0; k < t->ne[1]; k++) {
@@ -1334,6 +1351,21 @@ static void lh_shadow_compare(struct lh_ctx * ctx, const struct ggml_tensor * t,
             }
         }
     }
+}
+
+/* Shadow mode, whole-FFN: keep the layer input the gate/up matmul `t` has just read. */
+static void lh_shadow_keep_input(struct lh_ctx * ctx, const struct ggml_tensor * t) {
+    const struct ggml_tensor * input = t->src[1];
+    const size_t n = ggml_nbytes(input);
+    size_t cap = ctx->shadow_input_cap;
+    if (!lh_grow(&ctx->shadow_input, &cap, n, 1)) {
+        return;
+    }
+    ctx->shadow_input_cap = cap;
+    memcpy(ctx->shadow_input, input->data, n);
+    ctx->shadow_input_view = *input;
+    ctx->shadow_input_view.data = ctx->shadow_input;
+    ctx->shadow_input_of = input;
 }
 
 static void lh_poison(struct ggml_tensor * t) {
@@ -1408,7 +1440,7 @@ bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
             const bool ffn_mode = ctx->user_cb == NULL && !(ctx->debug_flags & LH_DEBUG_PER_NODE) &&
                                   ctx->ffn_mode[e->moe_layer] >= 0;
             if (ffn_mode && e->proj != LH_PROJ_DOWN) {
-                return false;
+                return shadow;  /* shadow: stop after it to keep the layer input (ask=false) */
             }
             if (ffn_mode && lh_try_ffn(ctx, t, e->moe_layer)) {
                 if (!shadow) {
@@ -1454,7 +1486,12 @@ bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
         if (e != NULL) {
             const bool managed_ubatch = ctx->cpu != NULL && t->ne[2] <= ctx->prefill_bypass;
             if (ctx->debug_flags & LH_DEBUG_SHADOW && lh_wants_redirect(ctx, t, e->moe_layer)) {
-                lh_shadow_compare(ctx, t, e->moe_layer, e->proj, NULL);
+                if (e->proj != LH_PROJ_DOWN && ctx->user_cb == NULL && !(ctx->debug_flags & LH_DEBUG_PER_NODE) &&
+                    ctx->ffn_mode[e->moe_layer] >= 0) {
+                    lh_shadow_keep_input(ctx, t);   /* compared as a whole FFN at the down node */
+                } else {
+                    lh_shadow_compare(ctx, t, e->moe_layer, e->proj, NULL);
+                }
             }
             if (e->proj == LH_PROJ_DOWN) {
                 lh_count_routing(ctx, t, e->moe_layer, managed_ubatch);
