@@ -9,24 +9,21 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-DEFAULT_PRESET = "qwen3moe-tiny"
+DEFAULT_MODEL = "llamahot-code-moe.gguf"
 
 
 def default_model_path() -> Path:
-    """The embedded default model, synthesized once into the user's cache directory."""
-    from llamahot.progress import synth_with_progress
+    """The embedded default model: a small MoE the project trained on Python code (models/README.md),
+    installed with the package."""
+    from importlib.resources import files
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llamahot" / "models"
-    path = cache / f"{DEFAULT_PRESET}.gguf"
-    if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        synth_with_progress(tmp, DEFAULT_PRESET)
-        tmp.replace(path)  # never leave a half-written model behind
+    path = Path(str(files("llamahot.models") / DEFAULT_MODEL))
+    if not path.is_file():
+        raise SystemExit(f"the embedded model {DEFAULT_MODEL} is missing from {path.parent}; "
+                         "reinstall llamahot (pip install --force-reinstall llamahot) or pass --model")
     return path
 
 
@@ -43,7 +40,9 @@ def demo(args: argparse.Namespace) -> int:
     print(f"model: {model}  ({llm.hot_cache.layout.arch}, {llm.hot_cache.layout.n_moe_layers} MoE layers, "
           f"{llm.hot_cache.layout.n_expert} experts, {llm.hot_cache.layout.n_expert_used} used per token)")
     print(f"prompt: {args.prompt!r}\n---")
-    for chunk in llm.create_completion(args.prompt, max_tokens=args.max_tokens, temperature=0.0, stream=True):
+    # Sampled with a fixed seed: the same text every run (and the same with or without hot experts).
+    for chunk in llm.create_completion(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                       top_p=0.95, repeat_penalty=1.1, seed=args.seed, stream=True):
         sys.stdout.write(chunk["choices"][0]["text"])
         sys.stdout.flush()
     stats = llm.hot_cache.stats()
@@ -123,10 +122,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="generate text with the embedded default model and print llamahot's statistics")
-    p.add_argument("--model", help="a MoE GGUF file (default: the embedded synthetic model)")
+    p.add_argument("--model", help="a MoE GGUF file (default: the embedded model trained on Python code)")
     p.add_argument("--hot-experts", type=int, default=8, help="hot experts per MoE layer (default 8)")
-    p.add_argument("--prompt", default="def fibonacci(n):")
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--prompt", default="def read_config(path):\n")
+    p.add_argument("--max-tokens", type=int, default=160)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.set_defaults(func=demo)
     p = sub.add_parser("inspect", help="show a model's MoE layout, expert sizes and the memory K slots take")
     p.add_argument("model", help="a GGUF file")

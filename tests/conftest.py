@@ -1,4 +1,4 @@
-"""Shared fixtures: the project's synthetic test models, generated once per test session."""
+"""Shared fixtures: the project's synthetic test models (generated once per test session) and its trained model."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,9 @@ import pytest
 
 from llamahot.synth import synth_model
 
-MOE_PRESETS = ("qwen3moe-tiny", "deepseek2-tiny", "gptoss-tiny", "qwen3moe-mini")
+# The synthetic presets, plus the embedded model the project trained (models/, real routing).
+TRAINED_MODEL = "llamahot-code-moe"
+MOE_PRESETS = ("qwen3moe-tiny", "deepseek2-tiny", "gptoss-tiny", "qwen3moe-mini", TRAINED_MODEL)
 TEXT_PRESET = "qwen3moe-tiny"
 DENSE_PRESET = "dense-tiny"
 
@@ -21,6 +23,8 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def _model(model_dir: Path, preset: str) -> str:
+    if preset == TRAINED_MODEL:
+        return str(Path(__file__).parents[1] / "models" / f"{TRAINED_MODEL}.gguf")
     path = model_dir / f"{preset}.gguf"
     if not path.exists():
         synth_model(path, preset, seed=0)

@@ -1,0 +1,1 @@
+"""The embedded default model (installed as package data: `importlib.resources.files("llamahot.models")`)."""
