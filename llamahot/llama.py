@@ -64,7 +64,7 @@ class Llama(llama_cpp.Llama):
         llama_cpp.Llama: no expert placement, no callback. With K set, every routed-expert tensor
         is placed in host memory (like `-ot exps=CPU`), the rest on the GPU (n_gpu_layers=-1 by
         default), and routing is observed through llama.cpp's eval callback.
-      rebalance_interval: tokens between rebalances of the hot set (default 60).
+      rebalance_interval: tokens between rebalances of the hot set (default 4; benchmarks/RESULTS.md).
       prefill_bypass: ubatches with more tokens than this are left to llama.cpp (default 32).
       slot_device: "auto" (CUDA if llama-cpp-python was built with it, else host), "cuda" or "host".
       policy: which experts are hot: "decayed" (default: decayed routing counts with hysteresis),
@@ -79,7 +79,7 @@ class Llama(llama_cpp.Llama):
         model_path: str,
         *,
         hot_experts: Optional[int] = None,
-        rebalance_interval: int = 60,
+        rebalance_interval: int = 4,
         prefill_bypass: int = 32,
         slot_device: str = "auto",
         policy: str = "decayed",

@@ -51,11 +51,13 @@ class DecayedFrequency:
 
     A routing event loses half its weight after `half_life` tokens; a newcomer must beat the
     weakest resident's score by `margin` (relative) to replace it, so near-ties do not thrash.
+    Defaults (half-life 128 tokens, margin 0.25, with rebalances every 4 tokens) were chosen on
+    teacher-forced routing traces of the trained and the calibrated model (benchmarks/RESULTS.md).
     """
 
     name = "decayed"
 
-    def __init__(self, n_layers: int, n_expert: int, k: int, *, half_life: float = 60.0, margin: float = 0.25):
+    def __init__(self, n_layers: int, n_expert: int, k: int, *, half_life: float = 128.0, margin: float = 0.25):
         self.k = k
         self.margin = margin
         self.decay_per_token = 0.5 ** (1.0 / half_life)
@@ -133,13 +135,14 @@ POLICIES = {cls.name: cls for cls in (DecayedFrequency, LRU, WindowLFU)}
 
 
 def make_policy(name: str, n_layers: int, n_expert: int, k: int, rebalance_interval: int):
-    """A policy by name, with its window/half-life tied to the rebalance interval."""
+    """A policy by name with its default parameters; window-LFU's window is at least one rebalance
+    interval (and at least 60 tokens, its best on the traces of benchmarks/RESULTS.md)."""
     if name not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}, got {name!r}")
     if name == "decayed":
-        return DecayedFrequency(n_layers, n_expert, k, half_life=rebalance_interval)
+        return DecayedFrequency(n_layers, n_expert, k)
     if name == "window-lfu":
-        return WindowLFU(n_layers, n_expert, k, window=rebalance_interval)
+        return WindowLFU(n_layers, n_expert, k, window=max(rebalance_interval, 60))
     return LRU(n_layers, n_expert, k)
 
 

@@ -32,7 +32,7 @@ class HotModelSettings(ModelSettings):
     """llama_cpp.server's model settings plus llamahot's (None: a plain llama_cpp.Llama)."""
 
     hot_experts: Optional[int] = Field(default=None, ge=0, description="Hot-expert slots per MoE layer.")
-    rebalance_interval: int = Field(default=60, ge=1, description="Tokens between rebalances of the hot set.")
+    rebalance_interval: int = Field(default=4, ge=1, description="Tokens between rebalances of the hot set.")
     prefill_bypass: int = Field(default=32, ge=0, description="Larger ubatches are left to llama.cpp.")
     slot_device: str = Field(default="auto", description="'auto', 'cuda' or 'host'.")
     policy: str = Field(default="decayed", description="'decayed', 'lru' or 'window-lfu'.")
