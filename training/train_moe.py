@@ -34,18 +34,14 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QType
 from torch import nn
 
+from llamahot.synth import CHAT_TEMPLATE  # ChatML, as the synthetic models
+
 # Modules kept out of training; benchmarks/data/heldout_code.txt is their text, in this order.
 HELD_OUT = ("textwrap.py", "fractions.py", "heapq.py", "shlex.py")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Qwen2's pre-tokenizer (llama.cpp LLAMA_VOCAB_PRE_TYPE_QWEN2 uses the same expression).
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 @dataclasses.dataclass(frozen=True)
