@@ -149,3 +149,44 @@ def test_shim_records_the_token_of_each_experts_last_routing(text_model):
     n = len(prompt) + 1
     assert last.max() == n
     assert (last[0][routed_now] == n).all() and (last[0][~routed_now] < n).all()
+
+
+def _swap_plan_by_layer(score, resident, k, margin):
+    """The rule of swap_plan written as a plain loop over layers (its first version)."""
+    desired = resident.copy()
+    if k == 0:
+        desired[:] = False
+        return desired
+    for layer in range(score.shape[0]):
+        s, res = score[layer], desired[layer]
+        newcomers = np.flatnonzero(~res & (s > 0))
+        newcomers = newcomers[np.argsort(-s[newcomers], kind="stable")]
+        free = k - int(res.sum())
+        if free > 0:
+            res[newcomers[:free]] = True
+            newcomers = newcomers[free:]
+        residents = np.flatnonzero(res)
+        residents = residents[np.argsort(s[residents], kind="stable")]
+        for new, old in zip(newcomers, residents):
+            if not s[new] > s[old] * (1.0 + margin) + 1e-12:
+                break
+            res[new], res[old] = True, False
+    return desired
+
+
+def test_vectorised_swap_plan_matches_the_loop_over_layers():
+    rng = np.random.default_rng(7)
+    for _ in range(3000):
+        n_layers, n_expert = int(rng.integers(1, 6)), int(rng.integers(1, 40))
+        k = int(rng.integers(0, n_expert + 1))
+        if rng.random() < 0.5:  # integer counts: many ties
+            score = rng.integers(0, 5, (n_layers, n_expert)) * rng.choice([1.0, 0.5, 1.3], (n_layers, n_expert))
+        else:
+            score = rng.random((n_layers, n_expert)) * (rng.random((n_layers, n_expert)) < 0.6)
+        resident = np.zeros((n_layers, n_expert), dtype=bool)
+        for layer in range(n_layers):  # sometimes more residents than k (after a resize)
+            n = int(rng.integers(0, min(k + 2, n_expert) + 1))
+            resident[layer, rng.choice(n_expert, n, replace=False)] = True
+        margin = float(rng.choice([0.0, 0.25, 1.0]))
+        assert np.array_equal(swap_plan(score, resident, k, margin),
+                              _swap_plan_by_layer(score, resident, k, margin))
