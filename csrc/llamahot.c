@@ -1424,6 +1424,13 @@ int32_t lh_restore(struct lh_ctx * ctx) {
     return restored;
 }
 
+/* Whole-FFN mode for this layer: one stop at the down node. Not with an application's callback
+ * (it may stop the run between gate/up and down), nor in per-node debug mode, nor where llama
+ * built an FFN the shim does not recognise. */
+static bool lh_ffn_mode(const struct lh_ctx * ctx, int32_t layer) {
+    return ctx->user_cb == NULL && !(ctx->debug_flags & LH_DEBUG_PER_NODE) && ctx->ffn_mode[layer] >= 0;
+}
+
 bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
     struct lh_ctx * ctx = (struct lh_ctx *) user_data;
     if (ask) {
@@ -1435,10 +1442,8 @@ bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
         const bool shadow = ctx->debug_flags & LH_DEBUG_SHADOW;
         if (lh_wants_redirect(ctx, t, e->moe_layer)) {
             /* Whole-FFN mode: gate/up run on untouched (their nodes are skipped at the down node's
-             * ask, before the run that contains them is computed); one stop, at the down node.
-             * Not with an application's callback: it may stop the run between them. */
-            const bool ffn_mode = ctx->user_cb == NULL && !(ctx->debug_flags & LH_DEBUG_PER_NODE) &&
-                                  ctx->ffn_mode[e->moe_layer] >= 0;
+             * ask, before the run that contains them is computed); one stop, at the down node. */
+            const bool ffn_mode = lh_ffn_mode(ctx, e->moe_layer);
             if (ffn_mode && e->proj != LH_PROJ_DOWN) {
                 return shadow;  /* shadow: stop after it to keep the layer input (ask=false) */
             }
@@ -1486,8 +1491,7 @@ bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
         if (e != NULL) {
             const bool managed_ubatch = ctx->cpu != NULL && t->ne[2] <= ctx->prefill_bypass;
             if (ctx->debug_flags & LH_DEBUG_SHADOW && lh_wants_redirect(ctx, t, e->moe_layer)) {
-                if (e->proj != LH_PROJ_DOWN && ctx->user_cb == NULL && !(ctx->debug_flags & LH_DEBUG_PER_NODE) &&
-                    ctx->ffn_mode[e->moe_layer] >= 0) {
+                if (e->proj != LH_PROJ_DOWN && lh_ffn_mode(ctx, e->moe_layer)) {
                     lh_shadow_keep_input(ctx, t);   /* compared as a whole FFN at the down node */
                 } else {
                     lh_shadow_compare(ctx, t, e->moe_layer, e->proj, NULL);
