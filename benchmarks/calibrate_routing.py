@@ -96,34 +96,6 @@ FIT_TARGETS = {"next_token_reuse": QWEN3_30B_A3B["next_token_reuse"],
 FIT_FIELDS = ("bias", "context", "window")
 
 
-def _nelder_mead(f, x0: np.ndarray, step: np.ndarray, iters: int) -> tuple[np.ndarray, float]:
-    """Minimal Nelder-Mead (no scipy in the dev venv)."""
-    points = [np.array(x0, float)] + [np.array(x0, float) + np.eye(len(x0))[i] * step[i] for i in range(len(x0))]
-    values = [f(x) for x in points]
-    for _ in range(iters):
-        order = np.argsort(values)
-        points, values = [points[i] for i in order], [values[i] for i in order]
-        centre = np.mean(points[:-1], axis=0)
-        reflected = centre + (centre - points[-1])
-        fr = f(reflected)
-        if fr < values[0]:
-            expanded = centre + 2 * (centre - points[-1])
-            fe = f(expanded)
-            points[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
-        elif fr < values[-2]:
-            points[-1], values[-1] = reflected, fr
-        else:
-            contracted = centre + 0.5 * (points[-1] - centre)
-            fc = f(contracted)
-            if fc < values[-1]:
-                points[-1], values[-1] = contracted, fc
-            else:
-                points = [points[0] + 0.5 * (x - points[0]) for x in points]
-                values = [values[0]] + [f(x) for x in points[1:]]
-    best = int(np.argmin(values))
-    return points[best], values[best]
-
-
 def fit(spec: synth.ModelSpec, tokens: list[int], iters: int = 30) -> synth.RoutingSpec:
     """RoutingSpec fields FIT_FIELDS that bring the simulated statistics to FIT_TARGETS."""
     spec = dataclasses.replace(spec, n_layer=16)
@@ -136,10 +108,13 @@ def fit(spec: synth.ModelSpec, tokens: list[int], iters: int = 30) -> synth.Rout
         mean = report(simulate_trace(dataclasses.replace(spec, routing=routing), tokens))["mean"]
         return sum((mean[name] - target) ** 2 for name, target in FIT_TARGETS.items())
 
+    from scipy.optimize import minimize   # pip install -e '.[bench]'
+
     start = np.array([getattr(spec.routing, name) for name in FIT_FIELDS])
-    best, value = _nelder_mead(loss, start, start * np.array([0.2, 0.2, 0.3]), iters)
-    print(f"fit: squared error {value:.2e}")
-    return dataclasses.replace(spec.routing, **dict(zip(FIT_FIELDS, (round(float(v), 3) for v in best))))
+    simplex = np.vstack([start, start + np.diag(start * np.array([0.2, 0.2, 0.3]))])
+    result = minimize(loss, start, method="Nelder-Mead", options={"initial_simplex": simplex, "maxiter": iters})
+    print(f"fit: squared error {result.fun:.2e}")
+    return dataclasses.replace(spec.routing, **dict(zip(FIT_FIELDS, (round(float(v), 3) for v in result.x))))
 
 
 def _model_spec(model: str, overrides: list[str]) -> synth.ModelSpec:
