@@ -2,7 +2,7 @@
 
     python benchmarks/calibrate_routing.py MODEL.gguf [--text benchmarks/data/heldout_code.txt] [--tokens 1024]
 
-Records a teacher-forced routing trace with llama.cpp (benchmarks/policies.py's record_trace),
+Records a teacher-forced routing trace with llama.cpp (llamahot.benchmark.record_trace),
 prints measured vs target (mean over layers and the per-layer range) and the hit rate of an LRU
 cache holding 40 % of each layer's experts, and writes benchmarks/results/routing_<model>.json.
 
@@ -23,18 +23,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from policies import record_trace  # noqa: E402  (benchmarks/ is not a package)
-
-from llamahot import synth  # noqa: E402
-from llamahot.policy import make_policy, replay  # noqa: E402
-from llamahot.routing_stats import QWEN3_30B_A3B, report  # noqa: E402
+from llamahot import synth
+from llamahot.benchmark import record_trace
+from llamahot.policy import make_policy, replay
+from llamahot.routing_stats import QWEN3_30B_A3B, report
 
 DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "heldout_code.txt"
 RESIDENCY = 0.4

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-import llamahot
+from llamahot.benchmark import record_trace
 from llamahot.policy import POLICIES, DecayedFrequency, make_policy, replay
 from llamahot.routing_stats import QWEN3_30B_A3B, belady, report
 
@@ -27,20 +27,6 @@ HELDOUT = Path(__file__).parent / "data" / "heldout_code.txt"
 # Tokens played as the prompt (they fill the slots) before hits are scored, for every setting alike.
 WARMUP = 60
 STATS = ("experts_for_50pct", "experts_for_90pct", "next_token_reuse", "reuse_within_8")
-
-
-def record_trace(model: str, text: str, n_tokens: int) -> np.ndarray:
-    """Routing of each token when the model reads `text` one token at a time (teacher forcing)."""
-    llm = llamahot.Llama(model, hot_experts=0, slot_device="host", n_ctx=n_tokens + 8, verbose=False)
-    tokens = llm.tokenize(text.encode(), add_bos=False)[:n_tokens]
-    rows, before = [], llm.hot_cache.routing_counts()
-    for token in tokens:
-        llm.eval([token])
-        after = llm.hot_cache.routing_counts()
-        rows.append(after - before)
-        before = after
-    llm.close()
-    return np.stack(rows)
 
 
 def residency_ks(n_expert: int) -> list[int]:

@@ -52,6 +52,20 @@ def decode_rate(llm: llama_cpp.Llama, n_tokens: int,
     return n_tokens / spent
 
 
+def record_trace(model: str, text: str, n_tokens: int) -> np.ndarray:
+    """Routing of each token when the model reads `text` one token at a time (teacher forcing)."""
+    llm = Llama(model, hot_experts=0, slot_device="host", n_ctx=n_tokens + 8, verbose=False)
+    tokens = llm.tokenize(text.encode(), add_bos=False)[:n_tokens]
+    rows, before = [], llm.hot_cache.routing_counts()
+    for token in tokens:
+        llm.eval([token])
+        after = llm.hot_cache.routing_counts()
+        rows.append(after - before)
+        before = after
+    llm.close()
+    return np.stack(rows)
+
+
 def compare(model: str, ks: Iterable[int], *, tokens: int = 128, reps: int = 3, **llama_kwargs) -> list[Row]:
     """Decode speed of stock placement (experts in RAM, callback idle) and of llamahot at each K.
 

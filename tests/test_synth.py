@@ -254,7 +254,7 @@ def routed_paths(synth_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def routed_traces(routed_paths) -> dict[str, np.ndarray]:
-    record_trace = _calibrate_module().record_trace
+    from llamahot.benchmark import record_trace
     text = (Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "heldout_code.txt").read_text()
     return {name: record_trace(str(path), text, TRACE_TOKENS) for name, path in routed_paths.items()}
 

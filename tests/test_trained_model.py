@@ -11,6 +11,7 @@ import numpy as np
 
 import llamahot
 from llamahot.__main__ import default_model_path
+from llamahot.benchmark import record_trace
 from llamahot.model_info import read_moe_layout
 from llamahot.routing_stats import experts_covering, reuse
 
@@ -57,15 +58,7 @@ def test_greedy_text_is_identical_with_and_without_the_cache():
 
 def test_its_routing_is_skewed_and_local_in_time():
     """What makes a hot-expert cache pay: far from the uniform routing of random weights."""
-    llm = llamahot.Llama(str(MODEL), hot_experts=0, slot_device="host", **LLAMA_KW)
-    before, rows = llm.hot_cache.routing_counts(), []
-    for token in llm.tokenize(HELDOUT.encode(), add_bos=False)[:256]:
-        llm.eval([token])
-        after = llm.hot_cache.routing_counts()
-        rows.append(after - before)
-        before = after
-    llm.close()
-    trace = np.stack(rows)
+    trace = record_trace(str(MODEL), HELDOUT, 256)
     uniform_reuse = 4 / 32
     assert reuse(trace, 1).mean() > 2 * uniform_reuse
     assert experts_covering(trace, 0.9).mean() < 0.8
