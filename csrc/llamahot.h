@@ -42,6 +42,8 @@ enum lh_debug_flags {
     LH_DEBUG_POISON = 1, /* fill a redirected node's output with NaN before writing it */
     LH_DEBUG_SHADOW = 2, /* let llama compute managed nodes, recompute them, compare every row */
     LH_DEBUG_PER_NODE = 4, /* redirect every expert matmul on its own (the fallback path) */
+    LH_DEBUG_SKIP_COMPUTE = 8, /* benchmarks only: stop and skip as usual but compute nothing (the
+                                  output is left as it was): the cost floor of the stops themselves */
 };
 
 /* Cumulative counters, read by Python between decode calls. */

@@ -31,6 +31,7 @@ SLOT_KINDS = {"host": 0, "cuda": 1, "emulated-gpu": 2}
 DEBUG_POISON = 1
 DEBUG_SHADOW = 2
 DEBUG_PER_NODE = 4
+DEBUG_SKIP_COMPUTE = 8
 SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
 
@@ -224,12 +225,14 @@ class HotCache:
             raise RuntimeError(f"llamahot: could not set up the slots ({error}); hot experts are off (K=0)")
 
     # -- test and benchmark controls -------------------------------------------------------
-    def set_debug(self, *, poison: bool = False, shadow: bool = False, per_node: bool = False) -> None:
+    def set_debug(self, *, poison: bool = False, shadow: bool = False, per_node: bool = False,
+                  skip_compute: bool = False) -> None:
         """Test-only checks. poison: NaN-fill redirected outputs before writing them; shadow: let
         llama compute, recompute, compare every row; per_node: redirect each expert matmul on its
-        own (the fallback path) instead of each layer's FFN in one stop."""
+        own (the fallback path) instead of each layer's FFN in one stop. skip_compute (benchmarks
+        only, outputs are garbage): stop as usual but compute nothing, the floor of the stops."""
         lib.lh_set_debug(self._ctx, (DEBUG_POISON if poison else 0) | (DEBUG_SHADOW if shadow else 0) |
-                         (DEBUG_PER_NODE if per_node else 0))
+                         (DEBUG_PER_NODE if per_node else 0) | (DEBUG_SKIP_COMPUTE if skip_compute else 0))
 
     def set_observing(self, observing: bool) -> None:
         """Count and redirect (default), or leave the callback installed but idle (to measure its cost)."""
