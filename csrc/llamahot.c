@@ -27,6 +27,7 @@
 
 #define LH_ALIGN 64
 /* Weight bytes a CPU part must read before it is worth splitting over threads (~100 us on one core). */
+#define LH_TIMELINE_CAP 65536
 #define LH_PARALLEL_MIN_BYTES ((size_t) 1 << 20)
 
 static int64_t lh_now_ns(void) {
@@ -160,6 +161,10 @@ struct lh_ctx {
     void * user_ud;
     bool user_wanted;              /* the user's answer at ask=true for the node now pending */
 
+    /* Timeline mode: a ring of the latest callbacks. */
+    struct lh_event * events;
+    int64_t n_events;              /* recorded since the last lh_timeline */
+
     char error[256];
 };
 
@@ -273,6 +278,7 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     free(ctx->hot);
     free(ctx->cold);
     free(ctx->shadow_out);
+    free(ctx->events);
     free(ctx->shadow_input);
     free(ctx->graph_mem);
     free(ctx);
@@ -288,7 +294,36 @@ void lh_set_observing(struct lh_ctx * ctx, bool observing) {
 }
 
 void lh_set_debug(struct lh_ctx * ctx, int32_t flags) {
+    if ((flags & LH_DEBUG_TIMELINE) && ctx->events == NULL) {
+        ctx->events = calloc(LH_TIMELINE_CAP, sizeof(struct lh_event));
+        if (ctx->events == NULL) {
+            flags &= ~LH_DEBUG_TIMELINE;
+        }
+    }
+    ctx->n_events = 0;
     ctx->debug_flags = flags;
+}
+
+static void lh_record(struct lh_ctx * ctx, const struct ggml_tensor * t, int8_t kind) {
+    struct lh_event * e = &ctx->events[ctx->n_events++ % LH_TIMELINE_CAP];
+    e->t_ns = lh_now_ns();
+    e->op = (int32_t) t->op;
+    e->kind = kind;
+    e->host = t->buffer != NULL && ggml_backend_buffer_is_host(t->buffer);
+    snprintf(e->name, sizeof(e->name), "%s", t->name);
+}
+
+int32_t lh_timeline(struct lh_ctx * ctx, struct lh_event * out, int32_t capacity) {
+    if (ctx->events == NULL) {
+        return 0;
+    }
+    const int64_t kept = ctx->n_events < LH_TIMELINE_CAP ? ctx->n_events : LH_TIMELINE_CAP;
+    const int64_t n = kept < capacity ? kept : capacity;
+    for (int64_t i = 0; i < n; i++) {
+        out[i] = ctx->events[(ctx->n_events - n + i) % LH_TIMELINE_CAP];
+    }
+    ctx->n_events = 0;
+    return (int32_t) n;
 }
 
 int64_t * lh_routing_counts(struct lh_ctx * ctx) { return ctx->counts; }
@@ -1433,8 +1468,22 @@ static bool lh_ffn_mode(const struct lh_ctx * ctx, int32_t layer) {
     return ctx->user_cb == NULL && !(ctx->debug_flags & LH_DEBUG_PER_NODE) && ctx->ffn_mode[layer] >= 0;
 }
 
+static bool lh_callback(struct lh_ctx * ctx, struct ggml_tensor * t, bool ask);
+
 bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
     struct lh_ctx * ctx = (struct lh_ctx *) user_data;
+    if (!(ctx->debug_flags & LH_DEBUG_TIMELINE)) {
+        return lh_callback(ctx, t, ask);
+    }
+    lh_record(ctx, t, ask ? 1 : 0);
+    const bool answer = lh_callback(ctx, t, ask);
+    if (!ask) {
+        lh_record(ctx, t, 2);
+    }
+    return answer;
+}
+
+static bool lh_callback(struct lh_ctx * ctx, struct ggml_tensor * t, bool ask) {
     if (ask) {
         ctx->user_wanted = ctx->user_cb != NULL && ctx->user_cb(t, true, ctx->user_ud);
         const struct lh_weight_entry * e = lh_managed(ctx, t);

@@ -44,6 +44,17 @@ enum lh_debug_flags {
     LH_DEBUG_PER_NODE = 4, /* redirect every expert matmul on its own (the fallback path) */
     LH_DEBUG_SKIP_COMPUTE = 8, /* benchmarks only: stop and skip as usual but compute nothing (the
                                   output is left as it was): the cost floor of the stops themselves */
+    LH_DEBUG_TIMELINE = 16, /* record every callback (lh_timeline) to see where a token's time goes */
+};
+
+/* One callback seen in timeline mode: when, for which node, and which call. */
+struct lh_event {
+    int64_t t_ns;      /* monotonic clock */
+    int32_t op;        /* the node's ggml_op */
+    int8_t kind;       /* 1: ask, 0: answer (ask=false) begins, 2: answer ends */
+    int8_t host;       /* the node's buffer is host memory (a CPU split), else device */
+    int16_t unused;
+    char name[32];     /* the node's name, truncated */
 };
 
 /* Cumulative counters, read by Python between decode calls. */
@@ -120,6 +131,9 @@ int32_t lh_slot_publish(struct lh_ctx * ctx, int32_t layer, int32_t slot, int32_
 int32_t lh_slot_unpublish(struct lh_ctx * ctx, int32_t layer, int32_t slot);
 
 void lh_set_debug(struct lh_ctx * ctx, int32_t flags);
+/* Timeline mode: the events recorded since the last call (at most capacity, oldest dropped first);
+ * returns how many were copied to out, and starts a new recording. */
+int32_t lh_timeline(struct lh_ctx * ctx, struct lh_event * out, int32_t capacity);
 
 /* Undo graph changes a computation left behind (one aborted between a node's ask and its answer):
  * call after every decode. Returns how many nodes it restored (0 normally). */

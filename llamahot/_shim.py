@@ -31,10 +31,17 @@ def _lib_dir() -> Path:
     return Path(_llama_lib._lib._name).resolve().parent
 
 
+# Only the libraries whose symbols the shim calls: ggml's core, its CPU backend and llama. A GPU
+# backend (libggml-cuda) carries its own static copy of the C++ runtime; made global, its copy of
+# std::ostream interposed on libllama's and the next model load crashed in llama_model::print_info
+# (seen on the H100 machine). The shim reaches GPU backends through ggml's registry only.
+_SHIM_LIBRARIES = ("libggml-base.", "libggml.", "libggml-cpu", "libllama.")
+
+
 def _promote_loaded_libraries(lib_dir: Path) -> None:
     mode = ctypes.RTLD_GLOBAL | os.RTLD_NOLOAD
     for path in sorted(lib_dir.iterdir()):
-        if path.name.startswith(("libggml", "libllama")) and (".so" in path.name or path.suffix == ".dylib"):
+        if path.name.startswith(_SHIM_LIBRARIES) and (".so" in path.name or path.suffix == ".dylib"):
             try:
                 ctypes.CDLL(str(path), mode=mode)
             except OSError:

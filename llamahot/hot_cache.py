@@ -32,6 +32,8 @@ DEBUG_POISON = 1
 DEBUG_SHADOW = 2
 DEBUG_PER_NODE = 4
 DEBUG_SKIP_COMPUTE = 8
+DEBUG_TIMELINE = 16
+TIMELINE_CAP = 65536
 SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
 
@@ -226,13 +228,23 @@ class HotCache:
 
     # -- test and benchmark controls -------------------------------------------------------
     def set_debug(self, *, poison: bool = False, shadow: bool = False, per_node: bool = False,
-                  skip_compute: bool = False) -> None:
+                  skip_compute: bool = False, timeline: bool = False) -> None:
         """Test-only checks. poison: NaN-fill redirected outputs before writing them; shadow: let
         llama compute, recompute, compare every row; per_node: redirect each expert matmul on its
-        own (the fallback path) instead of each layer's FFN in one stop. skip_compute (benchmarks
-        only, outputs are garbage): stop as usual but compute nothing, the floor of the stops."""
+        own (the fallback path) instead of each layer's FFN in one stop. For benchmarks:
+        skip_compute (outputs are garbage): stop as usual but compute nothing, the floor of the
+        stops; timeline: record every callback, read with timeline()."""
         lib.lh_set_debug(self._ctx, (DEBUG_POISON if poison else 0) | (DEBUG_SHADOW if shadow else 0) |
-                         (DEBUG_PER_NODE if per_node else 0) | (DEBUG_SKIP_COMPUTE if skip_compute else 0))
+                         (DEBUG_PER_NODE if per_node else 0) | (DEBUG_SKIP_COMPUTE if skip_compute else 0) |
+                         (DEBUG_TIMELINE if timeline else 0))
+
+    def timeline(self) -> list[tuple[int, int, int, str]]:
+        """Callbacks recorded in timeline mode since the last call, oldest first: (time ns, kind
+        (1 ask, 0 answer begins, 2 answer ends), host (the node is in a CPU split), node name)."""
+        events = ffi.new("struct lh_event[]", TIMELINE_CAP)
+        n = lib.lh_timeline(self._ctx, events, TIMELINE_CAP)
+        return [(events[i].t_ns, events[i].kind, events[i].host, ffi.string(events[i].name).decode(errors="replace"))
+                for i in range(n)]
 
     def set_observing(self, observing: bool) -> None:
         """Count and redirect (default), or leave the callback installed but idle (to measure its cost)."""

@@ -102,6 +102,53 @@ def greedy_run(llm, steps: int, forced: list[int] | None = None) -> tuple[list[i
     return tokens, np.stack(logits)
 
 
+def token_breakdown(events: list[tuple[int, int, int, str]]) -> dict[str, float]:
+    """Where one decode step's time goes (ms), from the callbacks of a timeline (llamahot's
+    timeline mode). The scheduler asks about each node of a split, runs the nodes asked so far when
+    one is wanted or the split ends, synchronizes, then answers; so the gap after a node's ask is
+    the compute of the piece it ends (plus the next split's input copies at a split boundary)."""
+    out: dict[str, float] = {}
+
+    def add(key: str, ns: int) -> None:
+        out[key] = out.get(key, 0.0) + ns / 1e6
+
+    for (t0, kind0, host0, _), (t1, kind1, host1, _) in zip(events, events[1:]):
+        dt = t1 - t0
+        if kind0 == 0:
+            add("llamahot stop (answer)", dt)
+        elif kind0 == 2:
+            add("back from the stop to the next ask", dt)
+        elif kind1 == 0:
+            add("CPU piece before a stop" if host0 else "GPU piece before a stop", dt)
+        elif host0 != host1:
+            add("CPU piece + sync + copies to the GPU split" if host0 else "GPU split + sync + copies to the CPU split", dt)
+        else:
+            add("between asks of one split", dt)
+    out["first to last callback"] = (events[-1][0] - events[0][0]) / 1e6 if events else 0.0
+    out["stops"] = sum(1 for e in events if e[1] == 0)
+    out["splits (host changes)"] = sum(1 for a, b in zip(events, events[1:]) if a[1] == 1 and b[1] == 1 and a[2] != b[2])
+    return out
+
+
+def breakdown_of(llm, skip_compute: bool, steps: int = 6) -> dict[str, float]:
+    """Median per-token breakdown over `steps` single-token decodes after a short prompt."""
+    llm.reset()
+    llm.eval(llm.tokenize(SHORT_PROMPT))
+    llm.hot_cache.set_debug(timeline=True, skip_compute=skip_compute)
+    rows = []
+    for _ in range(steps):
+        token = int(np.argmax(last_logits(llm)))
+        llm.hot_cache.timeline()
+        start = time.perf_counter()
+        llm.eval([token])
+        wall = (time.perf_counter() - start) * 1e3
+        row = token_breakdown(llm.hot_cache.timeline())
+        row["eval() wall"] = wall
+        rows.append(row)
+    llm.hot_cache.set_debug()
+    return {key: statistics.median(r.get(key, 0.0) for r in rows) for key in rows[-1]}
+
+
 def first_difference(tokens: list[int], reference: list[int]) -> int:
     """How many leading tokens are identical."""
     return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
@@ -244,6 +291,7 @@ def main() -> int:
     ram_mmap.close()
 
     measured_ks = []
+    breakdowns: dict[str, dict[str, float]] = {}
     for k in ks:
         if measured_ks and time.perf_counter() - started > args.budget_s:
             print(f"K={k}: skipped (time budget of {args.budget_s:.0f} s spent)", flush=True)
@@ -264,11 +312,27 @@ def main() -> int:
                 record(name, measure(llm, name))
             hot.hot_cache.set_debug()
         results["speed"].setdefault("static_for_k", {})[str(k)] = f"stock static {gpu_layers} layers"
+        breakdowns[f"llamahot K={k}"] = breakdown_of(hot, skip_compute=False)
         static.close()
         measured_ks.append(k)
         save()
         print(f"K={k}: measured after {time.perf_counter() - started:.0f} s", flush=True)
     ks = measured_ks
+
+    # -- where a token's time goes (callback timelines), at the largest K measured --------------
+    if ks:
+        for name, skip in ((FLOOR, True), ("llamahot idle (K unchanged)", None)):
+            hot.hot_cache.set_observing(skip is not None)
+            breakdowns[name] = breakdown_of(hot, skip_compute=bool(skip))
+        hot.hot_cache.set_observing(True)
+        results["speed"]["token_breakdown_ms"] = breakdowns
+        keys = list(dict.fromkeys(k for b in breakdowns.values() for k in b))
+        lines_b = ["| per decode step (median of 6) | " + " | ".join(breakdowns) + " |",
+                   "|---|" + "---|" * len(breakdowns)]
+        for key in keys:
+            lines_b.append(f"| {key} | " + " | ".join(f"{b.get(key, 0.0):.3f}" for b in breakdowns.values()) + " |")
+        (out / "breakdown.md").write_text("\n".join(lines_b) + "\n")
+        print("\n".join(lines_b), flush=True)
 
     summary = {}
     for name, rows in samples.items():
