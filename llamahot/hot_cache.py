@@ -59,7 +59,12 @@ class HotCache:
     _ctx = None  # so release() is safe on an instance whose __init__ raised
 
     def __init__(self, layout: MoELayout, *, hot_experts: int, rebalance_interval: int,
-                 prefill_bypass: int, slot_device: str, policy: str = "decayed"):
+                 prefill_bypass: int, slot_device: str, policy: str = "decayed", resident_layers: int = 0):
+        # The last `resident_layers` MoE layers keep all their experts on the GPU, untouched: llamahot
+        # manages (counts, slots, layer indices) the others only.
+        self.resident_layers = resident_layers
+        self.full_layout = layout
+        layout = layout.without_last(resident_layers)
         self.layout = layout
         self.hot_experts = hot_experts
         self.rebalance_interval = rebalance_interval
@@ -83,8 +88,9 @@ class HotCache:
         self._seen = np.zeros((n_layers, n_expert), dtype=np.int64)  # counts already fed to the policy
         self._final: Optional[tuple[np.ndarray, dict]] = None  # snapshot kept after release()
 
-        # Placement of every routed-expert tensor in host memory (what `-ot exps=CPU` does).
-        self._placement = HostPlacement(EXPERT_TENSOR_PATTERN)
+        # Placement of the managed layers' routed-expert tensors in host memory (what `-ot exps=CPU`
+        # does); with resident layers (a layout cut short) the others stay where llama puts them.
+        self._placement = HostPlacement(layout.expert_pattern() if resident_layers else EXPERT_TENSOR_PATTERN)
 
         self.slots: Optional[SlotManager] = None
         self._snapshot: Optional[SnapshotWriter] = None
@@ -188,12 +194,17 @@ class HotCache:
     def rebalance(self) -> None:
         """Feed the routing since the last rebalance to the policy, plan the hot set and issue the
         copies (never waits for them)."""
+        start = time.perf_counter()
         delta = self._counts - self._seen
         self._seen += delta
         self.policy.observe(delta, self._tokens_since_rebalance, self._last_routed)
         self._tokens_since_rebalance = 0
         self._filled = True
         self.slots.apply(self.policy.choose(self.slots.resident()))
+        # The stall a decode step sees: the policy's work and issuing the copies.
+        stats = self.slots.stats
+        stats.last_rebalance_ms = (time.perf_counter() - start) * 1e3
+        stats.max_rebalance_ms = max(stats.max_rebalance_ms, stats.last_rebalance_ms)
 
     def set_hot_experts(self, k: int) -> None:
         """Change the number of slots per layer without reloading the model.
@@ -299,6 +310,10 @@ class HotCache:
             "hits": hits,
             "misses": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+            "resident_layers": self.resident_layers,
+            # Resident layers never miss: the hit rate over every MoE layer of the model.
+            "hit_rate_all_layers": ((hits / (hits + misses) if hits + misses else 0.0) * self.layout.n_moe_layers
+                                    + self.resident_layers) / self.full_layout.n_moe_layers,
             "hits_per_layer": self._hits.copy(),
             "misses_per_layer": self._misses.copy(),
             "slots_total": self.layout.n_moe_layers * self.hot_experts,

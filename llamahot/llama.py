@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 import llama_cpp
 
 from llamahot.hot_cache import HotCache
-from llamahot.model_info import EXPERT_TENSOR_PATTERN, read_moe_layout
+from llamahot.model_info import read_moe_layout
 
 SLOT_DEVICES = ("auto", "cuda", "host")
 EMULATED_GPU = "emulated-gpu"  # test-only: the GPU code path on a CPU backend (tests/test_emulated_gpu.py)
@@ -69,6 +69,11 @@ class Llama(llama_cpp.Llama):
       slot_device: "auto" (CUDA if llama-cpp-python was built with it, else host), "cuda" or "host".
       policy: which experts are hot: "decayed" (default: decayed routing counts with hysteresis),
         "lru" or "window-lfu".
+      resident_layers: keep every expert of the last N MoE layers on the GPU, where llama.cpp
+        computes them as usual (like the layers `--n-cpu-moe` leaves on the GPU); the other layers
+        get `hot_experts` slots each (default 0). Each resident layer costs n_expert slots of VRAM
+        but removes that layer's trip through the CPU, so with a large VRAM budget a mix beats
+        slots everywhere (benchmarks/RESULTS.md).
       load_progress: a function called with the fraction of the model loaded (0.0 .. 1.0).
       cb_eval, cb_eval_user_data: an application's own ggml_backend_sched_eval_callback (a ctypes
         llama_cpp.ggml_backend_sched_eval_callback); llamahot owns the context's callback and chains it.
@@ -83,6 +88,7 @@ class Llama(llama_cpp.Llama):
         prefill_bypass: int = 32,
         slot_device: str = "auto",
         policy: str = "decayed",
+        resident_layers: int = 0,
         load_progress: Optional[Callable[[float], None]] = None,
         cb_eval: Any = None,
         cb_eval_user_data: Optional[int] = None,
@@ -100,6 +106,7 @@ class Llama(llama_cpp.Llama):
             _check_int("hot_experts", hot_experts, 0)
             _check_int("rebalance_interval", rebalance_interval, 1)
             _check_int("prefill_bypass", prefill_bypass, 0)
+            _check_int("resident_layers", resident_layers, 0)
             device = _resolve_slot_device(slot_device)
             layout = read_moe_layout(model_path)
             if hot_experts > layout.n_expert:
@@ -107,8 +114,16 @@ class Llama(llama_cpp.Llama):
                     f"hot_experts={hot_experts} is more than the {layout.n_expert} experts per layer of "
                     f"{layout.path}; use 0..{layout.n_expert}."
                 )
+            if resident_layers >= layout.n_moe_layers:
+                raise ValueError(
+                    f"resident_layers={resident_layers} would keep all {layout.n_moe_layers} MoE layers of "
+                    f"{layout.path} on the GPU, leaving nothing to manage: use llama_cpp.Llama (or "
+                    f"hot_experts=None), or resident_layers in 0..{layout.n_moe_layers - 1}."
+                )
             self.hot_cache = HotCache(layout, hot_experts=hot_experts, rebalance_interval=rebalance_interval,
-                                      prefill_bypass=prefill_bypass, slot_device=device, policy=policy)
+                                      prefill_bypass=prefill_bypass, slot_device=device, policy=policy,
+                                      resident_layers=resident_layers)
+            layout = self.hot_cache.layout
             if cb_eval is not None:
                 self.hot_cache.chain_user_callback(cb_eval, cb_eval_user_data)
             kwargs.setdefault("n_gpu_layers", -1)
@@ -118,10 +133,10 @@ class Llama(llama_cpp.Llama):
                 kwargs.setdefault("use_mmap", False)
             if kwargs.get("verbose", True):
                 print(
-                    f"llamahot: {layout.arch}, {layout.n_moe_layers} MoE layers x {layout.n_expert} experts "
+                    f"llamahot: {layout.arch}, {self.hot_cache.full_layout.n_moe_layers} MoE layers x {layout.n_expert} experts "
                     f"({layout.n_expert_used} used); routed-expert tensors ({layout.expert_tensor_bytes / 2**20:.1f} MiB, "
-                    f"pattern '{EXPERT_TENSOR_PATTERN}') placed in host memory; hot_experts={hot_experts}, "
-                    f"slot_device={device}",
+                    f"of {layout.n_moe_layers} layers) placed in host memory; hot_experts={hot_experts}, "
+                    f"resident_layers={resident_layers}, slot_device={device}",
                     file=sys.stderr,
                 )
         super().__init__(model_path, **kwargs)
@@ -192,6 +207,6 @@ class Llama(llama_cpp.Llama):
             cache = self.hot_cache
             state.update(hot_experts=cache.hot_experts, rebalance_interval=cache.rebalance_interval,
                          prefill_bypass=cache.prefill_bypass, slot_device=cache.slot_device,
-                         policy=cache.policy_name)
+                         policy=cache.policy_name, resident_layers=cache.resident_layers)
         return state
 

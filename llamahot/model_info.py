@@ -7,7 +7,7 @@ after a long model load.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,18 @@ class MoELayout:
         for moe_index, blk in enumerate(self.moe_blocks):
             table[blk] = moe_index
         return table
+
+    def expert_pattern(self) -> str:
+        """Regex for tensor_buft_overrides matching the routed-expert tensors of these MoE layers."""
+        return r"^blk\.(" + "|".join(map(str, self.moe_blocks)) + r")" + EXPERT_TENSOR_PATTERN
+
+    def without_last(self, n_layers: int) -> "MoELayout":
+        """This layout less its last `n_layers` MoE layers (those whose experts stay on the GPU)."""
+        if not 0 <= n_layers < self.n_moe_layers:
+            raise ValueError(f"resident_layers must be in 0..{self.n_moe_layers - 1}, got {n_layers}")
+        kept = self.moe_blocks[: self.n_moe_layers - n_layers]
+        return replace(self, moe_blocks=kept,
+                       expert_tensor_bytes=self.expert_tensor_bytes * len(kept) // self.n_moe_layers)
 
     def slot_bytes(self, hot_experts: int) -> int:
         """Memory needed for `hot_experts` slots in every MoE layer."""

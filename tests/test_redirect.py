@@ -90,6 +90,34 @@ def test_logits_bit_identical_with_host_slots(moe_model, per_node):
         llm.close()
 
 
+def test_resident_layers_stay_with_llama_and_the_rest_stays_exact(moe_model):
+    """resident_layers: the last MoE layers keep their experts where llama puts them and are never
+    stopped; the others are managed as usual. Logits stay bit-identical."""
+    expected = stock_logits(moe_model)
+    layout = read_moe_layout(moe_model)
+    resident = layout.n_moe_layers // 2
+    k = layout.n_expert_used
+    llm = llamahot.Llama(moe_model, hot_experts=k, resident_layers=resident, rebalance_interval=REBALANCE,
+                         slot_device="host", logits_all=True, **LLAMA_KW)
+    llm.hot_cache.set_debug(poison=True)
+    assert_bit_identical(expected, greedy(llm, after_each=no_open_mutations))
+    stats = llm.hot_cache.stats()
+    managed = layout.n_moe_layers - resident
+    assert stats["n_moe_layers"] == managed and stats["resident_layers"] == resident
+    assert stats["redirected_nodes"] == STEPS * managed * len(layout.projections)
+    assert stats["slots_total"] == k * managed
+    assert stats["hit_rate_all_layers"] == pytest.approx((stats["hit_rate"] * managed + resident) / layout.n_moe_layers)
+    llm.close()
+
+
+@pytest.mark.parametrize("resident", [-1, "all", True])
+def test_bad_resident_layers_rejected(text_model, resident):
+    n = read_moe_layout(text_model).n_moe_layers
+    value = n if resident == "all" else resident
+    with pytest.raises(ValueError, match="resident_layers"):
+        llamahot.Llama(text_model, hot_experts=2, resident_layers=value, slot_device="host", **LLAMA_KW)
+
+
 def test_hit_rate_is_one_once_all_experts_are_hot(text_model):
     layout = read_moe_layout(text_model)
     llm = llamahot.Llama(text_model, hot_experts=layout.n_expert, rebalance_interval=4, **LLAMA_KW)

@@ -70,6 +70,29 @@ def static_cpu_pattern(n_blocks_on_cpu: int, moe_blocks: tuple[int, ...]) -> str
 FLOOR = "llamahot floor (all hot, stops compute nothing)"
 
 
+def hybrid_name(k: int, resident: int, slots: int) -> str:
+    return f"llamahot at K={k}'s VRAM: {resident} resident layers + {slots} slots"
+
+
+def plan_resident(k: int, n_layers: int, n_expert: int, n_used: int, popularity: np.ndarray,
+                  layer_ms: float, miss_ms: float) -> tuple[int, int, float]:
+    """(resident layers, slots per other layer, predicted ms/token over stock GPU) for the VRAM of K
+    slots in every layer: each managed layer costs layer_ms plus miss_ms per routed expert that
+    misses, a resident layer costs nothing more. The hit rate of K' slots is estimated as the share
+    of the routing the K' most popular experts of each layer took (`popularity`, counts)."""
+    share = np.sort(popularity, axis=1)[:, ::-1].cumsum(axis=1) / np.maximum(popularity.sum(axis=1, keepdims=True), 1)
+    hit = np.concatenate([[0.0], share.mean(axis=0)])  # hit[k'] for k' slots
+    best = (0, k, float("inf"))
+    for resident in range(n_layers):
+        slots = min(n_expert, (k * n_layers - resident * n_expert) // (n_layers - resident))
+        if slots < 0:
+            break
+        predicted = (n_layers - resident) * (layer_ms + (1 - hit[slots]) * n_used * miss_ms)
+        if predicted < best[2]:
+            best = (resident, int(slots), float(predicted))
+    return best
+
+
 def reset_counters_after_prompt(llm) -> None:
     if isinstance(llm, llamahot.Llama):
         llm.hot_cache.reset()  # llamahot's counters then cover the decode steps alone
@@ -89,10 +112,10 @@ def prefill_tokens(llm, n: int) -> list[int]:
     return tokens
 
 
-def greedy_run(llm, steps: int, forced: list[int] | None = None) -> tuple[list[int], np.ndarray]:
+def greedy_run(llm, steps: int, forced: list[int] | None = None, prompt: bytes = SHORT_PROMPT) -> tuple[list[int], np.ndarray]:
     """Greedy tokens and the logits of every step; with `forced`, feed those tokens instead (teacher forcing)."""
     llm.reset()
-    llm.eval(llm.tokenize(SHORT_PROMPT))
+    llm.eval(llm.tokenize(prompt))
     tokens, logits = [], []
     for i in range(steps):
         row = last_logits(llm)
@@ -152,6 +175,37 @@ def breakdown_of(llm, skip_compute: bool, steps: int = 6) -> dict[str, float]:
 def first_difference(tokens: list[int], reference: list[int]) -> int:
     """How many leading tokens are identical."""
     return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+
+
+TRAINED_PROMPT = b"for i in range(10):\n"   # stock top-2 logit gap >= 0.25 for 128 greedy steps
+
+
+def check_trained_model(results: dict, kw: dict) -> None:
+    """Greedy tokens on the project's trained model (confident predictions, unlike random weights):
+    stock all-on-GPU and llamahot on CUDA slots against stock experts-in-RAM."""
+    path = str(Path(__file__).parents[2] / "models" / "llamahot-code-moe.gguf")
+    layout = read_moe_layout(path)
+    small = dict(kw, n_threads=4, n_threads_batch=4)
+    steps = 128
+    ram = StockPlaced(path, cpu_pattern=EXPERT_TENSOR_PATTERN, **small)
+    ref, ref_logits = greedy_run(ram, steps, prompt=TRAINED_PROMPT)
+    ram.close()
+    top2 = np.sort(ref_logits, axis=1)[:, -2:]
+    row = {"steps": steps, "stock_ram_min_top2_gap": float((top2[:, 1] - top2[:, 0]).min())}
+    gpu = StockPlaced(path, cpu_pattern=None, **small)
+    row["stock_gpu_identical"] = first_difference(greedy_run(gpu, steps, prompt=TRAINED_PROMPT)[0], ref)
+    gpu.close()
+    for k in (layout.n_expert_used, layout.n_expert // 2, layout.n_expert):
+        for resident in (0, 2):
+            hot = llamahot.Llama(path, hot_experts=k, resident_layers=resident, slot_device="cuda", **small)
+            tokens, logits = greedy_run(hot, steps, prompt=TRAINED_PROMPT)
+            row[f"llamahot_K{k}_resident{resident}_identical"] = first_difference(tokens, ref)
+            row[f"llamahot_K{k}_resident{resident}_max_abs_logit_diff"] = float(np.abs(logits - ref_logits).max())
+            hot.close()
+    results["correctness"]["trained_model_greedy"] = row
+    print(f"correctness on the trained model ({steps} greedy tokens vs stock RAM): " +
+          ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in row.items()),
+          flush=True)
 
 
 def check_correctness(args, results: dict, ram, all_gpu, hot, check_ks: list[int]) -> None:
@@ -243,6 +297,8 @@ def main() -> int:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
 
     try:
+        if gpu:
+            check_trained_model(results, kw)
         check_correctness(args, results, ram, all_gpu, hot, check_ks)
     except Exception as exc:  # keep going: the speed table is still worth having
         import traceback
@@ -254,9 +310,8 @@ def main() -> int:
     longest_rebalance: dict[str, float] = {}
 
     def measure(llm, name: str) -> dict:
-        if isinstance(llm, llamahot.Llama) and llm.hot_cache.slots is not None:
-            # Rebalances anywhere in the run count (reset() below zeroes the counters).
-            longest_rebalance[name] = max(longest_rebalance.get(name, 0.0), llm.hot_cache.slots.stats.max_rebalance_ms)
+        # Rebalance stalls are read right after the decode steps (the counters were zeroed after the
+        # prompt): the refill a new long prompt triggers is prompt work, not a decode stall.
         run = runs_of[name] = runs_of.get(name, -1) + 1
         window = windows[run % len(windows)] if windows else None
         d = decode_rate(llm, args.tokens, after_prompt=reset_counters_after_prompt, text_tokens=window)
@@ -290,6 +345,29 @@ def main() -> int:
     hot.hot_cache.set_observing(True)
     ram_mmap.close()
 
+    # -- planning resident layers from this machine's own costs, measured here ------------------
+    n_layers, n_used, n_expert = layout.n_moe_layers, layout.n_expert_used, layout.n_expert
+    hot.hot_cache.set_hot_experts(n_expert)
+    greedy_run(hot, 16)  # first fill
+    calibration = [("stock GPU", all_gpu), (f"llamahot K={n_expert}", hot), (FLOOR, hot)]
+    for rep in range(args.reps):
+        for name, llm in calibration[rep % 3:] + calibration[: rep % 3]:
+            hot.hot_cache.set_debug(skip_compute=name == FLOOR)
+            record(name, measure(llm, name))
+    hot.hot_cache.set_debug()
+    hot.hot_cache.reset()
+    for run in range(2):  # routing popularity of the decode the benchmark measures
+        decode_rate(hot, args.tokens, text_tokens=windows[-1 - run] if windows else None)
+    popularity = hot.hot_cache.routing_counts()
+    t_of = {name: 1 / statistics.median(r["decode_tok_s"] for r in samples[name])
+            for name in ("stock GPU", "stock RAM", f"llamahot K={n_expert}", FLOOR)}
+    costs = {"layer_ms": (t_of[f"llamahot K={n_expert}"] - t_of["stock GPU"]) / n_layers * 1e3,
+             "miss_ms": (t_of["stock RAM"] - t_of[FLOOR]) / (n_layers * n_used) * 1e3}
+    plans = {k: plan_resident(k, n_layers, n_expert, n_used, popularity, **costs) for k in ks}
+    results["speed"]["resident_plan"] = {"costs": costs, "plans": {str(k): p for k, p in plans.items()}}
+    print(f"plan: a managed layer costs {costs['layer_ms']:.3f} ms/token, a miss {costs['miss_ms']:.3f} ms; "
+          + ", ".join(f"K={k}: {g} resident + {k2} slots" for k, (g, k2, _) in plans.items()), flush=True)
+
     measured_ks = []
     breakdowns: dict[str, dict[str, float]] = {}
     for k in ks:
@@ -304,6 +382,12 @@ def main() -> int:
         greedy_run(hot, 16)  # first fill
         modes = [("stock RAM", ram), (f"stock static {gpu_layers} layers", static), (f"llamahot K={k}", hot),
                  ("stock GPU", all_gpu)]
+        resident, k2, _ = plans[k]
+        hybrid = None
+        if resident > 0:
+            hybrid = llamahot.Llama(args.model, hot_experts=k2, resident_layers=resident, slot_device=device, **kw)
+            greedy_run(hybrid, 16)  # first fill
+            modes.append((hybrid_name(k, resident, k2), hybrid))
         if k == layout.n_expert:  # the stops alone, nothing computed: the floor of this design
             modes.append((FLOOR, hot))
         for rep in range(args.reps):
@@ -314,6 +398,8 @@ def main() -> int:
         results["speed"].setdefault("static_for_k", {})[str(k)] = f"stock static {gpu_layers} layers"
         breakdowns[f"llamahot K={k}"] = breakdown_of(hot, skip_compute=False)
         static.close()
+        if hybrid is not None:
+            hybrid.close()
         measured_ks.append(k)
         save()
         print(f"K={k}: measured after {time.perf_counter() - started:.0f} s", flush=True)
@@ -346,8 +432,8 @@ def main() -> int:
     results["speed"]["longest_rebalance_ms"] = longest_rebalance
     results["speed"]["roofline"] = {"t_gpu_ms": t_gpu * 1e3, "t_cold_ms": t_cold * 1e3}
 
-    lines = [f"| mode | VRAM for experts (GiB) | decode tok/s | vs stock RAM | prefill tok/s | vs stock RAM | "
-             f"hit rate | roofline tok/s | vs roofline |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | VRAM for experts (GiB) | decode tok/s | vs stock RAM | prefill tok/s | vs stock RAM | "
+             "hit rate | roofline tok/s | vs roofline |", "|---|---|---|---|---|---|---|---|---|"]
     base_d, base_p = summary["stock RAM"]["decode_tok_s"], summary["stock RAM"]["prefill_tok_s"]
 
     def line(name, vram, roof=None):
@@ -369,16 +455,22 @@ def main() -> int:
         roof = 1 / (t_gpu + (1 - s["hit_rate"]) * t_cold)
         s["roofline_tok_s"] = roof
         line(f"llamahot K={k}", f"{k * expert_vram_per_slot / 2**30:.2f}", roof)
+        resident, k2, _ = plans[k]
+        if resident > 0 and hybrid_name(k, resident, k2) in summary:
+            vram = (resident * layer_expert_bytes + k2 * (n_layers - resident) * layout.expert_matrix_bytes) / 2**30
+            line(hybrid_name(k, resident, k2), f"{vram:.2f}")
     if FLOOR in summary:
         line(FLOOR, f"{layout.n_expert * expert_vram_per_slot / 2**30:.2f}")
     line("stock GPU", f"{layout.expert_tensor_bytes / 2**30:.2f}")
-    detail = ["| llamahot K | vs static at equal VRAM | stops ms/token | GPU submit ms/token | GPU wait ms/token | "
-              "CPU ms/token | longest rebalance ms |", "|---|---|---|---|---|---|---|"]
+    detail = ["| llamahot K | vs static at equal VRAM | resident mix vs static | stops ms/token | GPU submit ms/token | "
+              "GPU wait ms/token | CPU ms/token | longest rebalance ms (decode) |", "|---|---|---|---|---|---|---|---|"]
     for k in ks:
         s = summary[f"llamahot K={k}"]
         vs_static = s["decode_tok_s"] / summary[results["speed"]["static_for_k"][str(k)]]["decode_tok_s"]
         s["vs_static"] = vs_static
-        detail.append(f"| {k} | {vs_static:.3f} | {s['stops_ms_per_token']:.2f} | {s['gpu_submit_ms_per_token']:.2f} | "
+        mix = summary.get(hybrid_name(k, *plans[k][:2]))
+        mix_vs = f"{mix['decode_tok_s'] / summary[results['speed']['static_for_k'][str(k)]]['decode_tok_s']:.3f}" if mix else ""
+        detail.append(f"| {k} | {vs_static:.3f} | {mix_vs} | {s['stops_ms_per_token']:.2f} | {s['gpu_submit_ms_per_token']:.2f} | "
                       f"{s['gpu_wait_ms_per_token']:.2f} | {s['cpu_ms_per_token']:.2f} | "
                       f"{longest_rebalance.get(f'llamahot K={k}', 0.0):.1f} |")
     table = "\n".join(lines + [""] + detail)

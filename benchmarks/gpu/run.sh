@@ -28,7 +28,7 @@ mkdir -p /tmp/models
 [ -f "$model" ] || python3 -m llamahot.synth "$preset" "$model" > "$out/synth.log" 2>&1 || { tail "$out/synth.log"; exit 1; }
 left=$(( 570 - ${RESERVE_S:-0} - ($(date +%s) - start) ))   # the device runs one command for at most 600 s
 echo "run: setup, tests and model ready after $(( $(date +%s) - start )) s; ${left} s left for the benchmark"
-timeout "$left" python3 benchmarks/gpu/bench.py "$model" --out "$out" --budget-s $(( left - 150 )) "${bench_args[@]}" 2>&1 \
+timeout "$left" python3 benchmarks/gpu/bench.py "$model" --out "$out" --budget-s $(( left - 100 )) "${bench_args[@]}" 2>&1 \
     | grep -v "^llama_kv_cache\|^llama_context" | tee "$out/bench.log"
 echo "run: done after $(( $(date +%s) - start )) s"
 if [ -n "$GDB_TEST" ]; then   # a C backtrace of a crashing test (cuda-gdb also debugs host code; no gdb there)
