@@ -15,24 +15,31 @@ tail -2 "$out/setup.log"
 export PYTHONPATH=/tmp/site:$PWD
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2; } \
     | tee "$out/machine.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/pytest_gpu.log" | tail -5
+if [ -n "$GDB_TEST" ]; then   # a C backtrace of a crashing test (cuda-gdb also debugs host code; no gdb there)
+    timeout 100 cuda-gdb -q -batch -ex run -ex bt --args python3 -m pytest -x -q -p no:cacheprovider \
+        $GDB_TEST > "$out/gdb.log" 2>&1
+    grep -B2 -A25 "SIGSEGV" "$out/gdb.log" | cut -c1-200 | head -40
+    tail -5 "$out/gdb.log"
+else
+    python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/pytest_gpu.log" | tail -5
+fi
 preset=qwen3moe-30b-a3b
 bench_args=()
 [ "$2" = "--quick" ] && preset=qwen3moe-mini
 if [ "$2" = "--routed" ]; then
     preset=qwen3moe-30b-a3b-routed
-    bench_args=(--text benchmarks/data/heldout_code.txt --ks 26,51,77 --check-ks 51 --tokens 128)
+    bench_args=(--text benchmarks/data/heldout_code.txt --ks 51,26,77 --check-ks "" --tokens 64 --skip-trained-check)
 fi
 model=/tmp/models/$preset.gguf
 mkdir -p /tmp/models
 [ -f "$model" ] || python3 -m llamahot.synth "$preset" "$model" > "$out/synth.log" 2>&1 || { tail "$out/synth.log"; exit 1; }
-left=$(( 570 - ${RESERVE_S:-0} - ($(date +%s) - start) ))   # the device runs one command for at most 600 s
+if [ -n "$PROBE" ]; then   # does an idle eval callback cost llama.cpp its CUDA graphs?
+    python3 benchmarks/gpu/graphs_probe.py "$model" "$out/probe.json" --tokens 24 --reps 2 2>&1 | grep -v "^llama_\|^ggml_cuda_init\|Device 0"
+    GGML_CUDA_DISABLE_GRAPHS=1 python3 benchmarks/gpu/graphs_probe.py "$model" "$out/probe_nographs.json" --tokens 24 --reps 2 2>&1 \
+        | grep -v "^llama_\|^ggml_cuda_init\|Device 0"
+fi
+left=$(( 570 - ($(date +%s) - start) ))   # the device runs one command for at most 600 s
 echo "run: setup, tests and model ready after $(( $(date +%s) - start )) s; ${left} s left for the benchmark"
 timeout "$left" python3 benchmarks/gpu/bench.py "$model" --out "$out" --budget-s $(( left - 100 )) "${bench_args[@]}" 2>&1 \
     | grep -v "^llama_kv_cache\|^llama_context" | tee "$out/bench.log"
 echo "run: done after $(( $(date +%s) - start )) s"
-if [ -n "$GDB_TEST" ]; then   # a C backtrace of a crashing test (cuda-gdb also debugs host code; no gdb there)
-    timeout 75 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args python3 -m pytest -x -q -p no:cacheprovider \
-        $GDB_TEST > "$out/gdb.log" 2>&1
-    grep -A30 "SIGSEGV\|signal" "$out/gdb.log" | head -60
-fi
