@@ -46,7 +46,19 @@ def main() -> int:
     parser.add_argument("out")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--why", action="store_true",
+                        help="decode a few tokens all on the GPU with and without the callback, with llama.cpp's "
+                             "debug log on (its CUDA graph messages go to stderr)")
     args = parser.parse_args()
+    if args.why:
+        for cls, label in ((StockPlaced, "no callback"), (WithCallback, "idle callback")):
+            print(f"=== {label}", file=sys.stderr, flush=True)
+            llm = cls(args.model, cpu_pattern=None, n_ctx=1024, n_threads=16, n_gpu_layers=-1, verbose=True)
+            print(f"=== {label}: decoding", file=sys.stderr, flush=True)
+            decode_rate(llm, 8)
+            print(f"=== {label}: done", file=sys.stderr, flush=True)
+            llm.close()
+        return 0
     kw = dict(n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=16, n_threads_batch=16, n_gpu_layers=-1, verbose=False)
     modes = {
         "stock GPU": StockPlaced(args.model, cpu_pattern=None, **kw),
