@@ -9,9 +9,9 @@ out=${1:?usage: bash benchmarks/gpu/diagnose.sh OUT_DIR}
 mkdir -p "$out"
 bash benchmarks/gpu/setup.sh "$out" > "$out/setup.log" 2>&1 || { tail -20 "$out/setup.log"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-for opts in "" "-s" "-p no:faulthandler" "-s -p no:faulthandler"; do
+for opts in "" "-s" "-p no:faulthandler"; do
     echo "=== pytest $opts"
-    timeout 120 python3 -m pytest -x -q -p no:cacheprovider $opts tests/test_gpu.py > "$out/pytest.log" 2>&1
+    timeout 70 python3 -m pytest -x -q -p no:cacheprovider $opts tests/test_gpu.py > "$out/pytest.log" 2>&1
     echo "rc=$?"; grep -m3 "passed\|failed\|Segmentation\|Error" "$out/pytest.log"
 done
 mkdir -p /tmp/models
