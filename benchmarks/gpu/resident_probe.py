@@ -1,0 +1,38 @@
+"""Where the time goes with resident layers: stock all-on-GPU against llamahot with all but one
+MoE layer resident, and with none, on one model (per-token breakdown from llamahot's timeline).
+
+    python benchmarks/gpu/resident_probe.py MODEL.gguf
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import StockPlaced, breakdown_of  # noqa: E402
+
+import llamahot  # noqa: E402
+from llamahot.benchmark import decode_rate  # noqa: E402
+from llamahot.model_info import read_moe_layout  # noqa: E402
+
+
+def main() -> int:
+    path = sys.argv[1]
+    layout = read_moe_layout(path)
+    kw = dict(n_ctx=1024, n_threads=16, n_threads_batch=16, n_gpu_layers=-1, verbose=False)
+    gpu = StockPlaced(path, cpu_pattern=None, **kw)
+    print("stock GPU tok/s", round(decode_rate(gpu, 32), 1), flush=True)
+    gpu.close()
+    for resident in (layout.n_moe_layers - 1, 0):
+        hot = llamahot.Llama(path, hot_experts=layout.n_expert, resident_layers=resident, slot_device="cuda", **kw)
+        decode_rate(hot, 16)
+        rate = decode_rate(hot, 32)
+        print(f"resident {resident}: tok/s {rate:.1f}; breakdown (ms/token):",
+              json.dumps({k: round(v, 3) for k, v in breakdown_of(hot, skip_compute=False).items()}), flush=True)
+        hot.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
