@@ -17,9 +17,22 @@ from llamahot.benchmark import decode_rate  # noqa: E402
 from llamahot.model_info import read_moe_layout  # noqa: E402
 
 
+def why(path: str, n_moe_layers: int, n_expert: int) -> None:
+    """llama.cpp's debug log (its CUDA-graph messages) while decoding with all but one layer resident."""
+    hot = llamahot.Llama(path, hot_experts=n_expert, resident_layers=n_moe_layers - 1, slot_device="cuda",
+                         n_ctx=1024, n_threads=16, n_gpu_layers=-1, verbose=True)
+    print("=== decoding", file=sys.stderr, flush=True)
+    decode_rate(hot, 12)
+    print("=== done", file=sys.stderr, flush=True)
+    hot.close()
+
+
 def main() -> int:
     path = sys.argv[1]
     layout = read_moe_layout(path)
+    if "--why" in sys.argv:
+        why(path, layout.n_moe_layers, layout.n_expert)
+        return 0
     kw = dict(n_ctx=1024, n_threads=16, n_threads_batch=16, n_gpu_layers=-1, verbose=False)
     gpu = StockPlaced(path, cpu_pattern=None, **kw)
     print("stock GPU tok/s", round(decode_rate(gpu, 32), 1), flush=True)
