@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Optional
 import llama_cpp
 import numpy as np
 
+from llamahot.hot_cache import HostPlacement
 from llamahot.llama import Llama
 
 PROMPT = b"def fibonacci(n):\n    if n < 2:\n        return n\n"
@@ -25,6 +26,39 @@ class Row:
 def last_logits(llm: llama_cpp.Llama) -> np.ndarray:
     """A copy of the logits of the last evaluated token (works without logits_all)."""
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+
+
+class StockPlaced(llama_cpp.Llama):
+    """Stock llama_cpp.Llama with the tensors matching `cpu_pattern` in host memory (like `-ot PATTERN=CPU`)."""
+
+    def __init__(self, path: str, *, cpu_pattern: str | None, **kwargs):
+        self._placement = HostPlacement(cpu_pattern) if cpu_pattern else None
+        # The same host memory as llamahot's experts (pinned CUDA_Host, not a pageable mmap) unless asked.
+        kwargs.setdefault("use_mmap", False)
+        super().__init__(path, **kwargs)
+
+    @property
+    def model_params(self):
+        return self.__dict__["model_params"]
+
+    @model_params.setter
+    def model_params(self, params):
+        if self._placement is not None:
+            params.tensor_buft_overrides = self._placement.address
+        self.__dict__["model_params"] = params
+
+
+def greedy_run(llm, steps: int, forced: list[int] | None = None, prompt: bytes = PROMPT) -> tuple[list[int], np.ndarray]:
+    """Greedy tokens and the logits of every step; with `forced`, feed those tokens instead (teacher forcing)."""
+    llm.reset()
+    llm.eval(llm.tokenize(prompt))
+    tokens, logits = [], []
+    for i in range(steps):
+        row = last_logits(llm)
+        logits.append(row)
+        tokens.append(int(np.argmax(row)))
+        llm.eval([forced[i] if forced is not None else tokens[-1]])
+    return tokens, np.stack(logits)
 
 
 def decode_rate(llm: llama_cpp.Llama, n_tokens: int,

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 import llamahot
-from llamahot.benchmark import last_logits
-from llamahot.hot_cache import HostPlacement
+from llamahot.benchmark import StockPlaced, greedy_run
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, read_moe_layout
 
 from conftest import LLAMA_KW, TRAINED_MODEL
@@ -26,49 +25,24 @@ CONFIDENT_PROMPT = b"for i in range(10):\n"   # trained model, stock: top-2 logi
 STEPS = 128
 
 
-class StockInRam(llama_cpp.Llama):
+def stock_in_ram(path: str) -> StockPlaced:
     """Stock llama_cpp.Llama with every routed expert in host memory (`-ot exps=CPU`), the rest on the GPU."""
-
-    def __init__(self, path: str, **kwargs):
-        self._placement = HostPlacement(EXPERT_TENSOR_PATTERN)
-        super().__init__(path, n_gpu_layers=-1, use_mmap=False, **kwargs)
-
-    @property
-    def model_params(self):
-        return self.__dict__["model_params"]
-
-    @model_params.setter
-    def model_params(self, params):
-        params.tensor_buft_overrides = self._placement.address
-        self.__dict__["model_params"] = params
-
-
-def run(llm, prompt: bytes, steps: int, forced: list[int] | None = None) -> tuple[list[int], np.ndarray]:
-    """Greedy tokens (or the `forced` ones, teacher forcing) and the logits before each."""
-    llm.reset()
-    llm.eval(llm.tokenize(prompt))
-    tokens, logits = [], []
-    for i in range(steps):
-        row = last_logits(llm)
-        logits.append(row)
-        tokens.append(int(np.argmax(row)))
-        llm.eval([forced[i] if forced is not None else tokens[-1]])
-    return tokens, np.stack(logits)
+    return StockPlaced(path, cpu_pattern=EXPERT_TENSOR_PATTERN, n_gpu_layers=-1, **LLAMA_KW)
 
 
 @pytest.mark.parametrize("resident", [0, 2])
 def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_moe_models, resident):
     path = all_moe_models[TRAINED_MODEL]
     layout = read_moe_layout(path)
-    stock = StockInRam(path, **LLAMA_KW)
-    expected, stock_logits = run(stock, CONFIDENT_PROMPT, STEPS)
+    stock = stock_in_ram(path)
+    expected, stock_logits = greedy_run(stock, STEPS, prompt=CONFIDENT_PROMPT)
     stock.close()
     top2 = np.sort(stock_logits, axis=1)[:, -2:]
     assert (top2[:, 1] - top2[:, 0]).min() > 0.1, "the prompt no longer gives confident predictions"
     for k in (layout.n_expert_used, layout.n_expert // 2, layout.n_expert):
         llm = llamahot.Llama(path, hot_experts=k, resident_layers=resident, rebalance_interval=4,
                              slot_device="cuda", **LLAMA_KW)
-        tokens, logits = run(llm, CONFIDENT_PROMPT, STEPS)
+        tokens, logits = greedy_run(llm, STEPS, prompt=CONFIDENT_PROMPT)
         stats = llm.hot_cache.stats()
         assert stats["hits"] > 0 and stats["ffn_redirects"] > 0
         assert stats["n_moe_layers"] == layout.n_moe_layers - resident
@@ -82,16 +56,16 @@ def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_
 def test_cuda_slots_logits_as_close_to_ram_as_stock_gpu(all_moe_models, preset):
     path = all_moe_models[preset]
     layout = read_moe_layout(path)
-    stock = StockInRam(path, **LLAMA_KW)
-    reference, ram_logits = run(stock, CONFIDENT_PROMPT, 64)
+    stock = stock_in_ram(path)
+    reference, ram_logits = greedy_run(stock, 64, prompt=CONFIDENT_PROMPT)
     stock.close()
     all_gpu = llama_cpp.Llama(path, n_gpu_layers=-1, **LLAMA_KW)
-    _, gpu_logits = run(all_gpu, CONFIDENT_PROMPT, 64, forced=reference)
+    _, gpu_logits = greedy_run(all_gpu, 64, forced=reference, prompt=CONFIDENT_PROMPT)
     all_gpu.close()
     gpu_diff = np.abs(gpu_logits - ram_logits).max()
     for k in (layout.n_expert_used, layout.n_expert):
         llm = llamahot.Llama(path, hot_experts=k, rebalance_interval=4, slot_device="cuda", **LLAMA_KW)
-        _, logits = run(llm, CONFIDENT_PROMPT, 64, forced=reference)
+        _, logits = greedy_run(llm, 64, forced=reference, prompt=CONFIDENT_PROMPT)
         assert llm.hot_cache.stats()["ffn_redirects"] > 0
         assert np.isfinite(logits).all()
         assert np.abs(logits - ram_logits).max() <= 1.5 * gpu_diff + 1e-3, (np.abs(logits - ram_logits).max(), gpu_diff)

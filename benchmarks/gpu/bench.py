@@ -32,31 +32,10 @@ import llama_cpp
 import numpy as np
 
 import llamahot
-from llamahot.hot_cache import HostPlacement
 from llamahot.benchmark import PROMPT as SHORT_PROMPT
-from llamahot.benchmark import decode_rate, last_logits
+from llamahot.benchmark import StockPlaced, decode_rate, greedy_run, last_logits
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, read_moe_layout
 
-
-
-class StockPlaced(llama_cpp.Llama):
-    """Stock llama_cpp.Llama with the tensors matching `cpu_pattern` in host memory (like `-ot PATTERN=CPU`)."""
-
-    def __init__(self, path: str, *, cpu_pattern: str | None, **kwargs):
-        self._placement = HostPlacement(cpu_pattern) if cpu_pattern else None
-        # The same host memory as llamahot's experts (pinned CUDA_Host, not a pageable mmap) unless asked.
-        kwargs.setdefault("use_mmap", False)
-        super().__init__(path, **kwargs)
-
-    @property
-    def model_params(self):
-        return self.__dict__["model_params"]
-
-    @model_params.setter
-    def model_params(self, params):
-        if self._placement is not None:
-            params.tensor_buft_overrides = self._placement.address
-        self.__dict__["model_params"] = params
 
 
 def static_cpu_pattern(n_blocks_on_cpu: int, moe_blocks: tuple[int, ...]) -> str | None:
@@ -110,19 +89,6 @@ def prefill_tokens(llm, n: int) -> list[int]:
     tokens = llm.tokenize(text)[:n]
     assert len(tokens) == n, f"need {n} prompt tokens, got {len(tokens)}"
     return tokens
-
-
-def greedy_run(llm, steps: int, forced: list[int] | None = None, prompt: bytes = SHORT_PROMPT) -> tuple[list[int], np.ndarray]:
-    """Greedy tokens and the logits of every step; with `forced`, feed those tokens instead (teacher forcing)."""
-    llm.reset()
-    llm.eval(llm.tokenize(prompt))
-    tokens, logits = [], []
-    for i in range(steps):
-        row = last_logits(llm)
-        logits.append(row)
-        tokens.append(int(np.argmax(row)))
-        llm.eval([forced[i] if forced is not None else tokens[-1]])
-    return tokens, np.stack(logits)
 
 
 def token_breakdown(events: list[tuple[int, int, int, str]]) -> dict[str, float]:
