@@ -128,11 +128,21 @@ def breakdown_of(llm, skip_compute: bool, steps: int = 6) -> dict[str, float]:
     for _ in range(steps):
         token = int(np.argmax(last_logits(llm)))
         llm.hot_cache.timeline()
-        start = time.perf_counter()
-        llm.eval([token])
-        wall = (time.perf_counter() - start) * 1e3
-        row = token_breakdown(llm.hot_cache.timeline())
-        row["eval() wall"] = wall
+        # llamahot.Llama.eval in its parts (same clock as the shim's: CLOCK_MONOTONIC), to place the
+        # time before the first and after the last callback.
+        t0 = time.monotonic_ns()
+        llama_cpp.Llama.eval(llm, [token])
+        t1 = time.monotonic_ns()
+        llm.hot_cache.end_of_eval()
+        llm.hot_cache.after_eval(1, (t1 - t0) / 1e9)
+        t2 = time.monotonic_ns()
+        events = llm.hot_cache.timeline()
+        row = token_breakdown(events)
+        if events:
+            row["llama eval before the first callback"] = (events[0][0] - t0) / 1e6
+            row["llama eval after the last callback (last split, logits, llama_cpp)"] = (t1 - events[-1][0]) / 1e6
+        row["llamahot after eval (policy, rebalance, snapshot)"] = (t2 - t1) / 1e6
+        row["eval() wall"] = (t2 - t0) / 1e6
         rows.append(row)
     llm.hot_cache.set_debug()
     return {key: statistics.median(r.get(key, 0.0) for r in rows) for key in rows[-1]}
