@@ -86,6 +86,17 @@ def test_monitor_says_how_to_start_one_when_nothing_runs():
     asyncio.run(scenario())
 
 
+def test_a_refresh_tick_while_the_app_closes_is_harmless():
+    """CI once saw the refresh timer fire after the screen's widgets were gone (NoMatches)."""
+    async def scenario():
+        app = HotCacheMonitor(discover=lambda: [], refresh_s=60)
+        async with app.run_test() as pilot:
+            await pilot.pause(0.05)
+            await app.query_one("#picker").remove()
+            app._on_timer()
+    asyncio.run(scenario())
+
+
 def test_monitor_lets_you_pick_among_several():
     async def scenario():
         app = HotCacheMonitor(discover=lambda: [(1, "llamahot_1_0"), (2, "llamahot_2_0")], refresh_s=0.05)

@@ -18,6 +18,7 @@ from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
+from textual.css.query import NoMatches
 from textual.reactive import reactive
 from textual.widgets import ContentSwitcher, Footer, Header, OptionList, Sparkline, Static
 
@@ -144,7 +145,7 @@ class HotCacheMonitor(App):
         self._show_monitor(False)
         if self.source is None:
             self._choose_source()
-        self.set_interval(self.refresh_s, self.refresh_picture)
+        self.set_interval(self.refresh_s, self._on_timer)
         self.refresh_picture()
 
     # -- attaching ------------------------------------------------------------------------
@@ -181,6 +182,12 @@ class HotCacheMonitor(App):
             self.query_one(selector).display = visible
 
     # -- updating ------------------------------------------------------------------------
+    def _on_timer(self) -> None:
+        try:
+            self.refresh_picture()
+        except NoMatches:
+            pass  # a tick that lands while the app is closing: its widgets are already gone
+
     def refresh_picture(self) -> None:
         if self.paused:
             return
