@@ -77,6 +77,9 @@ def inspect(args: argparse.Namespace) -> int:
     for k in ks:
         print(f"    K={k:<4d} {k * per_expert * layout.n_moe_layers / 2**30:8.2f} GiB "
               f"({100 * k / layout.n_expert:.0f} % of the experts)")
+    layer_gib = layout.expert_tensor_bytes / layout.n_moe_layers / 2**30
+    print(f"  one resident layer (resident_layers, all its experts on the GPU): {layer_gib:.2f} GiB, "
+          f"the memory of {layout.n_expert} slots in one layer")
     if args.vram_gib is not None:
         free = int(args.vram_gib * 2**30)
         fits = largest_k_that_fits(free, per_expert, layout.n_moe_layers, layout.n_expert)
@@ -105,7 +108,7 @@ def serve(args: argparse.Namespace) -> int:
           file=sys.stderr)
     run_server(args.model, host=args.host, port=args.port, hot_experts=args.hot_experts, n_ctx=args.n_ctx,
                n_gpu_layers=-1, slot_device=args.slot_device, rebalance_interval=args.rebalance_interval,
-               verbose=False)
+               resident_layers=args.resident_layers, verbose=False)
     return 0
 
 
@@ -145,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                        description="More options: python -m llamahot.server --help (all of llama_cpp.server's).")
     p.add_argument("model", help="a MoE GGUF file")
     p.add_argument("--hot-experts", type=int, default=8)
-    p.add_argument("--rebalance-interval", type=int, default=60)
+    p.add_argument("--rebalance-interval", type=int, default=4)
+    p.add_argument("--resident-layers", type=int, default=0,
+                   help="keep every expert of the last N MoE layers on the GPU; slots for the rest (default 0)")
     p.add_argument("--slot-device", default="auto", choices=["auto", "cuda", "host"])
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--host", default="127.0.0.1")

@@ -36,6 +36,8 @@ class HotModelSettings(ModelSettings):
     prefill_bypass: int = Field(default=32, ge=0, description="Larger ubatches are left to llama.cpp.")
     slot_device: str = Field(default="auto", description="'auto', 'cuda' or 'host'.")
     policy: str = Field(default="decayed", description="'decayed', 'lru' or 'window-lfu'.")
+    resident_layers: int = Field(default=0, ge=0,
+                                 description="Keep every expert of the last N MoE layers on the GPU; slots for the rest.")
 
 
 @contextlib.contextmanager
@@ -45,7 +47,8 @@ def _llamahot_as_llama(settings: HotModelSettings) -> Iterator[None]:
     original = server_model.llama_cpp.Llama
     server_model.llama_cpp.Llama = functools.partial(
         llamahot.Llama, hot_experts=settings.hot_experts, rebalance_interval=settings.rebalance_interval,
-        prefill_bypass=settings.prefill_bypass, slot_device=settings.slot_device, policy=settings.policy)
+        prefill_bypass=settings.prefill_bypass, slot_device=settings.slot_device, policy=settings.policy,
+        resident_layers=settings.resident_layers)
     try:
         yield
     finally:

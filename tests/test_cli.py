@@ -23,6 +23,8 @@ def test_inspect_reports_layout_and_slot_memory(text_model, capsys):
     per_k = layout.expert_matrix_bytes * layout.n_moe_layers
     fits = min(layout.n_expert, int((0.52 * 2**30 - 512 * 2**20) // per_k))
     assert f"hot_experts={fits}" in out
+    assert f"one resident layer (resident_layers, all its experts on the GPU): " \
+           f"{layout.expert_tensor_bytes / layout.n_moe_layers / 2**30:.2f} GiB" in out
 
 
 @pytest.mark.parametrize("bad", ["missing", "dense"])

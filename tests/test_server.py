@@ -14,6 +14,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from llamahot import monitor
+from llamahot.model_info import read_moe_layout
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ def post(url: str, body: dict) -> dict:
 def test_server_answers_a_chat_completion(text_model):
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "llamahot", "serve", text_model, "--hot-experts", "4",
-                               "--slot-device", "host", "--n-ctx", "512", "--port", str(port)],
+                               "--resident-layers", "1", "--slot-device", "host", "--n-ctx", "512", "--port", str(port)],
                               cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}/v1"
@@ -60,6 +61,8 @@ def test_server_answers_a_chat_completion(text_model):
         # The server's model is a llamahot.Llama: its cache is visible to a monitor by the server's pid.
         snapshots = monitor.read_snapshots(server.pid)
         assert len(snapshots) == 1 and snapshots[0]["hot_experts"] == 4 and snapshots[0]["tokens"] > 0
+        # --resident-layers reached the model: llamahot manages all MoE layers but the last one.
+        assert snapshots[0]["n_moe_layers"] == read_moe_layout(text_model).n_moe_layers - 1
     finally:
         server.terminate()
         server.wait(timeout=30)
