@@ -1,7 +1,7 @@
 """Where the time goes with resident layers: stock all-on-GPU against llamahot with all but one
 MoE layer resident, and with none, on one model (per-token breakdown from llamahot's timeline).
 
-    python benchmarks/gpu/resident_probe.py MODEL.gguf
+    python benchmarks/gpu/resident_probe.py MODEL.gguf [--threads N] [--why]
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def main() -> int:
     if "--why" in sys.argv:
         why(path, layout.n_moe_layers, layout.n_expert)
         return 0
-    kw = dict(n_ctx=1024, n_threads=16, n_threads_batch=16, n_gpu_layers=-1, verbose=False)
+    threads = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 16
+    kw = dict(n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_gpu_layers=-1, verbose=False)
     gpu = StockPlaced(path, cpu_pattern=None, **kw)
     print("stock GPU tok/s", round(decode_rate(gpu, 32), 1), flush=True)
     gpu.close()
