@@ -18,17 +18,17 @@ spec.loader.exec_module(gpu_bench)
 
 def test_static_offload_pattern_takes_the_first_blocks(all_moe_models):
     layout = read_moe_layout(all_moe_models["deepseek2-tiny"])  # its first block is dense
-    pattern = gpu_bench.static_cpu_pattern(2, layout.moe_blocks)
+    pattern = gpu_bench.static_cpu_pattern(2, layout)
     names = [f"blk.{b}.ffn_{p}_exps.weight" for b in range(layout.n_blocks) for p in ("gate_up", "down")]
     on_cpu = {n for n in names if re.search(pattern, n)}
     assert on_cpu == {n for n in names if int(n.split(".")[1]) in layout.moe_blocks[:2]}
-    assert gpu_bench.static_cpu_pattern(0, layout.moe_blocks) is None
+    assert gpu_bench.static_cpu_pattern(0, layout) is None
 
 
 def test_stock_placed_places_matching_tensors_in_host_memory(all_moe_models, capfd):
     path = all_moe_models["qwen3moe-tiny"]
     layout = read_moe_layout(path)
-    pattern = gpu_bench.static_cpu_pattern(1, layout.moe_blocks)
+    pattern = gpu_bench.static_cpu_pattern(1, layout)
     llm = gpu_bench.StockPlaced(path, cpu_pattern=pattern, **{**LLAMA_KW, "verbose": True})
     log = capfd.readouterr().err
     overridden = {line.split()[1] for line in log.splitlines()

@@ -34,16 +34,16 @@ import numpy as np
 import llamahot
 from llamahot.benchmark import PROMPT as SHORT_PROMPT
 from llamahot.benchmark import StockPlaced, decode_rate, greedy_run, last_logits
-from llamahot.model_info import EXPERT_TENSOR_PATTERN, read_moe_layout
+from llamahot.model_info import EXPERT_TENSOR_PATTERN, MoELayout, read_moe_layout
 
 
 
-def static_cpu_pattern(n_blocks_on_cpu: int, moe_blocks: tuple[int, ...]) -> str | None:
-    """Regex putting the experts of the first `n_blocks_on_cpu` MoE blocks in host memory."""
-    cpu_blocks = moe_blocks[:n_blocks_on_cpu]
-    if not cpu_blocks:
+def static_cpu_pattern(n_layers_on_cpu: int, layout: MoELayout) -> str | None:
+    """Regex putting the experts of the first `n_layers_on_cpu` MoE layers in host memory (the
+    placement llamahot gives its managed layers with the others resident)."""
+    if n_layers_on_cpu == 0:
         return None
-    return r"^blk\.(" + "|".join(map(str, cpu_blocks)) + r")" + EXPERT_TENSOR_PATTERN
+    return layout.without_last(layout.n_moe_layers - n_layers_on_cpu).expert_pattern()
 
 
 FLOOR = "llamahot floor (all hot, stops compute nothing)"
@@ -354,8 +354,7 @@ def main() -> int:
             results.setdefault("skipped_ks", []).append(k)
             continue
         gpu_layers = min(layout.n_moe_layers, round(k * expert_vram_per_slot / layer_expert_bytes))
-        static = StockPlaced(args.model, cpu_pattern=static_cpu_pattern(layout.n_moe_layers - gpu_layers,
-                                                                         layout.moe_blocks), **kw)
+        static = StockPlaced(args.model, cpu_pattern=static_cpu_pattern(layout.n_moe_layers - gpu_layers, layout), **kw)
         hot.hot_cache.set_hot_experts(k)
         greedy_run(hot, 16)  # first fill
         modes = [("stock RAM", ram), (f"stock static {gpu_layers} layers", static), (f"llamahot K={k}", hot),
