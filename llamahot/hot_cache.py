@@ -290,6 +290,7 @@ class HotCache:
             return dict(self._final[1])
         counters = self._counters()
         hits, misses = int(self._hits.sum()), int(self._misses.sum())
+        hit_rate = hits / (hits + misses) if hits + misses else 0.0
         transfers = self.slots.stats if self.slots is not None else None
         return {
             "hot_experts": self.hot_experts,
@@ -309,11 +310,11 @@ class HotCache:
             "expert_weights_found": int(counters.weights_known),
             "hits": hits,
             "misses": misses,
-            "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+            "hit_rate": hit_rate,
             "resident_layers": self.resident_layers,
             # Resident layers never miss: the hit rate over every MoE layer of the model.
-            "hit_rate_all_layers": ((hits / (hits + misses) if hits + misses else 0.0) * self.layout.n_moe_layers
-                                    + self.resident_layers) / self.full_layout.n_moe_layers,
+            "hit_rate_all_layers": (hit_rate * self.layout.n_moe_layers + self.resident_layers)
+                                   / self.full_layout.n_moe_layers,
             "hits_per_layer": self._hits.copy(),
             "misses_per_layer": self._misses.copy(),
             "slots_total": self.layout.n_moe_layers * self.hot_experts,

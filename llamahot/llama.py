@@ -114,12 +114,6 @@ class Llama(llama_cpp.Llama):
                     f"hot_experts={hot_experts} is more than the {layout.n_expert} experts per layer of "
                     f"{layout.path}; use 0..{layout.n_expert}."
                 )
-            if resident_layers >= layout.n_moe_layers:
-                raise ValueError(
-                    f"resident_layers={resident_layers} would keep all {layout.n_moe_layers} MoE layers of "
-                    f"{layout.path} on the GPU, leaving nothing to manage: use llama_cpp.Llama (or "
-                    f"hot_experts=None), or resident_layers in 0..{layout.n_moe_layers - 1}."
-                )
             self.hot_cache = HotCache(layout, hot_experts=hot_experts, rebalance_interval=rebalance_interval,
                                       prefill_bypass=prefill_bypass, slot_device=device, policy=policy,
                                       resident_layers=resident_layers)

@@ -52,7 +52,11 @@ class MoELayout:
     def without_last(self, n_layers: int) -> "MoELayout":
         """This layout less its last `n_layers` MoE layers (those whose experts stay on the GPU)."""
         if not 0 <= n_layers < self.n_moe_layers:
-            raise ValueError(f"resident_layers must be in 0..{self.n_moe_layers - 1}, got {n_layers}")
+            raise ValueError(
+                f"resident_layers={n_layers} is outside 0..{self.n_moe_layers - 1} for the {self.n_moe_layers} "
+                f"MoE layers of {self.path}: all of them resident leaves nothing to manage (use llama_cpp.Llama, "
+                "or hot_experts=None, for that)."
+            )
         kept = self.moe_blocks[: self.n_moe_layers - n_layers]
         return replace(self, moe_blocks=kept,
                        expert_tensor_bytes=self.expert_tensor_bytes * len(kept) // self.n_moe_layers)
