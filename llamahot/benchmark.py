@@ -82,8 +82,15 @@ def decode_rate(llm: llama_cpp.Llama, n_tokens: int,
         token = int(np.argmax(last_logits(llm))) if text_tokens is None else text_tokens[prompt_tokens + i]
         start = time.perf_counter()
         llm.eval([token])
+        finish(llm)
         spent += time.perf_counter() - start
     return n_tokens / spent
+
+
+def finish(llm: llama_cpp.Llama) -> None:
+    """Wait for the decode's device work. Stock llama_decode returns once a GPU graph is *queued*
+    (its logits are waited for when read), so a timer around eval alone sees only the submission."""
+    llama_cpp.llama_synchronize(llm.ctx)
 
 
 def record_trace(model: str, text: str, n_tokens: int) -> np.ndarray:

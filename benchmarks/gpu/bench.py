@@ -33,7 +33,7 @@ import numpy as np
 
 import llamahot
 from llamahot.benchmark import PROMPT as SHORT_PROMPT
-from llamahot.benchmark import StockPlaced, decode_rate, greedy_run, last_logits
+from llamahot.benchmark import StockPlaced, decode_rate, finish, greedy_run, last_logits
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, MoELayout, read_moe_layout
 
 
@@ -81,6 +81,7 @@ def prefill_rate(llm, tokens: list[int]) -> float:
     llm.reset()
     start = time.perf_counter()
     llm.eval(tokens)
+    finish(llm)
     return len(tokens) / (time.perf_counter() - start)
 
 

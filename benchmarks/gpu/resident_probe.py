@@ -38,6 +38,10 @@ def main() -> int:
     gpu = StockPlaced(path, cpu_pattern=None, **kw)
     print("stock GPU tok/s", round(decode_rate(gpu, 32), 1), flush=True)
     gpu.close()
+    # Stock with the same placement as llamahot's "all but one resident": is a host split alone the cost?
+    one_on_cpu = StockPlaced(path, cpu_pattern=layout.without_last(layout.n_moe_layers - 1).expert_pattern(), **kw)
+    print("stock static, first MoE layer's experts on CPU, tok/s", round(decode_rate(one_on_cpu, 32), 1), flush=True)
+    one_on_cpu.close()
     for resident in (layout.n_moe_layers - 1, 0):
         hot = llamahot.Llama(path, hot_experts=layout.n_expert, resident_layers=resident, slot_device="cuda", **kw)
         decode_rate(hot, 16)
