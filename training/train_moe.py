@@ -27,6 +27,9 @@ import sysconfig
 import time
 from pathlib import Path
 
+# llama_cpp before gguf and torch: on the GPU machine, llama's model load in the export check crashed
+# (llama_model::print_info) when gguf or torch's environment came first (docs/NOTES.md).
+import llama_cpp  # noqa: I001
 import gguf
 import numpy as np
 import torch
@@ -379,8 +382,6 @@ def export_gguf(model: MoELM, tok, path: Path, name: str) -> None:
 
 def check_with_llama_cpp(model: MoELM, tok, path: Path, text: str) -> dict:
     """The exported file in stock llama.cpp: same token ids, logits close to torch's."""
-    import llama_cpp
-
     llm = llama_cpp.Llama(str(path), n_ctx=512, logits_all=True, verbose=False, seed=0)
     ids_hf = tok.encode(text).ids
     ids_cpp = llm.tokenize(text.encode(), add_bos=False, special=False)

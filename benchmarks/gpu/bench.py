@@ -35,6 +35,7 @@ import llamahot
 from llamahot.benchmark import PROMPT as SHORT_PROMPT
 from llamahot.benchmark import StockPlaced, decode_rate, finish, greedy_run, last_logits
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, MoELayout, read_moe_layout
+from llamahot.policy import LRU, DecayedFrequency
 
 
 
@@ -217,7 +218,7 @@ def check_correctness(args, results: dict, ram, all_gpu, hot, check_ks: list[int
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
+    parser.add_argument("model", nargs="?", help="the GGUF to benchmark (not needed with --replot)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--ks", default="16,32,64,96,128")
     parser.add_argument("--check-ks", default="32,64", help="K values checked against stock for correctness")
@@ -232,7 +233,16 @@ def main() -> int:
                         help="teacher-forced decode over this text (real routing) instead of greedy decode")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="stop starting new K blocks after this many seconds (results so far are kept)")
+    parser.add_argument("--policy-variants", action="store_true",
+                        help="also measure other policy settings at the first K (rebalance every token)")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw OUT/decode_vs_vram.png from OUT/results.json (no model needed)")
     args = parser.parse_args()
+    if args.replot:
+        plot(Path(args.out) / "decode_vs_vram.png", json.loads((Path(args.out) / "results.json").read_text()))
+        return 0
+    if args.model is None:
+        parser.error("the model GGUF is needed (or --replot)")
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -383,6 +393,24 @@ def main() -> int:
         print(f"K={k}: measured after {time.perf_counter() - started:.0f} s", flush=True)
     ks = measured_ks
 
+    # -- other policy settings at the first K: on a GPU a copy is an asynchronous DMA, not a CPU read,
+    # so the trace study's cost model (which chose the default) may charge loads too much there.
+    if args.policy_variants and ks:
+        k = ks[0]
+        hot.hot_cache.set_hot_experts(k)
+        default_policy, default_interval = hot.hot_cache.policy, hot.hot_cache.rebalance_interval
+        variants = [("every token, half-life 8, margin 0", 1, DecayedFrequency(n_layers, n_expert, k, half_life=8, margin=0)),
+                    ("LRU, every token", 1, LRU(n_layers, n_expert, k))]
+        for label, interval, policy in variants:
+            hot.hot_cache.policy, hot.hot_cache.rebalance_interval = policy, interval
+            greedy_run(hot, 16)
+            name = f"llamahot K={k}, {label}"
+            for rep in range(args.reps):
+                record(name, measure(hot, name))
+        hot.hot_cache.policy, hot.hot_cache.rebalance_interval = default_policy, default_interval
+        save()
+        print(f"policy variants at K={k}: measured after {time.perf_counter() - started:.0f} s", flush=True)
+
     # -- where a token's time goes (callback timelines), at the largest K measured --------------
     if ks:
         for name, skip in ((FLOOR, True), ("llamahot idle (K unchanged)", None)):
@@ -437,6 +465,8 @@ def main() -> int:
         if resident > 0 and hybrid_name(k, resident, k2) in summary:
             vram = (resident * layer_expert_bytes + k2 * (n_layers - resident) * layout.expert_matrix_bytes) / 2**30
             line(hybrid_name(k, resident, k2), f"{vram:.2f}")
+        for name in [n for n in summary if n.startswith(f"llamahot K={k}, ")]:  # policy variants
+            line(name, f"{k * expert_vram_per_slot / 2**30:.2f}", 1 / (t_gpu + (1 - summary[name]["hit_rate"]) * t_cold))
     if FLOOR in summary:
         line(FLOOR, f"{layout.n_expert * expert_vram_per_slot / 2**30:.2f}")
     line("stock GPU", f"{layout.expert_tensor_bytes / 2**30:.2f}")
@@ -456,15 +486,17 @@ def main() -> int:
     print(f"roofline: T_gpu {t_gpu * 1e3:.2f} ms (stock GPU), T_cold {t_cold * 1e3:.2f} ms (stock RAM - stock GPU)")
     (out / "table.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
-    plot(out / "decode_vs_vram.png", summary, results, sorted(ks), layout, expert_vram_per_slot, layer_expert_bytes,
-         t_gpu, t_cold)
+    plot(out / "decode_vs_vram.png", results)
     hot.close()
     ram.close()
     all_gpu.close()
     return 0
 
 
-def plot(path: Path, summary, results, ks, layout, per_slot, per_layer, t_gpu, t_cold) -> None:
+def plot(path: Path, results: dict) -> None:
+    """Decode tok/s against VRAM for experts: stock static offload, llamahot's slots and resident
+    mixes, and the roofline of a hot-expert cache at the hit rates llamahot reached (uniform
+    routing's h = K/n_expert as a curve beside them). Everything from results.json."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -472,21 +504,33 @@ def plot(path: Path, summary, results, ks, layout, per_slot, per_layer, t_gpu, t
     except ImportError:
         print("matplotlib not installed: no plot")
         return
+    speed, lay = results["speed"], results["layout"]
+    summary, n_expert = speed["summary"], lay["n_expert"]
+    per_slot = lay["expert_gib"] / n_expert                  # GiB of VRAM per slot (all layers)
+    per_layer = lay["expert_gib"] / lay["n_moe_layers"]      # GiB of one layer's experts
+    t_gpu, t_cold = speed["roofline"]["t_gpu_ms"], speed["roofline"]["t_cold_ms"]
+    ks = sorted(int(k) for k in speed["static_for_k"])
+    static = sorted((int(re.search(r"(\d+) layers", speed["static_for_k"][str(k)]).group(1)) * per_layer,
+                     summary[speed["static_for_k"][str(k)]]["decode_tok_s"]) for k in ks)
+    hot = [(k * per_slot, summary[f"llamahot K={k}"]["decode_tok_s"]) for k in ks]
+    mixes = sorted((int(re.search(r"K=(\d+)'s VRAM", name).group(1)) * per_slot, row["decode_tok_s"])
+                   for name, row in summary.items() if "'s VRAM:" in name)
+    roof_at_h = [(k * per_slot, 1e3 / (t_gpu + (1 - summary[f"llamahot K={k}"]["hit_rate"]) * t_cold)) for k in ks]
+    grid = np.linspace(0, n_expert, 65)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    static = [(int(re.search(r"(\d+) layers", results["speed"]["static_for_k"][str(k)]).group(1)) * per_layer / 2**30,
-               summary[results["speed"]["static_for_k"][str(k)]]["decode_tok_s"]) for k in ks]
-    hot = [(k * per_slot / 2**30, summary[f"llamahot K={k}"]["decode_tok_s"]) for k in ks]
-    grid = np.linspace(0, layout.n_expert, 65)
-    roof = [(k * per_slot / 2**30, 1 / (t_gpu + (1 - k / layout.n_expert) * t_cold)) for k in grid]
-    ax.plot(*zip(*roof), "--", color="gray", label="roofline, uniform routing (h = K/n_expert)")
+    ax.plot(grid * per_slot, 1e3 / (t_gpu + (1 - grid / n_expert) * t_cold), "--", color="gray", lw=0.8,
+            label="roofline, uniform routing (h = K/n_expert)")
+    ax.plot(*zip(*roof_at_h), "x:", color="gray", label="roofline at llamahot's measured hit rate")
     ax.plot(*zip(*static), "s-", label="stock static offload (whole layers)")
-    ax.plot(*zip(*hot), "o-", label="llamahot hot-expert slots")
+    ax.plot(*zip(*hot), "o-", label="llamahot, slots in every layer")
+    if mixes:
+        ax.plot(*zip(*mixes), "D-", label="llamahot, resident layers + slots")
     ax.axhline(summary["stock RAM"]["decode_tok_s"], color="C3", lw=0.8, label="stock, experts in RAM")
     ax.axhline(summary["stock GPU"]["decode_tok_s"], color="C2", lw=0.8, label="stock, all on GPU")
     ax.set_xlabel("VRAM for routed experts (GiB)")
-    ax.set_ylabel("decode tok/s")
-    ax.set_title(f"{results['model']}: decode speed vs VRAM")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("decode tok/s (synchronized)")
+    ax.set_title(f"{results['model']}: decode speed vs VRAM ({results['decode']})", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -31,7 +31,8 @@ bench_args=()
 [ "$2" = "--quick" ] && preset=qwen3moe-mini
 if [ "$2" = "--routed" ]; then
     preset=qwen3moe-30b-a3b-routed
-    bench_args=(--text benchmarks/data/heldout_code.txt --ks 51,26,77 --check-ks "" --tokens 64 --skip-trained-check)
+    bench_args=(--text benchmarks/data/heldout_code.txt --ks 51,26,77 --check-ks "" --tokens 64 --skip-trained-check
+               --policy-variants)
 fi
 model=/tmp/models/$preset.gguf
 mkdir -p /tmp/models
