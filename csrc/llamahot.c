@@ -88,6 +88,27 @@ struct lh_scratch {
     size_t size;
 };
 
+/* Single-token decode with GPU slots: one layer's hot part built once with a fixed number of rows
+ * (n_expert_used; unused rows repeat the first hot entry and are not read back), so the GPU backend
+ * gets the same graph every token and can replay it as a CUDA graph instead of launching each
+ * kernel. Rebuilt if llama's FFN for the layer changes; freed with the slots it reads. */
+struct lh_ffn_part {
+    struct ggml_tensor * b;        /* [n_embd, 1, n] the layer input rows */
+    struct ggml_tensor * ids;      /* [1, n] matrix index of each row: slot (hot) or expert (cold) */
+    struct ggml_tensor * experts;  /* [1, n] expert of each row, for biases */
+    struct ggml_tensor * out;      /* [n_embd, 1, n] */
+};
+
+struct lh_hot_graph {
+    struct ggml_context * g;
+    struct ggml_cgraph * graph;
+    ggml_backend_buffer_t buffer;
+    struct lh_ffn_part part;
+    bool experts_used;             /* whether a bias reads part.experts */
+    int64_t rows;
+    uint64_t signature;            /* of the llama FFN it was cloned from */
+};
+
 struct lh_ctx {
     int32_t n_blocks;
     int32_t n_moe_layers;
@@ -151,6 +172,7 @@ struct lh_ctx {
     ggml_backend_buffer_t staging_buffer;
     struct lh_dev_copy dev_copies[LH_MAX_DEV_COPIES];
     int32_t n_dev_copies;
+    struct lh_hot_graph * hot_graphs;  /* [n_moe_layers], GPU slots only, made on first use */
 
     /* The node whose op we changed at ask=true, restored at ask=false. */
     struct ggml_tensor * pending;
@@ -281,6 +303,7 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     free(ctx->events);
     free(ctx->shadow_input);
     free(ctx->graph_mem);
+    free(ctx->hot_graphs);
     free(ctx);
 }
 
@@ -556,7 +579,22 @@ int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_
 }
 
 /* Free every slot tensor and forget every published slot. */
+static void lh_hot_graph_free(struct lh_hot_graph * h) {
+    if (h->buffer) {
+        ggml_backend_buffer_free(h->buffer);
+    }
+    if (h->g) {
+        ggml_free(h->g);
+    }
+    memset(h, 0, sizeof(*h));
+}
+
 static void lh_slots_free(struct lh_ctx * ctx) {
+    if (ctx->hot_graphs) {  /* they read the slot tensors */
+        for (int32_t l = 0; l < ctx->n_moe_layers; l++) {
+            lh_hot_graph_free(&ctx->hot_graphs[l]);
+        }
+    }
     for (int32_t l = 0; l < ctx->n_moe_layers; l++) {
         struct lh_layer * layer = &ctx->layers[l];
         for (int p = 0; p < LH_PROJ_COUNT; p++) {
@@ -964,6 +1002,7 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
         ggml_backend_tensor_set_async(ctx->gpu, hot.b, hot_b_rows, 0, ggml_nbytes(hot.b));
         ggml_backend_tensor_set_async(ctx->gpu, hot.ids, hot_ids, 0, ggml_nbytes(hot.ids));
         ok = ggml_backend_graph_compute_async(ctx->gpu, gpu_graph) == GGML_STATUS_SUCCESS;
+        ctx->counters.gpu_runs++;
         if (ok) {
             ggml_backend_tensor_get_async(ctx->gpu, hot.out, hot_out_rows, 0, ggml_nbytes(hot.out));
         }
@@ -1134,14 +1173,6 @@ static struct ggml_tensor * lh_dev_copy(struct lh_ctx * ctx, const struct ggml_t
     return dev;
 }
 
-/* One part (hot or cold) of the FFN on a compact list of n rows, built in g. */
-struct lh_ffn_part {
-    struct ggml_tensor * b;        /* [n_embd, 1, n] the layer input rows */
-    struct ggml_tensor * ids;      /* [1, n] matrix index of each row: slot (hot) or expert (cold) */
-    struct ggml_tensor * experts;  /* [1, n] expert of each row, for biases */
-    struct ggml_tensor * out;      /* [n_embd, 1, n] */
-};
-
 /* Rows are laid out [X, 1, n] (one row per "token"), or, when every row belongs to one token whose
  * input is shared by all its experts (single-token decode), [X, n, 1] with one input row: the
  * input is then quantized once, as llama does, instead of once per expert. */
@@ -1216,6 +1247,65 @@ static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, cons
     return true;
 }
 
+/* What a hot graph was cloned from: each FFN node's op, parameters and row size. */
+static uint64_t lh_ffn_signature(const struct lh_ffn * f) {
+    uint64_t h = 1469598103934665603ULL;  /* FNV-1a */
+#define LH_MIX(p, n) for (size_t i_ = 0; i_ < (n); i_++) { h = (h ^ ((const uint8_t *) (p))[i_]) * 1099511628211ULL; }
+    LH_MIX(&f->n_nodes, sizeof(f->n_nodes));
+    for (int32_t i = 0; i < f->n_nodes; i++) {
+        const struct ggml_tensor * n = f->nodes[i];
+        LH_MIX(&n->op, sizeof(n->op));
+        LH_MIX(n->op_params, sizeof(n->op_params));
+        LH_MIX(&n->ne[0], sizeof(n->ne[0]));
+        LH_MIX(&n->view_offs, sizeof(n->view_offs));
+        for (int j = 0; j < GGML_MAX_SRC; j++) {
+            const void * src = n->src[j];  /* the bias weights of ADD_ID (the rest is within the FFN) */
+            LH_MIX(&src, sizeof(src));
+        }
+    }
+#undef LH_MIX
+    return h;
+}
+
+/* The layer's persistent hot graph with `rows` rows for single-token decode, built on first use. */
+static struct lh_hot_graph * lh_hot_graph_get(struct lh_ctx * ctx, const struct lh_ffn * f, int64_t rows) {
+    if (ctx->hot_graphs == NULL) {
+        ctx->hot_graphs = calloc((size_t) ctx->n_moe_layers, sizeof(struct lh_hot_graph));
+        if (ctx->hot_graphs == NULL) {
+            return NULL;
+        }
+    }
+    struct lh_hot_graph * h = &ctx->hot_graphs[f->layer];
+    const uint64_t signature = lh_ffn_signature(f);
+    if (h->g != NULL && h->rows == rows && h->signature == signature) {
+        return h;
+    }
+    lh_hot_graph_free(h);
+    struct ggml_init_params params = {
+        ggml_tensor_overhead() * (2 * LH_FFN_MAX_NODES + 16) + ggml_graph_overhead_custom(2 * LH_FFN_MAX_NODES + 8, false),
+        NULL, true };
+    h->g = ggml_init(params);
+    if (h->g == NULL || !lh_ffn_build_part(ctx, h->g, f, true, true, rows, true, &h->part)) {
+        lh_hot_graph_free(h);
+        return NULL;
+    }
+    h->graph = ggml_new_graph_custom(h->g, 2 * LH_FFN_MAX_NODES + 8, false);
+    ggml_build_forward_expand(h->graph, h->part.out);
+    for (int i = 0; i < ggml_graph_n_nodes(h->graph); i++) {
+        for (int j = 0; j < GGML_MAX_SRC; j++) {
+            h->experts_used |= ggml_graph_node(h->graph, i)->src[j] == h->part.experts;
+        }
+    }
+    h->buffer = ggml_backend_alloc_ctx_tensors(h->g, ctx->gpu);
+    if (h->buffer == NULL) {
+        lh_hot_graph_free(h);
+        return NULL;
+    }
+    h->rows = rows;
+    h->signature = signature;
+    return h;
+}
+
 /* Compute the down node's output (the layer's expert FFN per (token, k)) into dst: hot rows from
  * the slots (launched first when on the GPU), cold rows from the original weights on the CPU. */
 static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * dst) {
@@ -1240,18 +1330,33 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
     struct ggml_cgraph * gpu_graph = ggml_new_graph_custom(g, 2 * LH_FFN_MAX_NODES + 8, false);
     const bool hot_on_gpu = ctx->gpu != NULL && n_hot > 0;
     const bool one_token = n_tokens == 1 && f->input->ne[1] == 1;
+    /* Single-token decode on the GPU: the layer's persistent graph (see lh_hot_graph). Its unused
+     * rows go to a slot no hot row uses, so every hot row's expert keeps exactly its own rows (a CPU
+     * backend picks its kernels by rows per expert; bit-exactness on the emulated device needs it). */
+    int32_t pad_slot = -1;
+    if (hot_on_gpu && one_token && n_hot < ids->ne[0]) {
+        for (int32_t s = 0; s < ctx->n_slots && pad_slot < 0; s++) {
+            bool used = false;
+            for (int64_t i = 0; i < n_hot && !used; i++) {
+                used = ctx->hot[i].matrix == s;
+            }
+            pad_slot = used ? -1 : s;
+        }
+    }
+    struct lh_hot_graph * persistent = hot_on_gpu && one_token && (n_hot == ids->ne[0] || pad_slot >= 0) &&
+        !(ctx->debug_flags & LH_DEBUG_CALL_GRAPHS) ? lh_hot_graph_get(ctx, f, ids->ne[0]) : NULL;
     struct lh_ffn_part hot = {0}, cold = {0};
     bool ok = true;
     if (n_cold > 0) {
         ok = lh_ffn_build_part(ctx, g, f, false, false, n_cold, one_token, &cold);
         ggml_build_forward_expand(cpu_graph, cold.out);
     }
-    if (ok && n_hot > 0) {
+    if (ok && n_hot > 0 && persistent == NULL) {
         ok = lh_ffn_build_part(ctx, g, f, true, hot_on_gpu, n_hot, one_token, &hot);
         ggml_build_forward_expand(hot_on_gpu ? gpu_graph : cpu_graph, hot.out);
     }
     ok = ok && (ggml_graph_n_nodes(cpu_graph) == 0 || ggml_gallocr_alloc_graph(ctx->cpu_galloc, cpu_graph)) &&
-         (!hot_on_gpu || ggml_gallocr_alloc_graph(ctx->gpu_galloc, gpu_graph));
+         (!hot_on_gpu || persistent != NULL || ggml_gallocr_alloc_graph(ctx->gpu_galloc, gpu_graph));
     if (!ok) {
         ggml_free(g);
         return false;
@@ -1261,7 +1366,11 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
     float * hot_out_rows = NULL;
     int64_t t0 = lh_now_ns();
     if (hot_on_gpu) {
-        const size_t b_bytes = ggml_nbytes(hot.b), i_bytes = ggml_nbytes(hot.ids), o_bytes = ggml_nbytes(hot.out);
+        const struct lh_ffn_part * part = persistent ? &persistent->part : &hot;
+        const int64_t rows = persistent ? persistent->rows : n_hot;
+        const bool experts_used = persistent ? persistent->experts_used : hot.experts->buffer != NULL;
+        const size_t b_bytes = ggml_nbytes(part->b), i_bytes = ggml_nbytes(part->ids);
+        const size_t o_bytes = (size_t) n_hot * (ggml_nbytes(part->out) / (size_t) rows);  /* the hot rows only */
         const size_t need = lh_pad(b_bytes) + 2 * lh_pad(i_bytes) + lh_pad(o_bytes);
         char * stage = (char *) lh_staging(ctx, need);
         if (stage == NULL) {
@@ -1273,14 +1382,20 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         int32_t * expert_ids = (int32_t *) (stage + lh_pad(b_bytes) + lh_pad(i_bytes));
         hot_out_rows = (float *) (stage + lh_pad(b_bytes) + 2 * lh_pad(i_bytes));
         lh_gather(f->input, ctx->hot, n_hot, one_token, expert_of, b_rows, slot_ids, expert_ids);
-        ggml_backend_tensor_set_async(ctx->gpu, hot.b, b_rows, 0, b_bytes);
-        ggml_backend_tensor_set_async(ctx->gpu, hot.ids, slot_ids, 0, i_bytes);
-        if (hot.experts->buffer != NULL) {
-            ggml_backend_tensor_set_async(ctx->gpu, hot.experts, expert_ids, 0, i_bytes);
+        for (int64_t i = n_hot; i < rows; i++) {  /* padding rows: computed, never read back */
+            slot_ids[i] = pad_slot;
+            expert_ids[i] = expert_ids[0];         /* a valid expert for a bias lookup */
         }
-        ok = ggml_backend_graph_compute_async(ctx->gpu, gpu_graph) == GGML_STATUS_SUCCESS;
+        ggml_backend_tensor_set_async(ctx->gpu, part->b, b_rows, 0, b_bytes);
+        ggml_backend_tensor_set_async(ctx->gpu, part->ids, slot_ids, 0, i_bytes);
+        if (experts_used) {
+            ggml_backend_tensor_set_async(ctx->gpu, part->experts, expert_ids, 0, i_bytes);
+        }
+        ok = ggml_backend_graph_compute_async(ctx->gpu, persistent ? persistent->graph : gpu_graph) == GGML_STATUS_SUCCESS;
+        ctx->counters.gpu_runs++;
+        ctx->counters.persistent_gpu_runs += persistent != NULL;
         if (ok) {
-            ggml_backend_tensor_get_async(ctx->gpu, hot.out, hot_out_rows, 0, o_bytes);
+            ggml_backend_tensor_get_async(ctx->gpu, part->out, hot_out_rows, 0, o_bytes);
         }
         const int64_t t1 = lh_now_ns();
         ctx->counters.gpu_submit_ns += t1 - t0;

@@ -45,6 +45,8 @@ enum lh_debug_flags {
     LH_DEBUG_SKIP_COMPUTE = 8, /* benchmarks only: stop and skip as usual but compute nothing (the
                                   output is left as it was): the cost floor of the stops themselves */
     LH_DEBUG_TIMELINE = 16, /* record every callback (lh_timeline) to see where a token's time goes */
+    LH_DEBUG_CALL_GRAPHS = 32, /* benchmarks: build the hot part's device graph per call, never the
+                                  layer's persistent one (to measure what the persistent graph saves) */
 };
 
 /* One callback seen in timeline mode: when, for which node, and which call. */
@@ -65,6 +67,8 @@ struct lh_counters {
     int64_t weights_known;     /* distinct routed-expert weights recognised so far */
     int64_t redirected_nodes;  /* expert matmul nodes computed by the shim from slots + original weights */
     int64_t ffn_redirects;     /* ... of which in whole-FFN mode: layers computed in one stop */
+    int64_t gpu_runs;          /* redirects (a layer's FFN or one node) whose hot part ran on the device */
+    int64_t persistent_gpu_runs; /* ... of which in the layer's persistent graph (single-token decode) */
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
     int64_t shadow_rows;       /* rows compared in shadow mode */
     int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */

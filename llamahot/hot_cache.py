@@ -33,6 +33,7 @@ DEBUG_SHADOW = 2
 DEBUG_PER_NODE = 4
 DEBUG_SKIP_COMPUTE = 8
 DEBUG_TIMELINE = 16
+DEBUG_CALL_GRAPHS = 32
 TIMELINE_CAP = 65536
 SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
@@ -239,15 +240,17 @@ class HotCache:
 
     # -- test and benchmark controls -------------------------------------------------------
     def set_debug(self, *, poison: bool = False, shadow: bool = False, per_node: bool = False,
-                  skip_compute: bool = False, timeline: bool = False) -> None:
+                  skip_compute: bool = False, timeline: bool = False, call_graphs: bool = False) -> None:
         """Test-only checks. poison: NaN-fill redirected outputs before writing them; shadow: let
         llama compute, recompute, compare every row; per_node: redirect each expert matmul on its
         own (the fallback path) instead of each layer's FFN in one stop. For benchmarks:
         skip_compute (outputs are garbage): stop as usual but compute nothing, the floor of the
-        stops; timeline: record every callback, read with timeline()."""
+        stops; timeline: record every callback, read with timeline(); call_graphs: build the hot
+        part's device graph per call instead of using the layer's persistent one (single-token decode
+        on a device), to measure what the persistent graph saves."""
         lib.lh_set_debug(self._ctx, (DEBUG_POISON if poison else 0) | (DEBUG_SHADOW if shadow else 0) |
                          (DEBUG_PER_NODE if per_node else 0) | (DEBUG_SKIP_COMPUTE if skip_compute else 0) |
-                         (DEBUG_TIMELINE if timeline else 0))
+                         (DEBUG_TIMELINE if timeline else 0) | (DEBUG_CALL_GRAPHS if call_graphs else 0))
 
     def timeline(self) -> list[tuple[int, int, int, str]]:
         """Callbacks recorded in timeline mode since the last call, oldest first: (time ns, kind
@@ -303,6 +306,8 @@ class HotCache:
             "managed_nodes": int(counters.managed_nodes),
             "redirected_nodes": int(counters.redirected_nodes),
             "ffn_redirects": int(counters.ffn_redirects),
+            "gpu_runs": int(counters.gpu_runs),
+            "persistent_gpu_runs": int(counters.persistent_gpu_runs),
             "redirect_ms": counters.redirect_ns / 1e6,
             "cpu_compute_ms": counters.cpu_compute_ns / 1e6,
             "gpu_submit_ms": counters.gpu_submit_ns / 1e6,

@@ -42,7 +42,28 @@ def test_device_path_bit_identical(moe_model, per_node):
         assert stats["hits"] > 0 and stats["gpu_submit_ms"] > 0, "hot rows went through the device branch"
         assert stats["redirected_nodes"] == STEPS * layout.n_moe_layers * len(layout.projections)
         assert stats["ffn_redirects"] == (0 if per_node else STEPS * layout.n_moe_layers)
+        # Single-token decode, whole-FFN mode, K >= n_expert_used (a slot for the padding rows is
+        # then always free): every stop with hot rows ran the layer's persistent graph (fixed
+        # n_expert_used rows; see lh_hot_graph); only the prompt's ubatch (at most one stop per
+        # layer) went through a graph built for the call.
+        if per_node:
+            assert stats["persistent_gpu_runs"] == 0
+        elif k >= layout.n_expert_used:
+            assert 0 < stats["persistent_gpu_runs"] and \
+                stats["gpu_runs"] - stats["persistent_gpu_runs"] <= layout.n_moe_layers
         llm.close()
+
+
+def test_call_graphs_debug_mode_builds_the_hot_graph_per_call(text_model):
+    """The benchmarks' comparison mode: the same exact logits without the persistent graphs."""
+    layout = read_moe_layout(text_model)
+    llm = llamahot.Llama(text_model, hot_experts=layout.n_expert, slot_device="emulated-gpu", logits_all=True,
+                         **LLAMA_KW)
+    llm.hot_cache.set_debug(poison=True, call_graphs=True)
+    assert_bit_identical(reference_logits(text_model)[: len(llm.tokenize(PROMPT)) + 16], greedy(llm, steps=16))
+    stats = llm.hot_cache.stats()
+    assert stats["gpu_runs"] > 0 and stats["persistent_gpu_runs"] == 0
+    llm.close()
 
 
 def test_device_slots_resize_and_shadow(text_model):

@@ -48,6 +48,7 @@ def static_cpu_pattern(n_layers_on_cpu: int, layout: MoELayout) -> str | None:
 
 
 FLOOR = "llamahot floor (all hot, stops compute nothing)"
+CALL_GRAPHS = ", hot graph built per call"
 
 
 def hybrid_name(k: int, resident: int, slots: int) -> str:
@@ -379,9 +380,11 @@ def main() -> int:
             modes.append((hybrid_name(k, resident, k2), hybrid))
         if k == layout.n_expert:  # the stops alone, nothing computed: the floor of this design
             modes.append((FLOOR, hot))
+        if k == ks[0] and device == "cuda":  # what the per-layer persistent hot graphs save
+            modes.append((f"llamahot K={k}{CALL_GRAPHS}", hot))
         for rep in range(args.reps):
             for name, llm in modes[rep % len(modes):] + modes[: rep % len(modes)]:
-                hot.hot_cache.set_debug(skip_compute=name == FLOOR)
+                hot.hot_cache.set_debug(skip_compute=name == FLOOR, call_graphs=name.endswith(CALL_GRAPHS))
                 record(name, measure(llm, name))
             hot.hot_cache.set_debug()
         results["speed"].setdefault("static_for_k", {})[str(k)] = f"stock static {gpu_layers} layers"
@@ -482,6 +485,13 @@ def main() -> int:
         detail.append(f"| {k} | {vs_static:.3f} | {mix_vs} | {s['stops_ms_per_token']:.2f} | {s['gpu_submit_ms_per_token']:.2f} | "
                       f"{s['gpu_wait_ms_per_token']:.2f} | {s['cpu_ms_per_token']:.2f} | "
                       f"{longest_rebalance.get(f'llamahot K={k}', 0.0):.1f} |")
+        for name in [n for n in summary if n.startswith(f"llamahot K={k}, ")]:  # variants of this K
+            v = summary[name]
+            static_tok_s = summary[results["speed"]["static_for_k"][str(k)]]["decode_tok_s"]
+            detail.append(f"| {name[len('llamahot K='):]} | {v['decode_tok_s'] / static_tok_s:.3f} |  | "
+                          f"{v['stops_ms_per_token']:.2f} | {v['gpu_submit_ms_per_token']:.2f} | "
+                          f"{v['gpu_wait_ms_per_token']:.2f} | {v['cpu_ms_per_token']:.2f} | "
+                          f"{longest_rebalance.get(name, 0.0):.1f} |")
     table = "\n".join(lines + [""] + detail)
     print(table)
     print(f"roofline: T_gpu {t_gpu * 1e3:.2f} ms (stock GPU), T_cold {t_cold * 1e3:.2f} ms (stock RAM - stock GPU)")
