@@ -109,6 +109,17 @@ struct lh_hot_graph {
     uint64_t signature;            /* of the llama FFN it was cloned from */
 };
 
+/* Device matrices a layer's cold experts are copied into, rows of `n` experts, per projection; shared
+ * by every layer whose expert weights have these types and shapes (stops run one at a time). */
+#define LH_MAX_MISS_SCRATCH 8
+struct lh_miss_scratch {
+    enum ggml_type type[LH_PROJ_COUNT];
+    int64_t ne0[LH_PROJ_COUNT], ne1[LH_PROJ_COUNT];
+    struct ggml_tensor * matrix[LH_PROJ_COUNT];
+    ggml_backend_buffer_t buffer[LH_PROJ_COUNT];
+    int64_t n;
+};
+
 struct lh_ctx {
     int32_t n_blocks;
     int32_t n_moe_layers;
@@ -173,6 +184,14 @@ struct lh_ctx {
     struct lh_dev_copy dev_copies[LH_MAX_DEV_COPIES];
     int32_t n_dev_copies;
     struct lh_hot_graph * hot_graphs;  /* [n_moe_layers], GPU slots only, made on first use */
+    /* Cold experts on the device (lh_set_cold_on_device): this share of a single-token stop's cold
+     * experts is copied into scratch matrices on the device and computed there, while the CPU
+     * computes the rest. One scratch set per distinct shape of a layer's expert weights. */
+    float cold_on_device;
+    struct lh_miss_scratch miss_scratch[LH_MAX_MISS_SCRATCH];
+    int32_t n_miss_scratch;
+    struct lh_entry * dev_cold;        /* the cold entries sent to the device, [n_expert_used] */
+    size_t dev_cold_cap;
 
     /* The node whose op we changed at ask=true, restored at ask=false. */
     struct ggml_tensor * pending;
@@ -281,6 +300,14 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     } else {
         free(ctx->staging);
     }
+    for (int32_t i = 0; i < ctx->n_miss_scratch; i++) {
+        for (int p = 0; p < LH_PROJ_COUNT; p++) {
+            if (ctx->miss_scratch[i].buffer[p]) {
+                ggml_backend_buffer_free(ctx->miss_scratch[i].buffer[p]);
+            }
+            free(ctx->miss_scratch[i].matrix[p]);
+        }
+    }
     free(ctx->ffn_mode);
     if (ctx->gpu) {
         ggml_backend_free(ctx->gpu);
@@ -304,6 +331,7 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     free(ctx->shadow_input);
     free(ctx->graph_mem);
     free(ctx->hot_graphs);
+    free(ctx->dev_cold);
     free(ctx);
 }
 
@@ -314,6 +342,19 @@ void lh_set_user_callback(struct lh_ctx * ctx, ggml_backend_sched_eval_callback 
 
 void lh_set_observing(struct lh_ctx * ctx, bool observing) {
     ctx->observing = observing;
+}
+
+int32_t lh_set_cold_on_device(struct lh_ctx * ctx, float share) {
+    if (!(share >= 0.0f && share <= 1.0f)) {
+        lh_error(ctx, "the share of cold experts computed on the device must be in 0..1");
+        return -1;
+    }
+    if (share > 0.0f && ctx->gpu == NULL) {
+        lh_error(ctx, "cold experts on the device need device slots (cuda or emulated-gpu)");
+        return -1;
+    }
+    ctx->cold_on_device = share;
+    return 0;
 }
 
 void lh_set_debug(struct lh_ctx * ctx, int32_t flags) {
@@ -908,9 +949,9 @@ static bool lh_split_entries(struct lh_ctx * ctx, const struct ggml_tensor * ids
 
 /* The end of a redirect: the CPU part (while the GPU part, launched before, runs), the wait for
  * the GPU, then every row scattered into dst in t's layout. */
-static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct ggml_cgraph * cpu_graph, bool hot_on_gpu,
+static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct ggml_cgraph * cpu_graph, bool gpu_used,
                       size_t cpu_weight_bytes, int64_t t0, bool ok, int64_t n_cold, const float * cold_rows,
-                      int64_t n_hot, const float * hot_rows, char * dst) {
+                      int64_t n_hot, const float * hot_rows, int64_t n_dev, const float * dev_rows, char * dst) {
     if (ok && ggml_graph_n_nodes(cpu_graph) > 0) {
         /* Little work (small models, few cold experts): one thread, no OpenMP region and barriers,
          * which would cost more than they save. */
@@ -920,7 +961,7 @@ static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct 
         ctx->counters.cpu_compute_ns += t1 - t0;
         t0 = t1;
     }
-    if (hot_on_gpu) {
+    if (gpu_used) {
         ggml_backend_synchronize(ctx->gpu);
         ctx->counters.gpu_wait_ns += lh_now_ns() - t0;
     }
@@ -929,6 +970,9 @@ static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct 
     }
     if (ok && n_hot > 0) {
         lh_scatter(t, ctx->hot, n_hot, hot_rows, dst);
+    }
+    if (ok && n_dev > 0) {
+        lh_scatter(t, ctx->dev_cold, n_dev, dev_rows, dst);
     }
     return ok;
 }
@@ -1012,7 +1056,7 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
     }
     const size_t cpu_bytes = (size_t) (n_cold + (hot_on_gpu ? 0 : n_hot)) * w->nb[2];
     ok = lh_finish(ctx, t, cpu_graph, hot_on_gpu, cpu_bytes, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
-                   n_hot, hot_out_rows, dst);
+                   n_hot, hot_out_rows, 0, NULL, dst);
     ggml_free(g);
     return ok;
 }
@@ -1176,9 +1220,9 @@ static struct ggml_tensor * lh_dev_copy(struct lh_ctx * ctx, const struct ggml_t
 /* Rows are laid out [X, 1, n] (one row per "token"), or, when every row belongs to one token whose
  * input is shared by all its experts (single-token decode), [X, n, 1] with one input row: the
  * input is then quantized once, as llama does, instead of once per expert. */
-static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, const struct lh_ffn * f, bool hot, bool on_gpu,
-                              int64_t n, bool one_token, struct lh_ffn_part * part) {
-    struct lh_layer * layer = &ctx->layers[f->layer];
+static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, const struct lh_ffn * f,
+                              struct ggml_tensor * const * matrices, bool on_gpu, int64_t n, bool one_token,
+                              struct lh_ffn_part * part) {
     struct ggml_tensor * clones[LH_FFN_MAX_NODES];
     const int64_t ne1 = one_token ? n : 1, ne2 = one_token ? 1 : n;
     part->b = ggml_new_tensor_3d(g, GGML_TYPE_F32, f->input->ne[0], 1, ne2);
@@ -1201,8 +1245,7 @@ static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, cons
         }
         if (node->op == GGML_OP_MUL_MAT_ID) {
             const struct lh_weight_entry * e = lh_lookup_weight(ctx, node->src[0]);
-            struct ggml_tensor * matrix = hot ? layer->slot[e->proj] : layer->weight[e->proj];
-            c = ggml_mul_mat_id(g, matrix, part->b, part->ids);
+            c = ggml_mul_mat_id(g, matrices[e->proj], part->b, part->ids);
         } else if (node->op == GGML_OP_VIEW) {
             struct ggml_tensor * src = clones[src_index[0]];
             c = ggml_view_3d(g, src, node->ne[0], ne1, ne2, src->nb[1], src->nb[2], node->view_offs);
@@ -1241,10 +1284,54 @@ static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, cons
     if (act < 0) {
         return false;
     }
-    struct ggml_tensor * down = hot ? layer->slot[LH_PROJ_DOWN] : layer->weight[LH_PROJ_DOWN];
-    part->out = ggml_mul_mat_id(g, down, clones[act], part->ids);
+    part->out = ggml_mul_mat_id(g, matrices[LH_PROJ_DOWN], clones[act], part->ids);
     ggml_set_output(part->out);
     return true;
+}
+
+/* The device matrices (n experts per projection) a layer's cold experts can be copied into. */
+static struct lh_miss_scratch * lh_miss_scratch_for(struct lh_ctx * ctx, int32_t layer_index, int64_t n) {
+    const struct lh_layer * layer = &ctx->layers[layer_index];
+    for (int32_t i = 0; i < ctx->n_miss_scratch; i++) {
+        struct lh_miss_scratch * m = &ctx->miss_scratch[i];
+        bool same = m->n >= n;
+        for (int p = 0; p < LH_PROJ_COUNT && same; p++) {
+            const struct ggml_tensor * w = layer->weight[p];
+            same = w ? m->matrix[p] != NULL && m->type[p] == w->type && m->ne0[p] == w->ne[0] && m->ne1[p] == w->ne[1]
+                     : m->matrix[p] == NULL;
+        }
+        if (same) {
+            return m;
+        }
+    }
+    if (ctx->n_miss_scratch >= LH_MAX_MISS_SCRATCH) {
+        return NULL;
+    }
+    struct lh_miss_scratch * m = &ctx->miss_scratch[ctx->n_miss_scratch];
+    memset(m, 0, sizeof(*m));
+    for (int p = 0; p < LH_PROJ_COUNT; p++) {
+        const struct ggml_tensor * w = layer->weight[p];
+        if (w == NULL) {
+            continue;
+        }
+        m->matrix[p] = lh_new_slot_tensor(w, (int32_t) n, ggml_backend_get_default_buffer_type(ctx->gpu), &m->buffer[p]);
+        if (m->matrix[p] == NULL) {
+            for (int q = 0; q < p; q++) {
+                if (m->buffer[q]) {
+                    ggml_backend_buffer_free(m->buffer[q]);
+                }
+                free(m->matrix[q]);
+            }
+            memset(m, 0, sizeof(*m));
+            return NULL;
+        }
+        m->type[p] = w->type;
+        m->ne0[p] = w->ne[0];
+        m->ne1[p] = w->ne[1];
+    }
+    m->n = n;
+    ctx->n_miss_scratch++;
+    return m;
 }
 
 /* What a hot graph was cloned from: each FFN node's op, parameters and row size. */
@@ -1285,7 +1372,7 @@ static struct lh_hot_graph * lh_hot_graph_get(struct lh_ctx * ctx, const struct 
         ggml_tensor_overhead() * (2 * LH_FFN_MAX_NODES + 16) + ggml_graph_overhead_custom(2 * LH_FFN_MAX_NODES + 8, false),
         NULL, true };
     h->g = ggml_init(params);
-    if (h->g == NULL || !lh_ffn_build_part(ctx, h->g, f, true, true, rows, true, &h->part)) {
+    if (h->g == NULL || !lh_ffn_build_part(ctx, h->g, f, ctx->layers[f->layer].slot, true, rows, true, &h->part)) {
         lh_hot_graph_free(h);
         return NULL;
     }
@@ -1345,57 +1432,131 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
     }
     struct lh_hot_graph * persistent = hot_on_gpu && one_token && (n_hot == ids->ne[0] || pad_slot >= 0) &&
         !(ctx->debug_flags & LH_DEBUG_CALL_GRAPHS) ? lh_hot_graph_get(ctx, f, ids->ne[0]) : NULL;
-    struct lh_ffn_part hot = {0}, cold = {0};
+    /* Single-token decode: a share of the cold experts goes to the device (copied into scratch
+     * matrices, computed there) while the CPU computes the others: the last n_dev cold entries. */
+    int64_t n_dev = 0;
+    struct lh_miss_scratch * scratch = NULL;
+    if (ctx->gpu != NULL && one_token && ctx->cold_on_device > 0.0f && n_cold > 0 &&
+        !(ctx->debug_flags & LH_DEBUG_SKIP_COMPUTE)) {
+        n_dev = (int64_t) ((float) n_cold * ctx->cold_on_device + 0.5f);  /* rounded */
+        n_dev = n_dev < ids->ne[0] ? n_dev : ids->ne[0];
+        scratch = n_dev > 0 ? lh_miss_scratch_for(ctx, f->layer, ids->ne[0]) : NULL;
+        size_t cap = ctx->dev_cold_cap;
+        if (scratch == NULL || !lh_grow((void **) &ctx->dev_cold, &cap, (size_t) n_dev, sizeof(struct lh_entry))) {
+            n_dev = 0;
+        } else {
+            ctx->dev_cold_cap = cap;
+            n_cold -= n_dev;
+            memcpy(ctx->dev_cold, ctx->cold + n_cold, sizeof(struct lh_entry) * (size_t) n_dev);
+        }
+    }
+    const bool gpu_used = hot_on_gpu || n_dev > 0;
+    struct lh_ffn_part hot = {0}, cold = {0}, dev = {0};
     bool ok = true;
-    if (n_cold > 0) {
-        ok = lh_ffn_build_part(ctx, g, f, false, false, n_cold, one_token, &cold);
+    if (n_dev > 0) {
+        ok = lh_ffn_build_part(ctx, g, f, scratch->matrix, true, n_dev, one_token, &dev);
+        ggml_build_forward_expand(gpu_graph, dev.out);
+    }
+    if (ok && n_cold > 0) {
+        ok = lh_ffn_build_part(ctx, g, f, ctx->layers[f->layer].weight, false, n_cold, one_token, &cold);
         ggml_build_forward_expand(cpu_graph, cold.out);
     }
     if (ok && n_hot > 0 && persistent == NULL) {
-        ok = lh_ffn_build_part(ctx, g, f, true, hot_on_gpu, n_hot, one_token, &hot);
+        ok = lh_ffn_build_part(ctx, g, f, ctx->layers[f->layer].slot, hot_on_gpu, n_hot, one_token, &hot);
         ggml_build_forward_expand(hot_on_gpu ? gpu_graph : cpu_graph, hot.out);
     }
     ok = ok && (ggml_graph_n_nodes(cpu_graph) == 0 || ggml_gallocr_alloc_graph(ctx->cpu_galloc, cpu_graph)) &&
-         (!hot_on_gpu || persistent != NULL || ggml_gallocr_alloc_graph(ctx->gpu_galloc, gpu_graph));
+         (ggml_graph_n_nodes(gpu_graph) == 0 || ggml_gallocr_alloc_graph(ctx->gpu_galloc, gpu_graph));
     if (!ok) {
         ggml_free(g);
         return false;
     }
 
-    /* GPU part first: gather into staging, upload, launch, download, all asynchronous. */
-    float * hot_out_rows = NULL;
+    /* GPU part first: gather into staging, upload, launch, download, all asynchronous. Staging
+     * holds, for the hot part and then the device's cold part: input rows, matrix ids, expert ids,
+     * output rows. */
+    float * hot_out_rows = NULL, * dev_out_rows = NULL;
     int64_t t0 = lh_now_ns();
-    if (hot_on_gpu) {
-        const struct lh_ffn_part * part = persistent ? &persistent->part : &hot;
-        const int64_t rows = persistent ? persistent->rows : n_hot;
-        const bool experts_used = persistent ? persistent->experts_used : hot.experts->buffer != NULL;
-        const size_t b_bytes = ggml_nbytes(part->b), i_bytes = ggml_nbytes(part->ids);
-        const size_t o_bytes = (size_t) n_hot * (ggml_nbytes(part->out) / (size_t) rows);  /* the hot rows only */
-        const size_t need = lh_pad(b_bytes) + 2 * lh_pad(i_bytes) + lh_pad(o_bytes);
+    if (gpu_used) {
+        const struct lh_ffn_part * hot_part = persistent ? &persistent->part : &hot;
+        const int64_t hot_rows = persistent ? persistent->rows : n_hot;
+        size_t need = 0, hot_at = 0, dev_at = 0;
+        if (hot_on_gpu) {
+            hot_at = need;
+            need += lh_pad(ggml_nbytes(hot_part->b)) + 2 * lh_pad(ggml_nbytes(hot_part->ids)) +
+                    lh_pad((size_t) n_hot * (ggml_nbytes(hot_part->out) / (size_t) hot_rows));
+        }
+        if (n_dev > 0) {
+            dev_at = need;
+            need += lh_pad(ggml_nbytes(dev.b)) + 2 * lh_pad(ggml_nbytes(dev.ids)) + lh_pad(ggml_nbytes(dev.out));
+        }
         char * stage = (char *) lh_staging(ctx, need);
         if (stage == NULL) {
             ggml_free(g);
             return false;
         }
-        float * b_rows = (float *) stage;
-        int32_t * slot_ids = (int32_t *) (stage + lh_pad(b_bytes));
-        int32_t * expert_ids = (int32_t *) (stage + lh_pad(b_bytes) + lh_pad(i_bytes));
-        hot_out_rows = (float *) (stage + lh_pad(b_bytes) + 2 * lh_pad(i_bytes));
-        lh_gather(f->input, ctx->hot, n_hot, one_token, expert_of, b_rows, slot_ids, expert_ids);
-        for (int64_t i = n_hot; i < rows; i++) {  /* padding rows: computed, never read back */
-            slot_ids[i] = pad_slot;
-            expert_ids[i] = expert_ids[0];         /* a valid expert for a bias lookup */
+        if (n_dev > 0) {
+            /* The cold experts' matrices into the scratch (from host memory: pinned, so truly
+             * asynchronous), each to the row of its entry, which then computes from there. */
+            for (int64_t i = 0; i < n_dev; i++) {
+                const int32_t expert = ctx->dev_cold[i].matrix;
+                for (int p = 0; p < LH_PROJ_COUNT; p++) {
+                    const struct ggml_tensor * w = ctx->layers[f->layer].weight[p];
+                    if (w != NULL) {
+                        ggml_backend_tensor_set_async(ctx->gpu, scratch->matrix[p], (const char *) w->data + expert * w->nb[2],
+                                                      (size_t) i * w->nb[2], w->nb[2]);
+                    }
+                }
+            }
+            const size_t b_bytes = ggml_nbytes(dev.b), i_bytes = ggml_nbytes(dev.ids);
+            char * at = stage + dev_at;
+            int32_t * scratch_ids = (int32_t *) (at + lh_pad(b_bytes));
+            int32_t * expert_ids = (int32_t *) (at + lh_pad(b_bytes) + lh_pad(i_bytes));
+            dev_out_rows = (float *) (at + lh_pad(b_bytes) + 2 * lh_pad(i_bytes));
+            lh_gather(f->input, ctx->dev_cold, n_dev, one_token, NULL, (float *) at, scratch_ids, expert_ids);
+            for (int64_t i = 0; i < n_dev; i++) {
+                scratch_ids[i] = (int32_t) i;
+            }
+            ggml_backend_tensor_set_async(ctx->gpu, dev.b, at, 0, b_bytes);
+            ggml_backend_tensor_set_async(ctx->gpu, dev.ids, scratch_ids, 0, i_bytes);
+            if (dev.experts->buffer != NULL) {
+                ggml_backend_tensor_set_async(ctx->gpu, dev.experts, expert_ids, 0, i_bytes);
+            }
         }
-        ggml_backend_tensor_set_async(ctx->gpu, part->b, b_rows, 0, b_bytes);
-        ggml_backend_tensor_set_async(ctx->gpu, part->ids, slot_ids, 0, i_bytes);
-        if (experts_used) {
-            ggml_backend_tensor_set_async(ctx->gpu, part->experts, expert_ids, 0, i_bytes);
+        if (hot_on_gpu) {
+            const bool experts_used = persistent ? persistent->experts_used : hot.experts->buffer != NULL;
+            const size_t b_bytes = ggml_nbytes(hot_part->b), i_bytes = ggml_nbytes(hot_part->ids);
+            char * at = stage + hot_at;
+            float * b_rows = (float *) at;
+            int32_t * slot_ids = (int32_t *) (at + lh_pad(b_bytes));
+            int32_t * expert_ids = (int32_t *) (at + lh_pad(b_bytes) + lh_pad(i_bytes));
+            hot_out_rows = (float *) (at + lh_pad(b_bytes) + 2 * lh_pad(i_bytes));
+            lh_gather(f->input, ctx->hot, n_hot, one_token, expert_of, b_rows, slot_ids, expert_ids);
+            for (int64_t i = n_hot; i < hot_rows; i++) {  /* padding rows: computed, never read back */
+                slot_ids[i] = pad_slot;
+                expert_ids[i] = expert_ids[0];             /* a valid expert for a bias lookup */
+            }
+            ggml_backend_tensor_set_async(ctx->gpu, hot_part->b, b_rows, 0, b_bytes);
+            ggml_backend_tensor_set_async(ctx->gpu, hot_part->ids, slot_ids, 0, i_bytes);
+            if (experts_used) {
+                ggml_backend_tensor_set_async(ctx->gpu, hot_part->experts, expert_ids, 0, i_bytes);
+            }
         }
-        ok = ggml_backend_graph_compute_async(ctx->gpu, persistent ? persistent->graph : gpu_graph) == GGML_STATUS_SUCCESS;
+        if (persistent != NULL) {
+            ok = ggml_backend_graph_compute_async(ctx->gpu, persistent->graph) == GGML_STATUS_SUCCESS;
+        }
+        if (ok && ggml_graph_n_nodes(gpu_graph) > 0) {
+            ok = ggml_backend_graph_compute_async(ctx->gpu, gpu_graph) == GGML_STATUS_SUCCESS;
+        }
         ctx->counters.gpu_runs++;
         ctx->counters.persistent_gpu_runs += persistent != NULL;
-        if (ok) {
-            ggml_backend_tensor_get_async(ctx->gpu, part->out, hot_out_rows, 0, o_bytes);
+        ctx->counters.device_cold_rows += n_dev;
+        if (ok && hot_on_gpu) {
+            ggml_backend_tensor_get_async(ctx->gpu, hot_part->out, hot_out_rows, 0,
+                                          (size_t) n_hot * (ggml_nbytes(hot_part->out) / (size_t) hot_rows));
+        }
+        if (ok && n_dev > 0) {
+            ggml_backend_tensor_get_async(ctx->gpu, dev.out, dev_out_rows, 0, ggml_nbytes(dev.out));
         }
         const int64_t t1 = lh_now_ns();
         ctx->counters.gpu_submit_ns += t1 - t0;
@@ -1416,8 +1577,8 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         expert_bytes += w ? w->nb[2] : 0;
     }
     const size_t cpu_bytes = (size_t) (n_cold + (hot_on_gpu ? 0 : n_hot)) * expert_bytes;
-    ok = lh_finish(ctx, d, cpu_graph, hot_on_gpu, cpu_bytes, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
-                   n_hot, hot_out_rows, dst);
+    ok = lh_finish(ctx, d, cpu_graph, gpu_used, cpu_bytes, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
+                   n_hot, hot_out_rows, n_dev, dev_out_rows, dst);
     ggml_free(g);
     return ok;
 }

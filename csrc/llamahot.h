@@ -69,6 +69,7 @@ struct lh_counters {
     int64_t ffn_redirects;     /* ... of which in whole-FFN mode: layers computed in one stop */
     int64_t gpu_runs;          /* redirects (a layer's FFN or one node) whose hot part ran on the device */
     int64_t persistent_gpu_runs; /* ... of which in the layer's persistent graph (single-token decode) */
+    int64_t device_cold_rows;  /* cold (token, k) rows computed on the device (lh_set_cold_on_device) */
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
     int64_t shadow_rows;       /* rows compared in shadow mode */
     int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */
@@ -135,6 +136,11 @@ int32_t lh_slot_publish(struct lh_ctx * ctx, int32_t layer, int32_t slot, int32_
 int32_t lh_slot_unpublish(struct lh_ctx * ctx, int32_t layer, int32_t slot);
 
 void lh_set_debug(struct lh_ctx * ctx, int32_t flags);
+
+/* Single-token decode with device slots: this share (0..1, default 0) of a stop's cold experts is
+ * copied to the device and computed there while the CPU computes the rest. Returns -1 (see
+ * lh_last_error) for a share outside 0..1 or, above 0, without device slots. */
+int32_t lh_set_cold_on_device(struct lh_ctx * ctx, float share);
 /* Timeline mode: the events recorded since the last call (at most capacity, oldest dropped first);
  * returns how many were copied to out, and starts a new recording. */
 int32_t lh_timeline(struct lh_ctx * ctx, struct lh_event * out, int32_t capacity);

@@ -54,13 +54,24 @@ class HostPlacement:
         return int(ffi.cast("uintptr_t", self._overrides))
 
 
+def _check_cold_on_device(share: Any, slot_device: str) -> float:
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+        raise ValueError(f"cold_on_device must be a number in 0..1 (the share of cold experts computed on the "
+                         f"device), got {share!r}")
+    if share > 0 and slot_device not in ("cuda", "emulated-gpu"):
+        raise ValueError(f"cold_on_device={share} needs slots on a GPU (slot_device='cuda'); with "
+                         f"slot_device={slot_device!r} the cold experts are computed on the CPU anyway: use 0.")
+    return float(share)
+
+
 class HotCache:
     """Hot-expert slots, routing counters and statistics of one llamahot context."""
 
     _ctx = None  # so release() is safe on an instance whose __init__ raised
 
     def __init__(self, layout: MoELayout, *, hot_experts: int, rebalance_interval: int,
-                 prefill_bypass: int, slot_device: str, policy: str = "decayed", resident_layers: int = 0):
+                 prefill_bypass: int, slot_device: str, policy: str = "decayed", resident_layers: int = 0,
+                 cold_on_device: float = 0.0):
         # The last `resident_layers` MoE layers keep all their experts on the GPU, untouched: llamahot
         # manages (counts, slots, layer indices) the others only.
         self.resident_layers = resident_layers
@@ -71,6 +82,7 @@ class HotCache:
         self.rebalance_interval = rebalance_interval
         self.prefill_bypass = prefill_bypass
         self.slot_device = slot_device
+        self.cold_on_device = _check_cold_on_device(cold_on_device, slot_device)
         self.policy_name = policy
         # Fails fast on a bad name, before any model is loaded.
         self.policy = make_policy(policy, layout.n_moe_layers, layout.n_expert, hot_experts, rebalance_interval)
@@ -157,6 +169,7 @@ class HotCache:
                                f"layer: {ffi.string(lib.lh_last_error(self._ctx)).decode()}")
         self.slots = SlotManager(self._ctx, self.slot_device, self.layout.n_moe_layers, self.layout.n_expert,
                                  self.hot_experts, projections)
+        self.set_cold_on_device(self.cold_on_device)
         lib.lh_reset_counters(self._ctx)
         if self._user_callback is not None:
             callback, user_data = self._user_callback
@@ -260,6 +273,14 @@ class HotCache:
         return [(events[i].t_ns, events[i].kind, events[i].host, ffi.string(events[i].name).decode(errors="replace"))
                 for i in range(n)]
 
+    def set_cold_on_device(self, share: float) -> None:
+        """Single-token decode with device slots: copy this share (0..1) of each layer's cold experts
+        to the device and compute them there while the CPU computes the rest (0: all on the CPU)."""
+        share = _check_cold_on_device(share, self.slot_device)
+        if lib.lh_set_cold_on_device(self._ctx, share) != 0:
+            raise RuntimeError(f"llamahot: {ffi.string(lib.lh_last_error(self._ctx)).decode()}")
+        self.cold_on_device = share
+
     def set_observing(self, observing: bool) -> None:
         """Count and redirect (default), or leave the callback installed but idle (to measure its cost)."""
         if self._ctx is not None:
@@ -308,6 +329,8 @@ class HotCache:
             "ffn_redirects": int(counters.ffn_redirects),
             "gpu_runs": int(counters.gpu_runs),
             "persistent_gpu_runs": int(counters.persistent_gpu_runs),
+            "device_cold_rows": int(counters.device_cold_rows),
+            "cold_on_device": self.cold_on_device,
             "redirect_ms": counters.redirect_ns / 1e6,
             "cpu_compute_ms": counters.cpu_compute_ns / 1e6,
             "gpu_submit_ms": counters.gpu_submit_ns / 1e6,

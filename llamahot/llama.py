@@ -74,6 +74,9 @@ class Llama(llama_cpp.Llama):
         get `hot_experts` slots each (default 0). Each resident layer costs n_expert slots of VRAM
         but removes that layer's trip through the CPU, so with a large VRAM budget a mix beats
         slots everywhere (benchmarks/RESULTS.md).
+      cold_on_device: with GPU slots, the share (0..1) of each layer's cold experts that a
+        single-token decode step copies to the GPU and computes there while the CPU computes the
+        rest (default 0: all on the CPU). Experimental: measured in benchmarks/RESULTS.md.
       load_progress: a function called with the fraction of the model loaded (0.0 .. 1.0).
       cb_eval, cb_eval_user_data: an application's own ggml_backend_sched_eval_callback (a ctypes
         llama_cpp.ggml_backend_sched_eval_callback); llamahot owns the context's callback and chains it.
@@ -89,6 +92,7 @@ class Llama(llama_cpp.Llama):
         slot_device: str = "auto",
         policy: str = "decayed",
         resident_layers: int = 0,
+        cold_on_device: float = 0.0,
         load_progress: Optional[Callable[[float], None]] = None,
         cb_eval: Any = None,
         cb_eval_user_data: Optional[int] = None,
@@ -116,7 +120,7 @@ class Llama(llama_cpp.Llama):
                 )
             self.hot_cache = HotCache(layout, hot_experts=hot_experts, rebalance_interval=rebalance_interval,
                                       prefill_bypass=prefill_bypass, slot_device=device, policy=policy,
-                                      resident_layers=resident_layers)
+                                      resident_layers=resident_layers, cold_on_device=cold_on_device)
             layout = self.hot_cache.layout
             if cb_eval is not None:
                 self.hot_cache.chain_user_callback(cb_eval, cb_eval_user_data)
@@ -201,6 +205,7 @@ class Llama(llama_cpp.Llama):
             cache = self.hot_cache
             state.update(hot_experts=cache.hot_experts, rebalance_interval=cache.rebalance_interval,
                          prefill_bypass=cache.prefill_bypass, slot_device=cache.slot_device,
-                         policy=cache.policy_name, resident_layers=cache.resident_layers)
+                         policy=cache.policy_name, resident_layers=cache.resident_layers,
+                         cold_on_device=cache.cold_on_device)
         return state
 

@@ -66,6 +66,41 @@ def test_call_graphs_debug_mode_builds_the_hot_graph_per_call(text_model):
     llm.close()
 
 
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_cold_experts_on_the_device_stay_exact(moe_model, share):
+    """cold_on_device: a share of each stop's cold experts is copied into device scratch matrices
+    and computed there while the CPU computes the others; logits stay bit-identical."""
+    layout = read_moe_layout(moe_model)
+    k = max(1, layout.n_expert // 4)
+    llm = llamahot.Llama(moe_model, hot_experts=k, rebalance_interval=8, slot_device="emulated-gpu",
+                         cold_on_device=share, logits_all=True, **LLAMA_KW)
+    llm.hot_cache.set_debug(poison=True)
+    assert_bit_identical(reference_logits(moe_model), greedy(llm, steps=STEPS, after_each=no_open_mutations))
+    stats = llm.hot_cache.stats()
+    assert stats["misses"] > 0 and stats["device_cold_rows"] > 0, "cold rows went through the device"
+    if share == 1.0:  # every cold row of the single-token steps (the prompt's stay on the CPU)
+        assert stats["device_cold_rows"] >= stats["misses"] - layout.n_moe_layers * len(llm.tokenize(PROMPT)) * \
+            layout.n_expert_used
+    llm.hot_cache.set_debug(shadow=True, poison=True)  # node level: every row against llama's own
+    greedy(llm, steps=8)
+    stats = llm.hot_cache.stats()
+    assert stats["shadow_rows"] > 0 and stats["shadow_mismatches"] == 0
+    llm.close()
+
+
+def test_cold_on_device_rejects_bad_values(text_model):
+    with pytest.raises(ValueError, match="0..1"):
+        llamahot.Llama(text_model, hot_experts=1, slot_device="emulated-gpu", cold_on_device=1.5, **LLAMA_KW)
+    with pytest.raises(ValueError, match="needs slots on a GPU"):
+        llamahot.Llama(text_model, hot_experts=1, slot_device="host", cold_on_device=0.5, **LLAMA_KW)
+    llm = llamahot.Llama(text_model, hot_experts=1, slot_device="emulated-gpu", **LLAMA_KW)
+    with pytest.raises(ValueError, match="0..1"):
+        llm.hot_cache.set_cold_on_device(-0.1)
+    llm.hot_cache.set_cold_on_device(0.5)
+    assert llm.hot_cache.stats()["cold_on_device"] == 0.5
+    llm.close()
+
+
 def test_device_slots_resize_and_shadow(text_model):
     layout = read_moe_layout(text_model)
     llm = llamahot.Llama(text_model, hot_experts=2, rebalance_interval=8, slot_device="emulated-gpu",

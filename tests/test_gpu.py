@@ -30,8 +30,8 @@ def stock_in_ram(path: str) -> StockPlaced:
     return StockPlaced(path, cpu_pattern=EXPERT_TENSOR_PATTERN, n_gpu_layers=-1, **LLAMA_KW)
 
 
-@pytest.mark.parametrize("resident", [0, 2])
-def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_moe_models, resident):
+@pytest.mark.parametrize("resident,cold_on_device", [(0, 0.0), (2, 0.0), (0, 0.5)])
+def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_moe_models, resident, cold_on_device):
     path = all_moe_models[TRAINED_MODEL]
     layout = read_moe_layout(path)
     stock = stock_in_ram(path)
@@ -41,10 +41,16 @@ def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_
     assert (top2[:, 1] - top2[:, 0]).min() > 0.1, "the prompt no longer gives confident predictions"
     for k in (layout.n_expert_used, layout.n_expert // 2, layout.n_expert):
         llm = llamahot.Llama(path, hot_experts=k, resident_layers=resident, rebalance_interval=4,
-                             slot_device="cuda", **LLAMA_KW)
+                             slot_device="cuda", cold_on_device=cold_on_device, **LLAMA_KW)
         tokens, logits = greedy_run(llm, STEPS, prompt=CONFIDENT_PROMPT)
         stats = llm.hot_cache.stats()
         assert stats["hits"] > 0 and stats["ffn_redirects"] > 0
+        # Single-token steps ran the layers' persistent hot graphs (K >= n_expert_used here).
+        assert stats["persistent_gpu_runs"] > 0
+        if cold_on_device == 0:
+            assert stats["device_cold_rows"] == 0
+        elif k < layout.n_expert:  # decode steps with misses sent some of them to the GPU
+            assert stats["device_cold_rows"] > 0
         assert stats["n_moe_layers"] == layout.n_moe_layers - resident
         assert tokens == expected, f"K={k}: first difference at token {next(i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b)}"
         assert np.isfinite(logits).all()

@@ -49,6 +49,7 @@ def static_cpu_pattern(n_layers_on_cpu: int, layout: MoELayout) -> str | None:
 
 FLOOR = "llamahot floor (all hot, stops compute nothing)"
 CALL_GRAPHS = ", hot graph built per call"
+COLD_ON_DEVICE = ", half the cold experts on the GPU (cold_on_device=0.5)"
 
 
 def hybrid_name(k: int, resident: int, slots: int) -> str:
@@ -380,13 +381,15 @@ def main() -> int:
             modes.append((hybrid_name(k, resident, k2), hybrid))
         if k == layout.n_expert:  # the stops alone, nothing computed: the floor of this design
             modes.append((FLOOR, hot))
-        if k == ks[0] and device == "cuda":  # what the per-layer persistent hot graphs save
-            modes.append((f"llamahot K={k}{CALL_GRAPHS}", hot))
+        if k == ks[0] and device == "cuda":  # what the per-layer persistent hot graphs save; cold on the GPU
+            modes += [(f"llamahot K={k}{CALL_GRAPHS}", hot), (f"llamahot K={k}{COLD_ON_DEVICE}", hot)]
         for rep in range(args.reps):
             for name, llm in modes[rep % len(modes):] + modes[: rep % len(modes)]:
                 hot.hot_cache.set_debug(skip_compute=name == FLOOR, call_graphs=name.endswith(CALL_GRAPHS))
+                hot.hot_cache.set_cold_on_device(0.5 if name.endswith(COLD_ON_DEVICE) else 0.0)
                 record(name, measure(llm, name))
             hot.hot_cache.set_debug()
+            hot.hot_cache.set_cold_on_device(0.0)
         results["speed"].setdefault("static_for_k", {})[str(k)] = f"stock static {gpu_layers} layers"
         breakdowns[f"llamahot K={k}"] = breakdown_of(hot, skip_compute=False)
         static.close()
