@@ -38,6 +38,8 @@ class HotModelSettings(ModelSettings):
     policy: str = Field(default="decayed", description="'decayed', 'lru' or 'window-lfu'.")
     resident_layers: int = Field(default=0, ge=0,
                                  description="Keep every expert of the last N MoE layers on the GPU; slots for the rest.")
+    cold_on_device: float = Field(default=0.0, ge=0.0, le=1.0,
+                                  description="GPU slots: share of a layer's cold experts computed on the GPU (experimental).")
 
 
 @contextlib.contextmanager
@@ -48,7 +50,7 @@ def _llamahot_as_llama(settings: HotModelSettings) -> Iterator[None]:
     server_model.llama_cpp.Llama = functools.partial(
         llamahot.Llama, hot_experts=settings.hot_experts, rebalance_interval=settings.rebalance_interval,
         prefill_bypass=settings.prefill_bypass, slot_device=settings.slot_device, policy=settings.policy,
-        resident_layers=settings.resident_layers)
+        resident_layers=settings.resident_layers, cold_on_device=settings.cold_on_device)
     try:
         yield
     finally:

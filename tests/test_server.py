@@ -72,3 +72,15 @@ def test_serve_rejects_a_dense_model(dense_model):
     result = subprocess.run([sys.executable, "-m", "llamahot", "serve", dense_model], cwd="/",
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "not a Mixture-of-Experts model" in result.stderr
+
+
+def test_serve_passes_cold_on_device_and_rejects_a_bad_share(text_model):
+    from pydantic import ValidationError
+
+    from llamahot.server import HotModelSettings, _llamahot_as_llama, server_model
+
+    with pytest.raises(ValidationError):
+        HotModelSettings(model=text_model, hot_experts=2, cold_on_device=1.5)
+    settings = HotModelSettings(model=text_model, hot_experts=2, cold_on_device=0.25)
+    with _llamahot_as_llama(settings):
+        assert server_model.llama_cpp.Llama.keywords["cold_on_device"] == 0.25
