@@ -88,10 +88,7 @@ struct lh_scratch {
     size_t size;
 };
 
-/* Single-token decode with GPU slots: one layer's hot part built once with a fixed number of rows
- * (n_expert_used; unused rows repeat the first hot entry and are not read back), so the GPU backend
- * gets the same graph every token and can replay it as a CUDA graph instead of launching each
- * kernel. Rebuilt if llama's FFN for the layer changes; freed with the slots it reads. */
+/* One part (hot, cold, or cold on the device) of the FFN on a compact list of n rows. */
 struct lh_ffn_part {
     struct ggml_tensor * b;        /* [n_embd, 1, n] the layer input rows */
     struct ggml_tensor * ids;      /* [1, n] matrix index of each row: slot (hot) or expert (cold) */
@@ -99,6 +96,10 @@ struct lh_ffn_part {
     struct ggml_tensor * out;      /* [n_embd, 1, n] */
 };
 
+/* Single-token decode with GPU slots: one layer's hot part built once with a fixed number of rows
+ * (n_expert_used; unused rows go to a slot no hot row uses and are not read back), so the GPU
+ * backend gets the same graph every token and can replay it as a CUDA graph instead of launching
+ * each kernel. Rebuilt if llama's FFN for the layer changes; freed with the slots it reads. */
 struct lh_hot_graph {
     struct ggml_context * g;
     struct ggml_cgraph * graph;
@@ -107,17 +108,16 @@ struct lh_hot_graph {
     bool experts_used;             /* whether a bias reads part.experts */
     int64_t rows;
     uint64_t signature;            /* of the llama FFN it was cloned from */
+    int32_t n_nodes;               /* that FFN's nodes: unchanged pointers (llama reused its graph) */
+    const struct ggml_tensor * nodes[LH_FFN_MAX_NODES];  /* spare hashing the FFN at every stop */
 };
 
 /* Device matrices a layer's cold experts are copied into, rows of `n` experts, per projection; shared
  * by every layer whose expert weights have these types and shapes (stops run one at a time). */
 #define LH_MAX_MISS_SCRATCH 8
 struct lh_miss_scratch {
-    enum ggml_type type[LH_PROJ_COUNT];
-    int64_t ne0[LH_PROJ_COUNT], ne1[LH_PROJ_COUNT];
-    struct ggml_tensor * matrix[LH_PROJ_COUNT];
+    struct ggml_tensor * matrix[LH_PROJ_COUNT];  /* like the layer's weights, with n experts (ne[2]) */
     ggml_backend_buffer_t buffer[LH_PROJ_COUNT];
-    int64_t n;
 };
 
 struct lh_ctx {
@@ -190,7 +190,8 @@ struct lh_ctx {
     float cold_on_device;
     struct lh_miss_scratch miss_scratch[LH_MAX_MISS_SCRATCH];
     int32_t n_miss_scratch;
-    struct lh_entry * dev_cold;        /* the cold entries sent to the device, [n_expert_used] */
+    struct lh_entry * dev_cold;        /* the cold entries sent to the device; matrix = scratch row */
+    int32_t * dev_expert_of;           /* scratch row -> expert (like expert_of_slot for slots) */
     size_t dev_cold_cap;
 
     /* The node whose op we changed at ask=true, restored at ask=false. */
@@ -267,6 +268,7 @@ struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t
 }
 
 static void lh_slots_free(struct lh_ctx * ctx);
+static void lh_miss_scratch_free(struct lh_miss_scratch * m);
 
 static void lh_scratch_free(struct lh_scratch * s) {
     if (s->buffer) {
@@ -301,12 +303,7 @@ void lh_ctx_free(struct lh_ctx * ctx) {
         free(ctx->staging);
     }
     for (int32_t i = 0; i < ctx->n_miss_scratch; i++) {
-        for (int p = 0; p < LH_PROJ_COUNT; p++) {
-            if (ctx->miss_scratch[i].buffer[p]) {
-                ggml_backend_buffer_free(ctx->miss_scratch[i].buffer[p]);
-            }
-            free(ctx->miss_scratch[i].matrix[p]);
-        }
+        lh_miss_scratch_free(&ctx->miss_scratch[i]);
     }
     free(ctx->ffn_mode);
     if (ctx->gpu) {
@@ -332,6 +329,7 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     free(ctx->graph_mem);
     free(ctx->hot_graphs);
     free(ctx->dev_cold);
+    free(ctx->dev_expert_of);
     free(ctx);
 }
 
@@ -619,7 +617,6 @@ int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_
     return lh_slots_resize(ctx, n_slots);
 }
 
-/* Free every slot tensor and forget every published slot. */
 static void lh_hot_graph_free(struct lh_hot_graph * h) {
     if (h->buffer) {
         ggml_backend_buffer_free(h->buffer);
@@ -630,6 +627,7 @@ static void lh_hot_graph_free(struct lh_hot_graph * h) {
     memset(h, 0, sizeof(*h));
 }
 
+/* Free every slot tensor and forget every published slot. */
 static void lh_slots_free(struct lh_ctx * ctx) {
     if (ctx->hot_graphs) {  /* they read the slot tensors */
         for (int32_t l = 0; l < ctx->n_moe_layers; l++) {
@@ -1289,16 +1287,26 @@ static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, cons
     return true;
 }
 
+static void lh_miss_scratch_free(struct lh_miss_scratch * m) {
+    for (int p = 0; p < LH_PROJ_COUNT; p++) {
+        if (m->buffer[p]) {
+            ggml_backend_buffer_free(m->buffer[p]);
+        }
+        free(m->matrix[p]);
+    }
+    memset(m, 0, sizeof(*m));
+}
+
 /* The device matrices (n experts per projection) a layer's cold experts can be copied into. */
 static struct lh_miss_scratch * lh_miss_scratch_for(struct lh_ctx * ctx, int32_t layer_index, int64_t n) {
     const struct lh_layer * layer = &ctx->layers[layer_index];
     for (int32_t i = 0; i < ctx->n_miss_scratch; i++) {
         struct lh_miss_scratch * m = &ctx->miss_scratch[i];
-        bool same = m->n >= n;
+        bool same = true;
         for (int p = 0; p < LH_PROJ_COUNT && same; p++) {
-            const struct ggml_tensor * w = layer->weight[p];
-            same = w ? m->matrix[p] != NULL && m->type[p] == w->type && m->ne0[p] == w->ne[0] && m->ne1[p] == w->ne[1]
-                     : m->matrix[p] == NULL;
+            const struct ggml_tensor * w = layer->weight[p], * x = m->matrix[p];
+            same = w ? x != NULL && x->type == w->type && x->ne[0] == w->ne[0] && x->ne[1] == w->ne[1] && x->ne[2] >= n
+                     : x == NULL;
         }
         if (same) {
             return m;
@@ -1311,25 +1319,14 @@ static struct lh_miss_scratch * lh_miss_scratch_for(struct lh_ctx * ctx, int32_t
     memset(m, 0, sizeof(*m));
     for (int p = 0; p < LH_PROJ_COUNT; p++) {
         const struct ggml_tensor * w = layer->weight[p];
-        if (w == NULL) {
-            continue;
-        }
-        m->matrix[p] = lh_new_slot_tensor(w, (int32_t) n, ggml_backend_get_default_buffer_type(ctx->gpu), &m->buffer[p]);
-        if (m->matrix[p] == NULL) {
-            for (int q = 0; q < p; q++) {
-                if (m->buffer[q]) {
-                    ggml_backend_buffer_free(m->buffer[q]);
-                }
-                free(m->matrix[q]);
+        if (w != NULL) {
+            m->matrix[p] = lh_new_slot_tensor(w, (int32_t) n, ggml_backend_get_default_buffer_type(ctx->gpu), &m->buffer[p]);
+            if (m->matrix[p] == NULL) {
+                lh_miss_scratch_free(m);
+                return NULL;
             }
-            memset(m, 0, sizeof(*m));
-            return NULL;
         }
-        m->type[p] = w->type;
-        m->ne0[p] = w->ne[0];
-        m->ne1[p] = w->ne[1];
     }
-    m->n = n;
     ctx->n_miss_scratch++;
     return m;
 }
@@ -1363,8 +1360,14 @@ static struct lh_hot_graph * lh_hot_graph_get(struct lh_ctx * ctx, const struct 
         }
     }
     struct lh_hot_graph * h = &ctx->hot_graphs[f->layer];
+    if (h->g != NULL && h->rows == rows && h->n_nodes == f->n_nodes &&
+        memcmp(h->nodes, f->nodes, sizeof(f->nodes[0]) * (size_t) f->n_nodes) == 0) {
+        return h;  /* the same llama graph as last time */
+    }
     const uint64_t signature = lh_ffn_signature(f);
     if (h->g != NULL && h->rows == rows && h->signature == signature) {
+        h->n_nodes = f->n_nodes;  /* a new llama graph with the same FFN */
+        memcpy(h->nodes, f->nodes, sizeof(f->nodes[0]) * (size_t) f->n_nodes);
         return h;
     }
     lh_hot_graph_free(h);
@@ -1390,7 +1393,38 @@ static struct lh_hot_graph * lh_hot_graph_get(struct lh_ctx * ctx, const struct 
     }
     h->rows = rows;
     h->signature = signature;
+    h->n_nodes = f->n_nodes;
+    memcpy(h->nodes, f->nodes, sizeof(f->nodes[0]) * (size_t) f->n_nodes);
     return h;
+}
+
+/* Staging for a device part: input rows, matrix ids and expert ids (`rows` of them), then the
+ * first n output rows. */
+static size_t lh_part_stage_bytes(const struct lh_ffn_part * part, int64_t n, int64_t rows) {
+    return lh_pad(ggml_nbytes(part->b)) + 2 * lh_pad(ggml_nbytes(part->ids)) +
+           lh_pad((size_t) n * (ggml_nbytes(part->out) / (size_t) rows));
+}
+
+/* Gather n entries' inputs into staging at `at` and upload them to a device part; rows beyond n
+ * (padding: computed, never read back) get pad_matrix and the first entry's expert (a valid index
+ * for a bias lookup). Returns where the part's first n output rows are to be downloaded. */
+static float * lh_upload_part(struct lh_ctx * ctx, const struct lh_ffn_part * part, bool experts_used,
+                              const struct ggml_tensor * input, const struct lh_entry * entries, int64_t n, int64_t rows,
+                              const int32_t * expert_of, int32_t pad_matrix, bool one_token, char * at) {
+    const size_t b_bytes = ggml_nbytes(part->b), i_bytes = ggml_nbytes(part->ids);
+    int32_t * matrix_ids = (int32_t *) (at + lh_pad(b_bytes));
+    int32_t * expert_ids = (int32_t *) (at + lh_pad(b_bytes) + lh_pad(i_bytes));
+    lh_gather(input, entries, n, one_token, expert_of, (float *) at, matrix_ids, expert_ids);
+    for (int64_t i = n; i < rows; i++) {
+        matrix_ids[i] = pad_matrix;
+        expert_ids[i] = expert_ids[0];
+    }
+    ggml_backend_tensor_set_async(ctx->gpu, part->b, at, 0, b_bytes);
+    ggml_backend_tensor_set_async(ctx->gpu, part->ids, matrix_ids, 0, i_bytes);
+    if (experts_used) {
+        ggml_backend_tensor_set_async(ctx->gpu, part->experts, expert_ids, 0, i_bytes);
+    }
+    return (float *) (at + lh_pad(b_bytes) + 2 * lh_pad(i_bytes));
 }
 
 /* Compute the down node's output (the layer's expert FFN per (token, k)) into dst: hot rows from
@@ -1441,13 +1475,18 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         n_dev = (int64_t) ((float) n_cold * ctx->cold_on_device + 0.5f);  /* rounded */
         n_dev = n_dev < ids->ne[0] ? n_dev : ids->ne[0];
         scratch = n_dev > 0 ? lh_miss_scratch_for(ctx, f->layer, ids->ne[0]) : NULL;
-        size_t cap = ctx->dev_cold_cap;
-        if (scratch == NULL || !lh_grow((void **) &ctx->dev_cold, &cap, (size_t) n_dev, sizeof(struct lh_entry))) {
+        size_t cap = ctx->dev_cold_cap, cap2 = ctx->dev_cold_cap;
+        if (scratch == NULL || !lh_grow((void **) &ctx->dev_cold, &cap, (size_t) n_dev, sizeof(struct lh_entry)) ||
+            !lh_grow((void **) &ctx->dev_expert_of, &cap2, (size_t) n_dev, sizeof(int32_t))) {
             n_dev = 0;
         } else {
-            ctx->dev_cold_cap = cap;
+            ctx->dev_cold_cap = cap < cap2 ? cap : cap2;
             n_cold -= n_dev;
-            memcpy(ctx->dev_cold, ctx->cold + n_cold, sizeof(struct lh_entry) * (size_t) n_dev);
+            for (int64_t i = 0; i < n_dev; i++) {  /* entry i computes from scratch row i */
+                ctx->dev_cold[i] = ctx->cold[n_cold + i];
+                ctx->dev_expert_of[i] = ctx->dev_cold[i].matrix;
+                ctx->dev_cold[i].matrix = (int32_t) i;
+            }
         }
     }
     const bool gpu_used = hot_on_gpu || n_dev > 0;
@@ -1472,75 +1511,38 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         return false;
     }
 
-    /* GPU part first: gather into staging, upload, launch, download, all asynchronous. Staging
-     * holds, for the hot part and then the device's cold part: input rows, matrix ids, expert ids,
-     * output rows. */
+    /* GPU part first: gather into staging (the hot part's, then the device cold part's), upload,
+     * launch, download, all asynchronous. */
     float * hot_out_rows = NULL, * dev_out_rows = NULL;
     int64_t t0 = lh_now_ns();
     if (gpu_used) {
         const struct lh_ffn_part * hot_part = persistent ? &persistent->part : &hot;
         const int64_t hot_rows = persistent ? persistent->rows : n_hot;
-        size_t need = 0, hot_at = 0, dev_at = 0;
-        if (hot_on_gpu) {
-            hot_at = need;
-            need += lh_pad(ggml_nbytes(hot_part->b)) + 2 * lh_pad(ggml_nbytes(hot_part->ids)) +
-                    lh_pad((size_t) n_hot * (ggml_nbytes(hot_part->out) / (size_t) hot_rows));
-        }
-        if (n_dev > 0) {
-            dev_at = need;
-            need += lh_pad(ggml_nbytes(dev.b)) + 2 * lh_pad(ggml_nbytes(dev.ids)) + lh_pad(ggml_nbytes(dev.out));
-        }
-        char * stage = (char *) lh_staging(ctx, need);
+        const size_t hot_bytes = hot_on_gpu ? lh_part_stage_bytes(hot_part, n_hot, hot_rows) : 0;
+        char * stage = (char *) lh_staging(ctx, hot_bytes + (n_dev > 0 ? lh_part_stage_bytes(&dev, n_dev, n_dev) : 0));
         if (stage == NULL) {
             ggml_free(g);
             return false;
         }
         if (n_dev > 0) {
-            /* The cold experts' matrices into the scratch (from host memory: pinned, so truly
-             * asynchronous), each to the row of its entry, which then computes from there. */
+            /* The cold experts' matrices into their scratch rows (from host memory: pinned, so
+             * truly asynchronous). */
             for (int64_t i = 0; i < n_dev; i++) {
-                const int32_t expert = ctx->dev_cold[i].matrix;
                 for (int p = 0; p < LH_PROJ_COUNT; p++) {
                     const struct ggml_tensor * w = ctx->layers[f->layer].weight[p];
                     if (w != NULL) {
-                        ggml_backend_tensor_set_async(ctx->gpu, scratch->matrix[p], (const char *) w->data + expert * w->nb[2],
+                        ggml_backend_tensor_set_async(ctx->gpu, scratch->matrix[p],
+                                                      (const char *) w->data + ctx->dev_expert_of[i] * w->nb[2],
                                                       (size_t) i * w->nb[2], w->nb[2]);
                     }
                 }
             }
-            const size_t b_bytes = ggml_nbytes(dev.b), i_bytes = ggml_nbytes(dev.ids);
-            char * at = stage + dev_at;
-            int32_t * scratch_ids = (int32_t *) (at + lh_pad(b_bytes));
-            int32_t * expert_ids = (int32_t *) (at + lh_pad(b_bytes) + lh_pad(i_bytes));
-            dev_out_rows = (float *) (at + lh_pad(b_bytes) + 2 * lh_pad(i_bytes));
-            lh_gather(f->input, ctx->dev_cold, n_dev, one_token, NULL, (float *) at, scratch_ids, expert_ids);
-            for (int64_t i = 0; i < n_dev; i++) {
-                scratch_ids[i] = (int32_t) i;
-            }
-            ggml_backend_tensor_set_async(ctx->gpu, dev.b, at, 0, b_bytes);
-            ggml_backend_tensor_set_async(ctx->gpu, dev.ids, scratch_ids, 0, i_bytes);
-            if (dev.experts->buffer != NULL) {
-                ggml_backend_tensor_set_async(ctx->gpu, dev.experts, expert_ids, 0, i_bytes);
-            }
+            dev_out_rows = lh_upload_part(ctx, &dev, dev.experts->buffer != NULL, f->input, ctx->dev_cold, n_dev, n_dev,
+                                          ctx->dev_expert_of, -1, one_token, stage + hot_bytes);
         }
         if (hot_on_gpu) {
-            const bool experts_used = persistent ? persistent->experts_used : hot.experts->buffer != NULL;
-            const size_t b_bytes = ggml_nbytes(hot_part->b), i_bytes = ggml_nbytes(hot_part->ids);
-            char * at = stage + hot_at;
-            float * b_rows = (float *) at;
-            int32_t * slot_ids = (int32_t *) (at + lh_pad(b_bytes));
-            int32_t * expert_ids = (int32_t *) (at + lh_pad(b_bytes) + lh_pad(i_bytes));
-            hot_out_rows = (float *) (at + lh_pad(b_bytes) + 2 * lh_pad(i_bytes));
-            lh_gather(f->input, ctx->hot, n_hot, one_token, expert_of, b_rows, slot_ids, expert_ids);
-            for (int64_t i = n_hot; i < hot_rows; i++) {  /* padding rows: computed, never read back */
-                slot_ids[i] = pad_slot;
-                expert_ids[i] = expert_ids[0];             /* a valid expert for a bias lookup */
-            }
-            ggml_backend_tensor_set_async(ctx->gpu, hot_part->b, b_rows, 0, b_bytes);
-            ggml_backend_tensor_set_async(ctx->gpu, hot_part->ids, slot_ids, 0, i_bytes);
-            if (experts_used) {
-                ggml_backend_tensor_set_async(ctx->gpu, hot_part->experts, expert_ids, 0, i_bytes);
-            }
+            hot_out_rows = lh_upload_part(ctx, hot_part, persistent ? persistent->experts_used : hot.experts->buffer != NULL,
+                                          f->input, ctx->hot, n_hot, hot_rows, expert_of, pad_slot, one_token, stage);
         }
         if (persistent != NULL) {
             ok = ggml_backend_graph_compute_async(ctx->gpu, persistent->graph) == GGML_STATUS_SUCCESS;
@@ -1548,7 +1550,7 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         if (ok && ggml_graph_n_nodes(gpu_graph) > 0) {
             ok = ggml_backend_graph_compute_async(ctx->gpu, gpu_graph) == GGML_STATUS_SUCCESS;
         }
-        ctx->counters.gpu_runs++;
+        ctx->counters.gpu_runs += hot_on_gpu;
         ctx->counters.persistent_gpu_runs += persistent != NULL;
         ctx->counters.device_cold_rows += n_dev;
         if (ok && hot_on_gpu) {
