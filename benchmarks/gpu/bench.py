@@ -52,6 +52,11 @@ CALL_GRAPHS = ", hot graph built per call"
 COLD_ON_DEVICE = ", half the cold experts on the GPU (cold_on_device=0.5)"
 
 
+def roofline_tok_s(hit_rate, t_gpu_s: float, t_cold_s: float):
+    """T(h) = T_gpu + (1 - h) * T_cold as tok/s (issue #4): a hot-expert cache at hit rate h."""
+    return 1 / (t_gpu_s + (1 - hit_rate) * t_cold_s)
+
+
 def hybrid_name(k: int, resident: int, slots: int) -> str:
     return f"llamahot at K={k}'s VRAM: {resident} resident layers + {slots} slots"
 
@@ -458,6 +463,9 @@ def main() -> int:
     idle_p = statistics.median(r["prefill_tok_s"] for r in idle_block_ram) if idle_block_ram else base_p
     results["speed"]["stock_ram_in_idle_block"] = {"decode_tok_s": idle_d, "prefill_tok_s": idle_p}
 
+    # Rows measured at a K besides llamahot's default: A/B modes and policy settings ("llamahot K=51, ...").
+    variants_of = {k: [n for n in summary if n.startswith(f"llamahot K={k}, ")] for k in ks}
+
     def line(name, vram, roof=None):
         s = summary[name]
         d, p = (idle_d, idle_p) if name in idle_modes[1:] else (base_d, base_p)  # same-block base
@@ -475,15 +483,15 @@ def main() -> int:
         g = int(re.search(r"(\d+) layers", static_name).group(1))
         line(static_name, f"{g * layer_expert_bytes / 2**30:.2f}")
         s = summary[f"llamahot K={k}"]
-        roof = 1 / (t_gpu + (1 - s["hit_rate"]) * t_cold)
+        roof = roofline_tok_s(s["hit_rate"], t_gpu, t_cold)
         s["roofline_tok_s"] = roof
         line(f"llamahot K={k}", f"{k * expert_vram_per_slot / 2**30:.2f}", roof)
         resident, k2, _ = plans[k]
         if resident > 0 and hybrid_name(k, resident, k2) in summary:
             vram = (resident * layer_expert_bytes + k2 * (n_layers - resident) * layout.expert_matrix_bytes) / 2**30
             line(hybrid_name(k, resident, k2), f"{vram:.2f}")
-        for name in [n for n in summary if n.startswith(f"llamahot K={k}, ")]:  # policy variants
-            line(name, f"{k * expert_vram_per_slot / 2**30:.2f}", 1 / (t_gpu + (1 - summary[name]["hit_rate"]) * t_cold))
+        for name in variants_of[k]:
+            line(name, f"{k * expert_vram_per_slot / 2**30:.2f}", roofline_tok_s(summary[name]["hit_rate"], t_gpu, t_cold))
     if FLOOR in summary:
         line(FLOOR, f"{layout.n_expert * expert_vram_per_slot / 2**30:.2f}")
     line("stock GPU", f"{layout.expert_tensor_bytes / 2**30:.2f}")
@@ -498,7 +506,7 @@ def main() -> int:
         detail.append(f"| {k} | {vs_static:.3f} | {mix_vs} | {s['stops_ms_per_token']:.2f} | {s['gpu_submit_ms_per_token']:.2f} | "
                       f"{s['gpu_wait_ms_per_token']:.2f} | {s['cpu_ms_per_token']:.2f} | "
                       f"{longest_rebalance.get(f'llamahot K={k}', 0.0):.1f} |")
-        for name in [n for n in summary if n.startswith(f"llamahot K={k}, ")]:  # variants of this K
+        for name in variants_of[k]:
             v = summary[name]
             static_tok_s = summary[results["speed"]["static_for_k"][str(k)]]["decode_tok_s"]
             detail.append(f"| {name[len('llamahot K='):]} | {v['decode_tok_s'] / static_tok_s:.3f} |  | "
@@ -534,17 +542,17 @@ def plot(path: Path, results: dict) -> None:
     summary, n_expert = speed["summary"], lay["n_expert"]
     per_slot = lay["expert_gib"] / n_expert                  # GiB of VRAM per slot (all layers)
     per_layer = lay["expert_gib"] / lay["n_moe_layers"]      # GiB of one layer's experts
-    t_gpu, t_cold = speed["roofline"]["t_gpu_ms"], speed["roofline"]["t_cold_ms"]
+    t_gpu, t_cold = speed["roofline"]["t_gpu_ms"] / 1e3, speed["roofline"]["t_cold_ms"] / 1e3
     ks = sorted(int(k) for k in speed["static_for_k"])
     static = sorted((int(re.search(r"(\d+) layers", speed["static_for_k"][str(k)]).group(1)) * per_layer,
                      summary[speed["static_for_k"][str(k)]]["decode_tok_s"]) for k in ks)
     hot = [(k * per_slot, summary[f"llamahot K={k}"]["decode_tok_s"]) for k in ks]
     mixes = sorted((int(re.search(r"K=(\d+)'s VRAM", name).group(1)) * per_slot, row["decode_tok_s"])
                    for name, row in summary.items() if "'s VRAM:" in name)
-    roof_at_h = [(k * per_slot, 1e3 / (t_gpu + (1 - summary[f"llamahot K={k}"]["hit_rate"]) * t_cold)) for k in ks]
+    roof_at_h = [(k * per_slot, roofline_tok_s(summary[f"llamahot K={k}"]["hit_rate"], t_gpu, t_cold)) for k in ks]
     grid = np.linspace(0, n_expert, 65)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(grid * per_slot, 1e3 / (t_gpu + (1 - grid / n_expert) * t_cold), "--", color="gray", lw=0.8,
+    ax.plot(grid * per_slot, roofline_tok_s(grid / n_expert, t_gpu, t_cold), "--", color="gray", lw=0.8,
             label="roofline, uniform routing (h = K/n_expert)")
     ax.plot(*zip(*roof_at_h), "x:", color="gray", label="roofline at llamahot's measured hit rate")
     ax.plot(*zip(*static), "s-", label="stock static offload (whole layers)")
