@@ -219,6 +219,7 @@ class HotCache:
         stats = self.slots.stats
         stats.last_rebalance_ms = (time.perf_counter() - start) * 1e3
         stats.max_rebalance_ms = max(stats.max_rebalance_ms, stats.last_rebalance_ms)
+        stats.total_rebalance_ms += stats.last_rebalance_ms
 
     def set_hot_experts(self, k: int) -> None:
         """Change the number of slots per layer without reloading the model.
@@ -353,6 +354,7 @@ class HotCache:
             "experts_loaded": transfers.experts_loaded if transfers else 0,
             "rebalances": transfers.rebalances if transfers else 0,
             "max_rebalance_ms": transfers.max_rebalance_ms if transfers else 0.0,
+            "rebalance_ms": transfers.total_rebalance_ms if transfers else 0.0,
             "decode_tokens": self._decode_tokens,
             "decode_seconds": self._decode_seconds,
             "decode_tok_s": _rate(self._decode_tokens, self._decode_seconds),

@@ -4,9 +4,11 @@ The shim owns the slot tensors and the published maps; this module decides which
 expert and moves the bytes. Host slots are filled with a synchronous copy inside the shim. CUDA
 slots are filled with cuda-python `cudaMemcpyAsync` on a dedicated copy stream, one event per
 rebalance; a slot is unpublished before its copy is issued and published when its event completed.
+The emulated GPU of the tests takes the same asynchronous path, with memmove for the copies.
 """
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import dataclass, field
 
@@ -59,11 +61,12 @@ class TransferStats:
     rebalances: int = 0
     last_rebalance_ms: float = 0.0
     max_rebalance_ms: float = 0.0
+    total_rebalance_ms: float = 0.0   # every rebalance's stall, summed
     pending: int = 0
 
     def reset_counters(self) -> None:
         self.bytes_moved = self.experts_loaded = self.rebalances = 0
-        self.last_rebalance_ms = self.max_rebalance_ms = 0.0
+        self.last_rebalance_ms = self.max_rebalance_ms = self.total_rebalance_ms = 0.0
 
 
 class _CudaCopies:
@@ -125,12 +128,56 @@ class _CudaCopies:
         self.rt.cudaStreamDestroy(self.stream)
 
 
+class _HostCopies:
+    """The emulated GPU's copies (tests): the same batches and publication as CUDA's, with memmove
+    into the emulated device's host buffers. A batch counts as finished at the next `completed()`,
+    like a DMA that is done by the next token, so the in-flight path runs in CI too."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[int, int, int]]] = []
+
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        ctypes.memmove(dst, src, nbytes)
+
+    def close_batch(self, publications: list[tuple[int, int, int]]) -> None:
+        self.batches.append(publications)
+
+    def completed(self) -> list[tuple[int, int, int]]:
+        done = [p for batch in self.batches for p in batch]
+        self.batches.clear()
+        return done
+
+    def close(self) -> None:
+        self.batches.clear()
+
+
+def plan_loads(desired: np.ndarray, expert_of_slot: np.ndarray, incoming: np.ndarray,
+               resident: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The copies that make the slots hold `desired`, all layers at once: (layers, slots, experts).
+
+    In each layer, the wanted newcomers (desired, not resident; in expert order) go into the free
+    slots (empty, or holding an expert that `desired` drops; never one being filled; in slot order),
+    as many as both allow.
+    """
+    n_layers, _ = expert_of_slot.shape
+    rows = np.arange(n_layers)[:, None]
+    wanted = desired & ~resident
+    dropped = resident & ~desired
+    held = expert_of_slot >= 0
+    free = (incoming < 0) & (~held | dropped[rows, np.where(held, expert_of_slot, 0)])
+    n = np.minimum(free.sum(axis=1), wanted.sum(axis=1))[:, None]
+    # np.nonzero walks row by row, so the k-th free slot of a layer pairs with its k-th newcomer.
+    layers, slots = np.nonzero(free & (np.cumsum(free, axis=1) <= n))
+    _, experts = np.nonzero(wanted & (np.cumsum(wanted, axis=1) <= n))
+    return layers, slots, experts
+
+
 @dataclass
 class SlotManager:
     """Keeps the shim's slots in line with a policy's desired hot set."""
 
     ctx: object
-    kind: str                       # "host" | "cuda"
+    kind: str                       # "host" | "cuda" | "emulated-gpu"
     n_layers: int
     n_expert: int
     n_slots: int
@@ -143,7 +190,37 @@ class SlotManager:
         self.expert_of_slot = self.expert_of_slot[: self.n_layers * self.n_slots].reshape(self.n_layers, self.n_slots)
         # Slots whose copy is in flight: not published yet, but no longer free.
         self.incoming = np.full((self.n_layers, self.n_slots), -1, dtype=np.int32)
-        self.cuda = _CudaCopies() if self.kind == "cuda" and self.n_slots > 0 else None
+        self.copies = None
+        if self.n_slots > 0 and self.kind in ("cuda", "emulated-gpu"):
+            self.copies = _CudaCopies() if self.kind == "cuda" else _HostCopies()
+        self._address_tables()
+
+    def _address_tables(self) -> None:
+        """Bytes of each layer's expert matrices and, with asynchronous copies, where each expert's
+        and each slot's matrices live, read once: a rebalance then only indexes arrays (calls into
+        the shim per copy cost more than issuing the copies)."""
+        n_proj = len(self.projections)
+        self.nbytes = np.zeros((self.n_layers, n_proj), dtype=np.uint64)
+        pointer, nbytes = ffi.new("void **"), ffi.new("size_t *")
+        for layer in range(self.n_layers):
+            for i, proj in enumerate(self.projections):
+                self._check(lib.lh_expert_slab(self.ctx, layer, proj, 0, pointer, nbytes))
+                self.nbytes[layer, i] = nbytes[0]
+        if self.copies is None:
+            return
+        self.src = np.zeros((self.n_layers, n_proj, self.n_expert), dtype=np.uint64)
+        self.dst = np.zeros((self.n_layers, n_proj, self.n_slots), dtype=np.uint64)
+        for layer in range(self.n_layers):
+            for i, proj in enumerate(self.projections):
+                for expert in range(self.n_expert):
+                    self._check(lib.lh_expert_slab(self.ctx, layer, proj, expert, pointer, nbytes))
+                    self.src[layer, i, expert] = int(ffi.cast("uintptr_t", pointer[0]))
+                for slot in range(self.n_slots):
+                    self._check(lib.lh_slot_slab(self.ctx, layer, proj, slot, pointer, nbytes))
+                    self.dst[layer, i, slot] = int(ffi.cast("uintptr_t", pointer[0]))
+                    if nbytes[0] != self.nbytes[layer, i]:
+                        raise RuntimeError(f"llamahot: slot {slot} of layer {layer} holds {nbytes[0]} bytes per "
+                                           f"matrix, its experts {int(self.nbytes[layer, i])}")
 
     def resident(self) -> np.ndarray:
         """bool [n_layers, n_expert]: experts in a slot or on their way to one."""
@@ -162,45 +239,35 @@ class SlotManager:
             return
         start = time.perf_counter()
         self.publish_completed()
-        resident = self.resident()
-        loads: list[tuple[int, int, int]] = []
-        for layer in np.flatnonzero((desired != resident).any(axis=1)):
-            evict = set(np.flatnonzero(resident[layer] & ~desired[layer]).tolist())
-            free = [s for s in range(self.n_slots)
-                    if self.incoming[layer, s] < 0 and
-                    (self.expert_of_slot[layer, s] < 0 or self.expert_of_slot[layer, s] in evict)]
-            for slot, expert in zip(free, np.flatnonzero(desired[layer] & ~resident[layer]).tolist()):
-                self._check(lib.lh_slot_unpublish(self.ctx, int(layer), slot))
-                loads.append((int(layer), slot, expert))
-        for layer, slot, expert in loads:
-            self._load(layer, slot, expert)
-        if self.cuda is not None and loads:
-            self.cuda.close_batch(loads)
+        layers, slots, experts = plan_loads(desired, self.expert_of_slot, self.incoming, self.resident())
+        loads = list(zip(layers.tolist(), slots.tolist(), experts.tolist()))
+        for layer, slot, _ in loads:
+            self._check(lib.lh_slot_unpublish(self.ctx, layer, slot))
+        if self.copies is None:  # host slots: a synchronous copy in the shim, published at once
+            for layer, slot, expert in loads:
+                self._check(lib.lh_slot_load(self.ctx, layer, slot, expert))
+                self._check(lib.lh_slot_publish(self.ctx, layer, slot, expert))
+        elif loads:
+            # Every matrix of every load: [n_proj, n_loads] addresses, then one copy call each.
+            src = self.src[layers, :, experts].T
+            dst = self.dst[layers, :, slots].T
+            nbytes = np.broadcast_to(self.nbytes[layers].T, src.shape)
+            for d, s, nb in zip(dst.ravel().tolist(), src.ravel().tolist(), nbytes.ravel().tolist()):
+                self.copies.copy(d, s, nb)
+            self.copies.close_batch(loads)
+            self.incoming[layers, slots] = experts
+        self.stats.bytes_moved += int(self.nbytes[layers].sum())
+        self.stats.experts_loaded += len(loads)
         self.stats.rebalances += 1
         self.stats.last_rebalance_ms = (time.perf_counter() - start) * 1e3
         self.stats.max_rebalance_ms = max(self.stats.max_rebalance_ms, self.stats.last_rebalance_ms)
         self.stats.pending = int((self.incoming >= 0).sum())
 
-    def _load(self, layer: int, slot: int, expert: int) -> None:
-        src, dst, nbytes = ffi.new("void **"), ffi.new("void **"), ffi.new("size_t *")
-        for proj in self.projections:
-            self._check(lib.lh_expert_slab(self.ctx, layer, proj, expert, src, nbytes))
-            self.stats.bytes_moved += nbytes[0]
-            if self.cuda is not None:
-                self._check(lib.lh_slot_slab(self.ctx, layer, proj, slot, dst, nbytes))
-                self.cuda.copy(int(ffi.cast("uintptr_t", dst[0])), int(ffi.cast("uintptr_t", src[0])), nbytes[0])
-        if self.cuda is None:
-            self._check(lib.lh_slot_load(self.ctx, layer, slot, expert))
-            self._check(lib.lh_slot_publish(self.ctx, layer, slot, expert))
-        else:
-            self.incoming[layer, slot] = expert
-        self.stats.experts_loaded += 1
-
     def publish_completed(self) -> None:
         """Publish slots whose copies finished (CUDA); cheap, never waits."""
-        if self.cuda is None:
+        if self.copies is None:
             return
-        for layer, slot, expert in self.cuda.completed():
+        for layer, slot, expert in self.copies.completed():
             self.incoming[layer, slot] = -1
             self._check(lib.lh_slot_publish(self.ctx, layer, slot, expert))
         self.stats.pending = int((self.incoming >= 0).sum())
@@ -210,6 +277,6 @@ class SlotManager:
             raise RuntimeError(f"llamahot: {ffi.string(lib.lh_last_error(self.ctx)).decode()}")
 
     def close(self) -> None:
-        if self.cuda is not None:
-            self.cuda.close()
-            self.cuda = None
+        if self.copies is not None:
+            self.copies.close()
+            self.copies = None

@@ -246,15 +246,17 @@ def test_stats_shape_and_reset(text_model):
     llm.create_completion("def add(a, b):", max_tokens=8, temperature=0.0)
     stats = llm.hot_cache.stats()
     for key in ("hits", "misses", "hit_rate", "hits_per_layer", "misses_per_layer", "slots_total",
-                "slots_occupied", "bytes_moved", "rebalances", "decode_tok_s", "max_rebalance_ms"):
+                "slots_occupied", "bytes_moved", "rebalances", "decode_tok_s", "max_rebalance_ms", "rebalance_ms"):
         assert key in stats
+    assert stats["rebalances"] > 0 and stats["max_rebalance_ms"] <= stats["rebalance_ms"]
+    assert stats["bytes_moved"] == stats["experts_loaded"] * layout.expert_bytes
     assert stats["hits_per_layer"].shape == (layout.n_moe_layers,)
     assert stats["hits"] == stats["hits_per_layer"].sum()
     assert 0.0 <= stats["hit_rate"] <= 1.0 and stats["decode_tok_s"] > 0
     assert llm.hot_cache.hot_sets().shape == (layout.n_moe_layers, 3)
     llm.hot_cache.reset()
     stats = llm.hot_cache.stats()
-    assert stats["hits"] == stats["misses"] == stats["bytes_moved"] == stats["tokens"] == 0
+    assert stats["hits"] == stats["misses"] == stats["bytes_moved"] == stats["tokens"] == stats["rebalance_ms"] == 0
     assert stats["slots_occupied"] > 0, "reset keeps the hot sets"
 
 

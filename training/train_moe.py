@@ -380,7 +380,22 @@ def export_gguf(model: MoELM, tok, path: Path, name: str) -> None:
     w.close()
 
 
-def check_with_llama_cpp(model: MoELM, tok, path: Path, text: str) -> dict:
+def bits_per_byte(path: Path, text: str, n_tokens: int = 1024) -> float:
+    """Held-out cross-entropy of a GGUF by llama.cpp, in bits per byte of text (comparable across
+    tokenizers): the first `n_tokens` tokens of `text`, each predicted from the ones before it."""
+    llm = llama_cpp.Llama(str(path), n_ctx=n_tokens + 16, n_batch=n_tokens, logits_all=True, verbose=False)
+    ids = llm.tokenize(text.encode(), add_bos=False, special=False)[:n_tokens]
+    llm.eval(ids)
+    logits = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nats = -logp[np.arange(len(ids) - 1), ids[1:]].sum()
+    n_bytes = len(llm.detokenize(ids[1:]))
+    llm.close()
+    return float(nats / math.log(2) / n_bytes)
+
+
+def check_with_llama_cpp(model: MoELM, tok, path: Path, text: str, heldout_text: str) -> dict:
     """The exported file in stock llama.cpp: same token ids, logits close to torch's."""
     llm = llama_cpp.Llama(str(path), n_ctx=512, logits_all=True, verbose=False, seed=0)
     ids_hf = tok.encode(text).ids
@@ -396,7 +411,8 @@ def check_with_llama_cpp(model: MoELM, tok, path: Path, text: str) -> dict:
     agree = float((cpp_logits.argmax(-1) == ref.argmax(-1)).mean())
     llm.close()
     return {"tokenizer_ids_identical": same_ids, "tokens_compared": len(ids_hf),
-            "max_abs_logit_diff": diff, "argmax_agreement": agree}
+            "max_abs_logit_diff": diff, "argmax_agreement": agree,
+            "heldout_bits_per_byte": round(bits_per_byte(path, heldout_text), 4)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,13 +469,15 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().float().eval()
     export_gguf(model, tok, args.out, args.out.stem)
-    check = check_with_llama_cpp(model, tok, args.out, heldout_text[:6000])
     summary = {"resumed_from": str(args.resume) if args.resume else None, "config": dataclasses.asdict(cfg), "args": {k: str(v) for k, v in vars(args).items()},
                "python": sys.version.split()[0], "torch": torch.__version__, "corpus_files": len(texts),
-               "corpus_tokens": int(len(data)), "file_bytes": args.out.stat().st_size, **result, "check": check}
+               "corpus_tokens": int(len(data)), "file_bytes": args.out.stat().st_size, **result, "check": None}
+    # Summary and checkpoint before the check: whatever happens there, the training is kept.
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     torch.save({"config": dataclasses.asdict(cfg), "model": model.state_dict(), "tokenizer": tok.to_str()},
                args.out.with_suffix(".pt"))
+    check = summary["check"] = check_with_llama_cpp(model, tok, args.out, heldout_text[:6000], heldout_text)
+    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({"out": str(args.out), "MiB": round(args.out.stat().st_size / 2**20, 2), **check}), flush=True)
     return 0
 

@@ -49,7 +49,17 @@ def static_cpu_pattern(n_layers_on_cpu: int, layout: MoELayout) -> str | None:
 
 FLOOR = "llamahot floor (all hot, stops compute nothing)"
 CALL_GRAPHS = ", hot graph built per call"
-COLD_ON_DEVICE = ", half the cold experts on the GPU (cold_on_device=0.5)"
+COLD_SHARES = (0.25, 0.5, 0.75)  # A/B rows at the first K: this share of the cold experts computed on the GPU
+
+
+def cold_on_device_name(k: int, share: float) -> str:
+    return f"llamahot K={k}, cold_on_device={share}"
+
+
+def cold_share_of(name: str) -> float:
+    """The cold_on_device share an A/B row's name asks for (0 for every other row)."""
+    found = re.search(r", cold_on_device=([0-9.]+)$", name)
+    return float(found.group(1)) if found else 0.0
 
 
 def roofline_tok_s(hit_rate, t_gpu_s: float, t_cold_s: float):
@@ -319,7 +329,8 @@ def main() -> int:
             row.update(hit_rate=st["hit_rate"],
                        stops_ms_per_token=st["redirect_ms"] / n, gpu_submit_ms_per_token=st["gpu_submit_ms"] / n,
                        gpu_wait_ms_per_token=st["gpu_wait_ms"] / n, cpu_ms_per_token=st["cpu_compute_ms"] / n,
-                       slot_gib=st["slot_bytes"] / 2**30, experts_loaded_per_token=st["experts_loaded"] / n)
+                       slot_gib=st["slot_bytes"] / 2**30, experts_loaded_per_token=st["experts_loaded"] / n,
+                       rebalance_ms_per_token=st["rebalance_ms"] / n)
         # Three prefills per sample: one 512-token prefill is ~0.2 s and varied by a few % between samples.
         row["prefill_tok_s"] = statistics.median(prefill_rate(llm, long_prompt) for _ in range(3))
         return row
@@ -391,11 +402,11 @@ def main() -> int:
         if k == layout.n_expert:  # the stops alone, nothing computed: the floor of this design
             modes.append((FLOOR, hot))
         if k == ks[0] and device == "cuda":  # what the per-layer persistent hot graphs save; cold on the GPU
-            modes += [(f"llamahot K={k}{CALL_GRAPHS}", hot), (f"llamahot K={k}{COLD_ON_DEVICE}", hot)]
+            modes += [(f"llamahot K={k}{CALL_GRAPHS}", hot)] + [(cold_on_device_name(k, s), hot) for s in COLD_SHARES]
         for rep in range(args.reps):
             for name, llm in modes[rep % len(modes):] + modes[: rep % len(modes)]:
                 hot.hot_cache.set_debug(skip_compute=name == FLOOR, call_graphs=name.endswith(CALL_GRAPHS))
-                hot.hot_cache.set_cold_on_device(0.5 if name.endswith(COLD_ON_DEVICE) else 0.0)
+                hot.hot_cache.set_cold_on_device(cold_share_of(name))
                 record(name, measure(llm, name))
             hot.hot_cache.set_debug()
             hot.hot_cache.set_cold_on_device(0.0)
