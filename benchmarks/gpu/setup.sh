@@ -6,10 +6,10 @@
 #
 # Carried folders (named in the device call's `carry`):
 #   .whl/                       cffi, pycparser, diskcache, gguf wheels for Python 3.12
-#   carry/llama-cuda/*.part-*   a llama_cpp package built here before: reused, no build; else
+#   carry/llama-cuda/*.part-*   a llama_cpp package built here before (tar.xz in parts): reused, no build; else
 #   carry/sdist/*-trim.tar.gz   the trimmed sdist (../shared/tools/trim-llama-sdist.sh), built here
 #                               for sm_90 (~3.5 min on 16 cores); the package then goes to
-#                               OUT_DIR/llama-cuda/ in 15 MiB parts (~42 MiB), to carry next time.
+#                               OUT_DIR/llama-cuda/ in 15 MiB parts (~41 MiB), to carry next time.
 set -eo pipefail
 out_dir=${1:?usage: bash benchmarks/gpu/setup.sh OUT_DIR}
 SITE=/tmp/site
@@ -17,8 +17,10 @@ mkdir -p "$SITE" "$out_dir"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
 export PYTHONPATH=$SITE
 have_llama() { (cd /tmp && python3 -c "import llama_cpp; assert llama_cpp.llama_supports_gpu_offload()") 2>/dev/null; }
-if ls carry/llama-cuda/llama_cpp-cuda.tar.gz.part-* >/dev/null 2>&1; then
-    cat carry/llama-cuda/llama_cpp-cuda.tar.gz.part-* | tar xzf - -C "$SITE"
+# xz, not gzip: the build is 41 MB instead of 44, which leaves room in a device call's 64 MiB.
+unxz() { python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)"; }
+if ls carry/llama-cuda/llama_cpp-cuda.tar.xz.part-* >/dev/null 2>&1; then
+    cat carry/llama-cuda/llama_cpp-cuda.tar.xz.part-* | unxz | tar xf - -C "$SITE"
     have_llama && echo "setup: reusing the carried CUDA build of llama_cpp"
 fi
 if ! have_llama; then
@@ -37,7 +39,8 @@ if ! have_llama; then
         [ -n "$real" ] && cmp -s "$f" "$real" && ln -sf "$real" "$f"; done; true)
     find "$SITE/llama_cpp" -name __pycache__ -prune -exec rm -rf {} +
     mkdir -p "$out_dir/llama-cuda"
-    (cd "$SITE" && tar czf - llama_cpp) | split -b 15M - "$out_dir/llama-cuda/llama_cpp-cuda.tar.gz.part-"
+    (cd "$SITE" && tar cf - llama_cpp) | python3 -c "import lzma, shutil, sys
+with lzma.open(sys.stdout.buffer, 'w', preset=6) as out: shutil.copyfileobj(sys.stdin.buffer, out)" | split -b 15M - "$out_dir/llama-cuda/llama_cpp-cuda.tar.xz.part-"
 fi
 # llamahot's shim, compiled in place next to its sources.
 python3 setup.py -q build_ext --inplace > /tmp/llamahot-build.log 2>&1 || { cat /tmp/llamahot-build.log; exit 1; }
