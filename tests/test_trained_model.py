@@ -62,3 +62,32 @@ def test_its_routing_is_skewed_and_local_in_time():
     uniform_reuse = 4 / 32
     assert reuse(trace, 1).mean() > 2 * uniform_reuse
     assert experts_covering(trace, 0.9).mean() < 0.8
+
+
+def test_its_chat_template_is_the_synthetic_models_chatml():
+    """training/train_moe.py keeps its own copy (it must not import llamahot, see there): the same."""
+    import ast
+
+    from llamahot.synth import CHAT_TEMPLATE
+
+    tree = ast.parse((REPO / "training" / "train_moe.py").read_text())
+    trained = [ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+               and getattr(node.targets[0], "id", None) == "CHAT_TEMPLATE"]
+    assert trained == [CHAT_TEMPLATE]
+    llm = llama_cpp.Llama(str(MODEL), verbose=False, n_ctx=64)
+    assert llm.metadata["tokenizer.chat_template"] == CHAT_TEMPLATE
+    llm.close()
+
+
+def test_check_gguf_scores_it_in_bits_per_byte(capsys):
+    """training/check_gguf.py, which compares a trained model with the embedded one."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(REPO / "training"))
+    import check_gguf
+
+    assert check_gguf.main([str(MODEL), "--heldout", str(REPO / "benchmarks" / "data" / "heldout_code.txt")]) == 0
+    bpb = json.loads(capsys.readouterr().out.splitlines()[-1])["heldout_bits_per_byte"]
+    # Recorded in models/README.md: 1.723 (a uniform guess over 4096 tokens would be ~3.4).
+    assert abs(bpb - 1.723) < 0.01

@@ -26,8 +26,5 @@ if ls carry/stdlib/*.tar.xz > /dev/null 2>&1; then
 fi
 python3 training/train_moe.py --device cuda --minutes "$minutes" --batch 64 "${data[@]}" \
     --out "$out/train/llamahot-code-moe.gguf" 2>&1 | grep -v '"step"' | tee "$out/train.log" | tail -20
-python3 -c "
-import sys; sys.path.insert(0, 'training'); from pathlib import Path; import train_moe
-text = Path('benchmarks/data/heldout_code.txt').read_text()
-print('committed model, held-out bits/byte:', round(train_moe.bits_per_byte(Path('models/llamahot-code-moe.gguf'), text), 4))
-" 2>&1 | tail -1 | tee -a "$out/train.log"
+echo "committed model: $(python3 training/check_gguf.py models/llamahot-code-moe.gguf 2>&1 | tail -1)" \
+    | tee -a "$out/train.log"

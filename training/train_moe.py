@@ -12,8 +12,9 @@ llama.cpp's "gpt2" vocabulary with pre-tokenizer "qwen2". Needs torch, tokenizer
 (`pip install -e '.[train]'`). Training runs for a wall-clock budget (`--minutes`), the learning
 rate schedule follows the elapsed fraction of it, so the same script fits any machine.
 
-After export the script checks the file with llama.cpp: its tokenizer gives the same ids as the
-trained one, and its logits agree with torch's; then it prints a greedy and a sampled continuation.
+After export the script checks the file with llama.cpp (training/check_gguf.py, in a process of its
+own): its tokenizer gives the same ids as the trained one, its logits agree with torch's, and its
+held-out bits per byte.
 """
 from __future__ import annotations
 
@@ -25,11 +26,9 @@ import random
 import sys
 import sysconfig
 import time
+import subprocess
 from pathlib import Path
 
-# llama_cpp before gguf and torch: on the GPU machine, llama's model load in the export check crashed
-# (llama_model::print_info) when gguf or torch's environment came first (docs/NOTES.md).
-import llama_cpp  # noqa: I001
 import gguf
 import numpy as np
 import torch
@@ -37,7 +36,14 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QType
 from torch import nn
 
-from llamahot.synth import CHAT_TEMPLATE  # ChatML, as the synthetic models
+# ChatML, as llamahot.synth.CHAT_TEMPLATE (tests/test_trained_model.py compares them). Not imported:
+# importing llamahot loads llama_cpp, which must not share a process with torch (check_gguf.py).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 # Modules kept out of training; benchmarks/data/heldout_code.txt is their text, in this order.
 HELD_OUT = ("textwrap.py", "fractions.py", "heapq.py", "shlex.py")
@@ -380,39 +386,21 @@ def export_gguf(model: MoELM, tok, path: Path, name: str) -> None:
     w.close()
 
 
-def bits_per_byte(path: Path, text: str, n_tokens: int = 1024) -> float:
-    """Held-out cross-entropy of a GGUF by llama.cpp, in bits per byte of text (comparable across
-    tokenizers): the first `n_tokens` tokens of `text`, each predicted from the ones before it."""
-    llm = llama_cpp.Llama(str(path), n_ctx=n_tokens + 16, n_batch=n_tokens, logits_all=True, verbose=False)
-    ids = llm.tokenize(text.encode(), add_bos=False, special=False)[:n_tokens]
-    llm.eval(ids)
-    logits = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
-    logp = logits - logits.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    nats = -logp[np.arange(len(ids) - 1), ids[1:]].sum()
-    n_bytes = len(llm.detokenize(ids[1:]))
-    llm.close()
-    return float(nats / math.log(2) / n_bytes)
-
-
-def check_with_llama_cpp(model: MoELM, tok, path: Path, text: str, heldout_text: str) -> dict:
-    """The exported file in stock llama.cpp: same token ids, logits close to torch's."""
-    llm = llama_cpp.Llama(str(path), n_ctx=512, logits_all=True, verbose=False, seed=0)
-    ids_hf = tok.encode(text).ids
-    ids_cpp = llm.tokenize(text.encode(), add_bos=False, special=False)
-    same_ids = ids_hf == ids_cpp
-    prompt = ids_hf[:256]
-    llm.eval(prompt)
-    cpp_logits = np.asarray(llm.scores[:len(prompt)], dtype=np.float32)
+def check_with_llama_cpp(model: MoELM, tok, path: Path, text: str, heldout: Path) -> dict:
+    """The exported file in stock llama.cpp (training/check_gguf.py, in a process without torch): the
+    same token ids as the trained tokenizer, logits close to torch's, held-out bits per byte."""
+    ids = tok.encode(text).ids
+    prompt = ids[:256]
     with torch.no_grad():
         ref, _ = model.cpu().float()(torch.tensor([prompt]))
-    ref = ref[0].numpy()
-    diff = float(np.abs(cpp_logits - ref).max())
-    agree = float((cpp_logits.argmax(-1) == ref.argmax(-1)).mean())
-    llm.close()
-    return {"tokenizer_ids_identical": same_ids, "tokens_compared": len(ids_hf),
-            "max_abs_logit_diff": diff, "argmax_agreement": agree,
-            "heldout_bits_per_byte": round(bits_per_byte(path, heldout_text), 4)}
+    reference = path.with_suffix(".reference.npz")
+    np.savez(reference, ids=np.array(ids, dtype=np.int64), n_chars=len(text), logits=ref[0].numpy())
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("check_gguf.py")), str(path),
+                           "--reference", str(reference), "--heldout", str(heldout)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"training/check_gguf.py failed (rc {done.returncode}):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -476,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     torch.save({"config": dataclasses.asdict(cfg), "model": model.state_dict(), "tokenizer": tok.to_str()},
                args.out.with_suffix(".pt"))
-    check = summary["check"] = check_with_llama_cpp(model, tok, args.out, heldout_text[:6000], heldout_text)
+    check = summary["check"] = check_with_llama_cpp(model, tok, args.out, heldout_text[:6000], args.heldout)
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({"out": str(args.out), "MiB": round(args.out.stat().st_size / 2**20, 2), **check}), flush=True)
     return 0
