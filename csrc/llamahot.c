@@ -148,6 +148,10 @@ struct lh_ctx {
     int32_t n_threads;             /* CPU threads for the shim's own graphs */
     int32_t * slot_of_expert;      /* [n_moe_layers][n_expert], -1 = cold */
     int32_t * expert_of_slot;      /* [n_moe_layers][n_slots], -1 = empty */
+    /* Asynchronous slot loads (lh_set_fence): per layer, the loader's fence for copies into its
+     * slots that may still be in flight (NULL: none), waited for once before its slots are read. */
+    void ** fences;                /* [n_moe_layers] */
+    int32_t (*wait_fence)(void * fence);
     ggml_backend_t cpu;            /* cold experts (and hot ones for host slots) */
     ggml_backend_t gpu;            /* hot experts for GPU slots */
     struct lh_scratch host_scratch;
@@ -255,7 +259,8 @@ struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t
     ctx->last_routed = calloc((size_t) n_moe_layers * (size_t) n_expert, sizeof(int64_t));
     ctx->slot_of_expert = malloc(sizeof(int32_t) * (size_t) n_moe_layers * (size_t) n_expert);
     ctx->ffn_mode = calloc((size_t) n_moe_layers, sizeof(int8_t));
-    if (!ctx->ffn_mode || !ctx->last_routed || !ctx->blk_to_moe || !ctx->table || !ctx->layers || !ctx->counts || !ctx->hits || !ctx->misses ||
+    ctx->fences = calloc((size_t) n_moe_layers, sizeof(void *));
+    if (!ctx->ffn_mode || !ctx->fences || !ctx->last_routed || !ctx->blk_to_moe || !ctx->table || !ctx->layers || !ctx->counts || !ctx->hits || !ctx->misses ||
         !ctx->slot_of_expert) {
         lh_ctx_free(ctx);
         return NULL;
@@ -306,6 +311,7 @@ void lh_ctx_free(struct lh_ctx * ctx) {
         lh_miss_scratch_free(&ctx->miss_scratch[i]);
     }
     free(ctx->ffn_mode);
+    free(ctx->fences);
     if (ctx->gpu) {
         ggml_backend_free(ctx->gpu);
     }
@@ -652,6 +658,7 @@ static void lh_slots_free(struct lh_ctx * ctx) {
     free(ctx->expert_of_slot);
     ctx->expert_of_slot = NULL;
     ctx->n_slots = 0;
+    memset(ctx->fences, 0, sizeof(void *) * (size_t) ctx->n_moe_layers);  /* the loader waited for its copies */
 }
 
 int32_t lh_slots_resize(struct lh_ctx * ctx, int32_t n_slots) {
@@ -797,6 +804,34 @@ int32_t lh_slot_unpublish(struct lh_ctx * ctx, int32_t layer, int32_t slot) {
 }
 
 /* ---- compact recomputation of one node ---------------------------------------------------- */
+
+void lh_set_fence_waiter(struct lh_ctx * ctx, int32_t (*wait)(void * fence)) {
+    ctx->wait_fence = wait;
+}
+
+int32_t lh_set_fence(struct lh_ctx * ctx, int32_t layer, void * fence) {
+    if (layer < 0 || layer >= ctx->n_moe_layers || (fence != NULL && ctx->wait_fence == NULL)) {
+        lh_error(ctx, "bad fence for layer %d (set a waiter first: lh_set_fence_waiter)", layer);
+        return -1;
+    }
+    ctx->fences[layer] = fence;
+    return 0;
+}
+
+/* Before a layer's slots are read: wait for the copies into them that may still be in flight. */
+static bool lh_wait_fence(struct lh_ctx * ctx, int32_t layer) {
+    void * fence = ctx->fences[layer];
+    if (fence == NULL) {
+        return true;
+    }
+    const int32_t rc = ctx->wait_fence(fence);
+    if (rc != 0) {
+        lh_error(ctx, "waiting for the copies into layer %d's slots failed (error %d)", layer, rc);
+        return false;
+    }
+    ctx->fences[layer] = NULL;
+    return true;
+}
 
 static bool lh_grow(void ** p, size_t * cap, size_t need, size_t elem) {
     if (need <= *cap) {
@@ -982,7 +1017,7 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
     struct ggml_tensor * slots = ctx->layers[layer].slot[proj];
 
     int64_t n_hot, n_cold;
-    if (!lh_split_entries(ctx, ids, layer, slots != NULL, &n_hot, &n_cold)) {
+    if (!lh_split_entries(ctx, ids, layer, slots != NULL, &n_hot, &n_cold) || (n_hot > 0 && !lh_wait_fence(ctx, layer))) {
         return false;
     }
 
@@ -1437,7 +1472,7 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
     const bool has_slots = ctx->layers[f->layer].slot[LH_PROJ_DOWN] != NULL;
 
     int64_t n_hot, n_cold;
-    if (!lh_split_entries(ctx, ids, f->layer, has_slots, &n_hot, &n_cold)) {
+    if (!lh_split_entries(ctx, ids, f->layer, has_slots, &n_hot, &n_cold) || (n_hot > 0 && !lh_wait_fence(ctx, f->layer))) {
         return false;
     }
 
@@ -1698,13 +1733,15 @@ static void lh_redirect(struct lh_ctx * ctx, struct ggml_tensor * t, int32_t lay
     if (ctx->debug_flags & LH_DEBUG_POISON) {
         lh_poison(t);
     }
+    ctx->error[0] = '\0';
     if (ctx->debug_flags & LH_DEBUG_SKIP_COMPUTE) {
         ctx->counters.ffn_redirects += ffn != NULL;
     } else if (ffn ? lh_compute_ffn(ctx, ffn, (char *) t->data) : lh_compute_node(ctx, t, layer, proj, (char *) t->data)) {
         ctx->counters.redirected_nodes += ffn ? lh_layer_weight_count(ctx, layer) : 1;
         ctx->counters.ffn_redirects += ffn != NULL;
     } else {
-        fprintf(stderr, "llamahot: could not compute %s (out of memory?); its output is invalid\n", t->name);
+        fprintf(stderr, "llamahot: could not compute %s (%s); its output is invalid\n", t->name,
+                ctx->error[0] ? ctx->error : "out of memory?");
     }
     ctx->counters.redirect_ns += lh_now_ns() - start;
 }

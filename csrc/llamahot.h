@@ -130,10 +130,16 @@ int32_t lh_expert_slab(const struct lh_ctx * ctx, int32_t layer, int32_t proj, i
 int32_t lh_slot_slab(const struct lh_ctx * ctx, int32_t layer, int32_t proj, int32_t slot, void ** dst, size_t * nbytes);
 /* Copy an expert into a slot now (all projections), synchronously. The slot must be unpublished. */
 int32_t lh_slot_load(struct lh_ctx * ctx, int32_t layer, int32_t slot, int32_t expert);
-/* A slot serves its expert only while published: publish after its copy completed, unpublish before
- * overwriting it. */
+/* A slot serves its expert only while published: publish after its copy completed (or, with a fence,
+ * once it was issued), unpublish before overwriting it. */
 int32_t lh_slot_publish(struct lh_ctx * ctx, int32_t layer, int32_t slot, int32_t expert);
 int32_t lh_slot_unpublish(struct lh_ctx * ctx, int32_t layer, int32_t slot);
+/* Asynchronous loads: publish a slot as soon as its copy is issued and give its layer a fence (e.g.
+ * a CUDA event recorded after the layer's copies; it replaces the layer's previous one). Before the
+ * layer's slots are next read, the shim calls wait(fence) once (0: the copies completed); if wait
+ * fails, the stop fails. The waiter is set first; a NULL fence clears the layer's. */
+void lh_set_fence_waiter(struct lh_ctx * ctx, int32_t (*wait)(void * fence));
+int32_t lh_set_fence(struct lh_ctx * ctx, int32_t layer, void * fence);
 
 void lh_set_debug(struct lh_ctx * ctx, int32_t flags);
 

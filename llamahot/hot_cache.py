@@ -196,7 +196,7 @@ class HotCache:
         if self.hot_experts:
             # Per eval only what must happen per eval; policy work waits for the rebalance.
             if self.slots.stats.pending:
-                self.slots.publish_completed()
+                self.slots.update_pending()
             self._tokens_since_rebalance += n_tokens
             # The first fill follows the prompt's routing; then one rebalance per interval.
             if not self._filled or self._tokens_since_rebalance >= self.rebalance_interval:

@@ -3,8 +3,9 @@
 The shim owns the slot tensors and the published maps; this module decides which slot gets which
 expert and moves the bytes. Host slots are filled with a synchronous copy inside the shim. CUDA
 slots are filled with cuda-python `cudaMemcpyAsync` on a dedicated copy stream, one event per
-rebalance; a slot is unpublished before its copy is issued and published when its event completed.
-The emulated GPU of the tests takes the same asynchronous path, with memmove for the copies.
+rebalance: a slot is unpublished before its copy is issued and published right after, with a fence
+for its layer (a CUDA event) that the shim waits for before it next reads that layer's slots. The
+emulated GPU of the tests takes the same path, its copies landing only when the shim waits.
 """
 from __future__ import annotations
 
@@ -70,9 +71,11 @@ class TransferStats:
 
 
 class _CudaCopies:
-    """Asynchronous host->device copies on a dedicated stream, with one event per batch."""
+    """Asynchronous host->device copies on a dedicated stream. After each layer's copies an event of
+    that layer is recorded: the fence the shim waits for (the driver's cuEventSynchronize) before it
+    next reads the layer's slots, so a slot serves from the first stop after its copy landed."""
 
-    def __init__(self):
+    def __init__(self, n_layers: int):
         try:
             from cuda.bindings import runtime as cudart
         except ImportError as exc:  # pragma: no cover - depends on the machine
@@ -83,7 +86,17 @@ class _CudaCopies:
         self.rt = cudart
         err, self.stream = cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking)
         self._check(err, "cudaStreamCreateWithFlags")
-        self.batches: list[tuple[object, list[tuple[int, int, int]]]] = []  # (event, [(layer, slot, expert)])
+        self.events, self.handles = [], []
+        for _ in range(n_layers):
+            err, event = cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming)
+            self._check(err, "cudaEventCreateWithFlags")
+            self.events.append(event)
+            self.handles.append(ctypes.c_void_p.from_address(event.getPtr()).value)  # the cudaEvent_t itself
+        # CUDA events are driver events (cudaEvent_t is CUevent), so the shim can wait with the driver.
+        driver = ctypes.CDLL("libcuda.so.1")
+        self.waiter = ffi.cast("int32_t (*)(void *)", ctypes.cast(driver.cuEventSynchronize, ctypes.c_void_p).value)
+        self.last_fence = None   # the latest event recorded; once it completed, every copy did
+        self.loads_in_flight = 0
 
     def _check(self, err, what: str) -> None:
         if err == self.rt.cudaError_t.cudaErrorInsufficientDriver:
@@ -99,72 +112,81 @@ class _CudaCopies:
         (err,) = self.rt.cudaMemcpyAsync(dst, src, nbytes, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream)
         self._check(err, "cudaMemcpyAsync")
 
-    def close_batch(self, publications: list[tuple[int, int, int]]) -> None:
-        err, event = self.rt.cudaEventCreateWithFlags(self.rt.cudaEventDisableTiming)
-        self._check(err, "cudaEventCreateWithFlags")
+    def fence(self, layer: int, n_loads: int) -> int:
+        """After the copies of `n_loads` experts into `layer`'s slots: its fence (an event on the copy stream)."""
+        event = self.events[layer]
         (err,) = self.rt.cudaEventRecord(event, self.stream)
         self._check(err, "cudaEventRecord")
-        self.batches.append((event, publications))
+        self.loads_in_flight = self.in_flight() + n_loads
+        self.last_fence = event
+        return self.handles[layer]
 
-    def completed(self) -> list[tuple[int, int, int]]:
-        """Publications whose copies finished, in issue order; never waits."""
-        done = []
-        while self.batches:
-            event, publications = self.batches[0]
-            (err,) = self.rt.cudaEventQuery(event)
-            if err == self.rt.cudaError_t.cudaErrorNotReady:
-                break
-            self._check(err, "cudaEventQuery")
-            self.rt.cudaEventDestroy(event)
-            self.batches.pop(0)
-            done.extend(publications)
-        return done
+    def in_flight(self) -> int:
+        """Loads whose copies may still be running (0 once the last fence completed); never waits."""
+        if self.last_fence is not None and self.rt.cudaEventQuery(self.last_fence)[0] != \
+                self.rt.cudaError_t.cudaErrorNotReady:
+            self.last_fence, self.loads_in_flight = None, 0
+        return self.loads_in_flight
 
     def close(self) -> None:
         self.rt.cudaStreamSynchronize(self.stream)
-        for event, _ in self.batches:
+        for event in self.events:
             self.rt.cudaEventDestroy(event)
-        self.batches.clear()
+        self.events.clear()
         self.rt.cudaStreamDestroy(self.stream)
 
 
 class _HostCopies:
-    """The emulated GPU's copies (tests): the same batches and publication as CUDA's, with memmove
-    into the emulated device's host buffers. A batch counts as finished at the next `completed()`,
-    like a DMA that is done by the next token, so the in-flight path runs in CI too."""
+    """The emulated GPU's copies (tests): the CUDA path's fences, with memmove into the emulated
+    device's host buffers. A copy lands only when the shim waits for its layer's fence (or at close):
+    a slot read before its wait would hold the previous expert's bytes, and the logits would show it."""
 
-    def __init__(self):
-        self.batches: list[list[tuple[int, int, int]]] = []
+    def __init__(self, n_layers: int):
+        self.issued: list[tuple[int, int, int]] = []     # copies of the layer being loaded
+        self.queued: list[list[tuple[int, int, int]]] = [[] for _ in range(n_layers)]  # per layer, in issue order
+        self.queued_loads = [0] * n_layers
+        self.waits = 0
+        self.waiter = ffi.callback("int32_t (*)(void *)", self._wait)
+
+    def _wait(self, fence) -> int:
+        layer = int(ffi.cast("uintptr_t", fence)) - 1
+        for dst, src, nbytes in self.queued[layer]:
+            ctypes.memmove(dst, src, nbytes)
+        self.queued[layer].clear()
+        self.queued_loads[layer] = 0
+        self.waits += 1
+        return 0
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
-        ctypes.memmove(dst, src, nbytes)
+        self.issued.append((dst, src, nbytes))
 
-    def close_batch(self, publications: list[tuple[int, int, int]]) -> None:
-        self.batches.append(publications)
+    def fence(self, layer: int, n_loads: int) -> int:
+        self.queued[layer] += self.issued
+        self.queued_loads[layer] += n_loads
+        self.issued = []
+        return layer + 1   # any non-NULL value names the layer
 
-    def completed(self) -> list[tuple[int, int, int]]:
-        done = [p for batch in self.batches for p in batch]
-        self.batches.clear()
-        return done
+    def in_flight(self) -> int:
+        return sum(self.queued_loads)
 
     def close(self) -> None:
-        self.batches.clear()
+        for layer in range(len(self.queued)):
+            self._wait(ffi.cast("void *", layer + 1))
 
 
-def plan_loads(desired: np.ndarray, expert_of_slot: np.ndarray, incoming: np.ndarray,
+def plan_loads(desired: np.ndarray, expert_of_slot: np.ndarray,
                resident: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The copies that make the slots hold `desired`, all layers at once: (layers, slots, experts).
+    """The copies that make the slots hold `desired`, all layers at once: (layers, slots, experts),
+    layer by layer.
 
     In each layer, the wanted newcomers (desired, not resident; in expert order) go into the free
-    slots (empty, or holding an expert that `desired` drops; never one being filled; in slot order),
-    as many as both allow.
+    slots (empty, or holding an expert that `desired` drops; in slot order), as many as both allow.
     """
     n_layers, _ = expert_of_slot.shape
     rows = np.arange(n_layers)[:, None]
     wanted = desired & ~resident
-    dropped = resident & ~desired
     held = expert_of_slot >= 0
-    free = (incoming < 0) & (~held | dropped[rows, np.where(held, expert_of_slot, 0)])
+    free = ~held | (resident & ~desired)[rows, np.where(held, expert_of_slot, 0)]
     n = np.minimum(free.sum(axis=1), wanted.sum(axis=1))[:, None]
     # np.nonzero walks row by row, so the k-th free slot of a layer pairs with its k-th newcomer.
     layers, slots = np.nonzero(free & (np.cumsum(free, axis=1) <= n))
@@ -188,12 +210,16 @@ class SlotManager:
         n = self.n_layers * max(self.n_slots, 1)
         self.expert_of_slot = np.frombuffer(ffi.buffer(lib.lh_expert_of_slot(self.ctx), n * 4), dtype=np.int32)
         self.expert_of_slot = self.expert_of_slot[: self.n_layers * self.n_slots].reshape(self.n_layers, self.n_slots)
-        # Slots whose copy is in flight: not published yet, but no longer free.
-        self.incoming = np.full((self.n_layers, self.n_slots), -1, dtype=np.int32)
         self.copies = None
         if self.n_slots > 0 and self.kind in ("cuda", "emulated-gpu"):
-            self.copies = _CudaCopies() if self.kind == "cuda" else _HostCopies()
+            self.use_copies(_CudaCopies(self.n_layers) if self.kind == "cuda" else _HostCopies(self.n_layers))
         self._address_tables()
+
+    def use_copies(self, copies) -> None:
+        """Asynchronous loads through `copies` (copy, fence, in_flight, close; its `waiter` is what
+        the shim calls with a layer's fence before reading the layer's slots)."""
+        self.copies = copies
+        lib.lh_set_fence_waiter(self.ctx, copies.waiter)
 
     def _address_tables(self) -> None:
         """Bytes of each layer's expert matrices and, with asynchronous copies, where each expert's
@@ -223,60 +249,65 @@ class SlotManager:
                                            f"matrix, its experts {int(self.nbytes[layer, i])}")
 
     def resident(self) -> np.ndarray:
-        """bool [n_layers, n_expert]: experts in a slot or on their way to one."""
+        """bool [n_layers, n_expert]: experts in a slot (published; with asynchronous copies
+        possibly still landing)."""
         mask = np.zeros((self.n_layers, self.n_expert), dtype=bool)
-        for occupant in (self.expert_of_slot, self.incoming):
-            layers, slots = np.nonzero(occupant >= 0)
-            mask[layers, occupant[layers, slots]] = True
+        layers, slots = np.nonzero(self.expert_of_slot >= 0)
+        mask[layers, self.expert_of_slot[layers, slots]] = True
         return mask
 
     def occupied(self) -> int:
         return int((self.expert_of_slot >= 0).sum())
 
     def apply(self, desired: np.ndarray) -> None:
-        """Issue the copies that make the slots hold `desired`; returns without waiting for them."""
+        """Issue the copies that make the slots hold `desired`; returns without waiting for them.
+
+        Host slots: each copy is made now, then its slot published. Asynchronous copies: a slot is
+        published as soon as its copy is issued, and its layer gets a fence the shim waits for
+        before next reading that layer's slots (copies run while the GPU and CPU decode)."""
         if self.n_slots == 0:
             return
         start = time.perf_counter()
-        self.publish_completed()
-        layers, slots, experts = plan_loads(desired, self.expert_of_slot, self.incoming, self.resident())
+        layers, slots, experts = plan_loads(desired, self.expert_of_slot, self.resident())
         loads = list(zip(layers.tolist(), slots.tolist(), experts.tolist()))
         for layer, slot, _ in loads:
             self._check(lib.lh_slot_unpublish(self.ctx, layer, slot))
-        if self.copies is None:  # host slots: a synchronous copy in the shim, published at once
+        if self.copies is None:
             for layer, slot, expert in loads:
                 self._check(lib.lh_slot_load(self.ctx, layer, slot, expert))
-                self._check(lib.lh_slot_publish(self.ctx, layer, slot, expert))
         elif loads:
-            # Every matrix of every load: [n_proj, n_loads] addresses, then one copy call each.
-            src = self.src[layers, :, experts].T
-            dst = self.dst[layers, :, slots].T
-            nbytes = np.broadcast_to(self.nbytes[layers].T, src.shape)
-            for d, s, nb in zip(dst.ravel().tolist(), src.ravel().tolist(), nbytes.ravel().tolist()):
-                self.copies.copy(d, s, nb)
-            self.copies.close_batch(loads)
-            self.incoming[layers, slots] = experts
+            # Per load, its matrices' addresses ([n_loads, n_proj]); copies issued layer by layer.
+            src, dst = self.src[layers, :, experts].tolist(), self.dst[layers, :, slots].tolist()
+            nbytes = self.nbytes[layers].tolist()
+            for i, (layer, _, _) in enumerate(loads):
+                for d, s, nb in zip(dst[i], src[i], nbytes[i]):
+                    self.copies.copy(d, s, nb)
+                if i + 1 == len(loads) or loads[i + 1][0] != layer:  # the layer's last load
+                    n_loads = sum(1 for load in loads if load[0] == layer)
+                    fence = self.copies.fence(layer, n_loads)
+                    self._check(lib.lh_set_fence(self.ctx, layer, ffi.cast("void *", fence)))
+        for layer, slot, expert in loads:
+            self._check(lib.lh_slot_publish(self.ctx, layer, slot, expert))
         self.stats.bytes_moved += int(self.nbytes[layers].sum())
         self.stats.experts_loaded += len(loads)
         self.stats.rebalances += 1
         self.stats.last_rebalance_ms = (time.perf_counter() - start) * 1e3
         self.stats.max_rebalance_ms = max(self.stats.max_rebalance_ms, self.stats.last_rebalance_ms)
-        self.stats.pending = int((self.incoming >= 0).sum())
+        self.update_pending()
 
-    def publish_completed(self) -> None:
-        """Publish slots whose copies finished (CUDA); cheap, never waits."""
-        if self.copies is None:
-            return
-        for layer, slot, expert in self.copies.completed():
-            self.incoming[layer, slot] = -1
-            self._check(lib.lh_slot_publish(self.ctx, layer, slot, expert))
-        self.stats.pending = int((self.incoming >= 0).sum())
+    def update_pending(self) -> None:
+        """stats.pending: loads whose copies may still be landing (cheap, never waits)."""
+        self.stats.pending = self.copies.in_flight() if self.copies is not None else 0
 
     def _check(self, rc: int) -> None:
         if rc != 0:
             raise RuntimeError(f"llamahot: {ffi.string(lib.lh_last_error(self.ctx)).decode()}")
 
     def close(self) -> None:
+        """Wait for the copies in flight and drop the fences (their events go with the copies)."""
         if self.copies is not None:
             self.copies.close()
+            for layer in range(self.n_layers):
+                lib.lh_set_fence(self.ctx, layer, ffi.NULL)
+            lib.lh_set_fence_waiter(self.ctx, ffi.NULL)
             self.copies = None

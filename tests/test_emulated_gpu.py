@@ -131,55 +131,34 @@ def test_device_slots_resize_and_shadow(text_model):
     assert_bit_identical(reference_logits(text_model)[: len(llm.tokenize(PROMPT)) + 16], greedy(llm, steps=16))
 
 
-class LateCopies:
-    """Stands in for the CUDA copy stream: bytes land only when a batch is reported complete, a few
-    polls after it was issued, so a slot published before its copy completed would serve stale bytes."""
+def test_a_stop_waits_for_its_layers_copies(moe_model):
+    """Asynchronous loads (what cudaMemcpyAsync and events drive on the GPU): a slot is published as
+    soon as its copy is issued, with a fence for its layer. The emulated copies land only when the
+    shim waits for that fence, so a stop that read a slot before waiting would compute with another
+    expert's bytes; and a waiter that lands nothing changes the logits (the control)."""
+    from llamahot.slots import _HostCopies
 
-    def __init__(self, polls_until_done: int = 3):
-        import ctypes
-
-        self.memmove = ctypes.memmove
-        self.polls_until_done = polls_until_done
-        self.pending_copies: list[tuple[int, int, int]] = []
-        self.batches: list[list] = []  # [polls left, copies, publications]
-        self.max_in_flight = 0
-
-    def copy(self, dst: int, src: int, nbytes: int) -> None:
-        self.pending_copies.append((dst, src, nbytes))
-
-    def close_batch(self, publications):
-        self.batches.append([self.polls_until_done, self.pending_copies, list(publications)])
-        self.pending_copies = []
-        self.max_in_flight = max(self.max_in_flight, sum(len(b[2]) for b in self.batches))
-
-    def completed(self):
-        done = []
-        for batch in self.batches:
-            batch[0] -= 1
-        while self.batches and self.batches[0][0] <= 0:
-            _, copies, publications = self.batches.pop(0)
-            for dst, src, nbytes in copies:
-                self.memmove(dst, src, nbytes)
-            done.extend(publications)
-        return done
-
-    def close(self) -> None:
-        while self.batches:
-            self.completed()
-
-
-def test_slots_serve_only_after_their_copies_completed(moe_model):
-    """The asynchronous transfer logic (what cudaMemcpyAsync + events drive on the GPU): slots are
-    unpublished before being overwritten and published only once their copy completed."""
     layout = read_moe_layout(moe_model)
-    llm = llamahot.Llama(moe_model, hot_experts=layout.n_expert_used, rebalance_interval=8,
-                         slot_device="emulated-gpu", logits_all=True, **LLAMA_KW)
-    late = LateCopies()
-    llm.hot_cache.slots.copies = late
+    kw = dict(hot_experts=layout.n_expert_used, rebalance_interval=8, slot_device="emulated-gpu", logits_all=True)
+    llm = llamahot.Llama(moe_model, **kw, **LLAMA_KW)
     llm.hot_cache.set_debug(poison=True)
     loading = []
     got = greedy(llm, steps=STEPS, after_each=lambda l: loading.append(l.hot_cache.stats()["slots_loading"]))
     assert_bit_identical(reference_logits(moe_model), got)
-    assert late.max_in_flight > 0 and max(loading) > 0, "copies were in flight while decoding went on"
+    assert llm.hot_cache.slots.copies.waits > 0 and max(loading) > 0, "copies were queued while decoding went on"
     stats = llm.hot_cache.stats()
     assert stats["hits"] > 0 and stats["slots_occupied"] > 0
+    llm.close()
+
+    class NeverLand(_HostCopies):
+        def _wait(self, fence) -> int:
+            self.waits += 1
+            return 0
+
+    llm = llamahot.Llama(moe_model, **kw, **LLAMA_KW)
+    llm.hot_cache.slots.close()
+    llm.hot_cache.slots.use_copies(NeverLand(layout.n_moe_layers))
+    got = greedy(llm, steps=STEPS)
+    assert llm.hot_cache.slots.copies.waits > 0
+    assert (got.view(np.uint32) != reference_logits(moe_model).view(np.uint32)).any()
+    llm.close()

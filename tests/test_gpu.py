@@ -30,8 +30,10 @@ def stock_in_ram(path: str) -> StockPlaced:
     return StockPlaced(path, cpu_pattern=EXPERT_TENSOR_PATTERN, n_gpu_layers=-1, **LLAMA_KW)
 
 
-@pytest.mark.parametrize("resident,cold_on_device", [(0, 0.0), (2, 0.0), (0, 0.5)])
-def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_moe_models, resident, cold_on_device):
+# interval 1: a rebalance after every token, so copies and their fences are in flight at almost every stop.
+@pytest.mark.parametrize("resident,cold_on_device,interval", [(0, 0.0, 4), (2, 0.0, 4), (0, 0.5, 4), (0, 0.0, 1)])
+def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_moe_models, resident, cold_on_device,
+                                                                            interval):
     path = all_moe_models[TRAINED_MODEL]
     layout = read_moe_layout(path)
     stock = stock_in_ram(path)
@@ -40,7 +42,7 @@ def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_
     top2 = np.sort(stock_logits, axis=1)[:, -2:]
     assert (top2[:, 1] - top2[:, 0]).min() > 0.1, "the prompt no longer gives confident predictions"
     for k in (layout.n_expert_used, layout.n_expert // 2, layout.n_expert):
-        llm = llamahot.Llama(path, hot_experts=k, resident_layers=resident, rebalance_interval=4,
+        llm = llamahot.Llama(path, hot_experts=k, resident_layers=resident, rebalance_interval=interval,
                              slot_device="cuda", cold_on_device=cold_on_device, **LLAMA_KW)
         tokens, logits = greedy_run(llm, STEPS, prompt=CONFIDENT_PROMPT)
         stats = llm.hot_cache.stats()
