@@ -1,10 +1,10 @@
-"""Slots and transfers: turn a desired hot set into copies, and publish slots only once filled.
+"""Slots and transfers: turn a desired hot set into copies; a slot serves only once its copy landed.
 
 The shim owns the slot tensors and the published maps; this module decides which slot gets which
 expert and moves the bytes. Host slots are filled with a synchronous copy inside the shim. CUDA
-slots are filled with cuda-python `cudaMemcpyAsync` on a dedicated copy stream, one event per
-rebalance: a slot is unpublished before its copy is issued and published right after, with a fence
-for its layer (a CUDA event) that the shim waits for before it next reads that layer's slots. The
+slots are filled with cuda-python (`cudaMemcpyBatchAsync`, else `cudaMemcpyAsync`) on a dedicated copy
+stream: a slot is unpublished before its copy is issued and published right after, with a fence for
+its layer (a CUDA event) that the shim waits for before it next reads that layer's slots. The
 emulated GPU of the tests takes the same path, its copies landing only when the shim waits.
 """
 from __future__ import annotations
@@ -70,12 +70,21 @@ class TransferStats:
         self.last_rebalance_ms = self.max_rebalance_ms = self.total_rebalance_ms = 0.0
 
 
-class _CudaCopies:
-    """Asynchronous host->device copies on a dedicated stream. After each layer's copies an event of
-    that layer is recorded: the fence the shim waits for (the driver's cuEventSynchronize) before it
-    next reads the layer's slots, so a slot serves from the first stop after its copy landed."""
+def layer_groups(n_layers: int) -> np.ndarray:
+    """Group of each layer for copies: 0, 1-2, 3-6, 7-14, ... (sizes 1, 2, 4, 8, ...). A group's
+    copies are issued together and share one fence: few calls into CUDA per rebalance, while the
+    first layers, whose stops come first in a token, wait only for small groups."""
+    return np.floor(np.log2(np.arange(n_layers) + 1)).astype(np.int64)
 
-    def __init__(self, n_layers: int):
+
+class _CudaCopies:
+    """Asynchronous host->device copies on a dedicated stream, issued per group of layers (one
+    cudaMemcpyBatchAsync each where the CUDA runtime has it, else a cudaMemcpyAsync per matrix: about
+    15 us per cuda-python call, measured). After a group's copies an event of that group is recorded:
+    the fence the shim waits for (the driver's cuEventSynchronize) before it next reads the slots of
+    the group's layers, so a slot serves from the first stop after its copy landed."""
+
+    def __init__(self, n_groups: int):
         try:
             from cuda.bindings import runtime as cudart
         except ImportError as exc:  # pragma: no cover - depends on the machine
@@ -87,7 +96,7 @@ class _CudaCopies:
         err, self.stream = cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking)
         self._check(err, "cudaStreamCreateWithFlags")
         self.events, self.handles = [], []
-        for _ in range(n_layers):
+        for _ in range(n_groups):
             err, event = cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming)
             self._check(err, "cudaEventCreateWithFlags")
             self.events.append(event)
@@ -95,6 +104,11 @@ class _CudaCopies:
         # CUDA events are driver events (cudaEvent_t is CUevent), so the shim can wait with the driver.
         driver = ctypes.CDLL("libcuda.so.1")
         self.waiter = ffi.cast("int32_t (*)(void *)", ctypes.cast(driver.cuEventSynchronize, ctypes.c_void_p).value)
+        self.batch = hasattr(cudart, "cudaMemcpyBatchAsync")   # False: one cudaMemcpyAsync per matrix
+        if self.batch:
+            self.attrs = cudart.cudaMemcpyAttributes()
+            self.attrs.srcAccessOrder = cudart.cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderStream
+        self.calls = 0           # cuda-python calls issuing copies and fences (benchmarks)
         self.last_fence = None   # the latest event recorded; once it completed, every copy did
         self.loads_in_flight = 0
 
@@ -108,18 +122,26 @@ class _CudaCopies:
         if err != self.rt.cudaError_t.cudaSuccess:
             raise RuntimeError(f"llamahot: {what} failed: {err}")
 
-    def copy(self, dst: int, src: int, nbytes: int) -> None:
-        (err,) = self.rt.cudaMemcpyAsync(dst, src, nbytes, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream)
-        self._check(err, "cudaMemcpyAsync")
-
-    def fence(self, layer: int, n_loads: int) -> int:
-        """After the copies of `n_loads` experts into `layer`'s slots: its fence (an event on the copy stream)."""
-        event = self.events[layer]
+    def issue(self, group: int, dsts: list[int], srcs: list[int], sizes: list[int], n_loads: int) -> int:
+        """Copy srcs to dsts (host to device), then record the group's event; returns it (the fence)."""
+        if self.batch:
+            err = self.rt.cudaMemcpyBatchAsync(dsts, srcs, sizes, len(sizes), [self.attrs], [0], 1, self.stream)[0]
+            self.calls += 1
+            if err != self.rt.cudaError_t.cudaSuccess:  # not enqueued: the copies go one by one from now on
+                self.batch = False
+        if not self.batch:
+            for dst, src, nbytes in zip(dsts, srcs, sizes):
+                (err,) = self.rt.cudaMemcpyAsync(dst, src, nbytes, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                                                 self.stream)
+                self._check(err, "cudaMemcpyAsync")
+            self.calls += len(sizes)
+        event = self.events[group]
         (err,) = self.rt.cudaEventRecord(event, self.stream)
         self._check(err, "cudaEventRecord")
+        self.calls += 1
         self.loads_in_flight = self.in_flight() + n_loads
         self.last_fence = event
-        return self.handles[layer]
+        return self.handles[group]
 
     def in_flight(self) -> int:
         """Loads whose copies may still be running (0 once the last fence completed); never waits."""
@@ -137,41 +159,38 @@ class _CudaCopies:
 
 
 class _HostCopies:
-    """The emulated GPU's copies (tests): the CUDA path's fences, with memmove into the emulated
-    device's host buffers. A copy lands only when the shim waits for its layer's fence (or at close):
-    a slot read before its wait would hold the previous expert's bytes, and the logits would show it."""
+    """The emulated GPU's copies (tests): the CUDA path's groups and fences, with memmove into the
+    emulated device's host buffers. A copy lands only when the shim waits for its group's fence (or
+    at close): a slot read before its wait would hold another expert's bytes, and the logits show it."""
 
-    def __init__(self, n_layers: int):
-        self.issued: list[tuple[int, int, int]] = []     # copies of the layer being loaded
-        self.queued: list[list[tuple[int, int, int]]] = [[] for _ in range(n_layers)]  # per layer, in issue order
-        self.queued_loads = [0] * n_layers
+    def __init__(self, n_groups: int):
+        self.queued: list[list[tuple[int, int, int]]] = [[] for _ in range(n_groups)]  # per group, in issue order
+        self.queued_loads = [0] * n_groups
         self.waits = 0
+        self.calls = 0
         self.waiter = ffi.callback("int32_t (*)(void *)", self._wait)
 
     def _wait(self, fence) -> int:
-        layer = int(ffi.cast("uintptr_t", fence)) - 1
-        for dst, src, nbytes in self.queued[layer]:
+        group = int(ffi.cast("uintptr_t", fence)) - 1
+        for dst, src, nbytes in self.queued[group]:
             ctypes.memmove(dst, src, nbytes)
-        self.queued[layer].clear()
-        self.queued_loads[layer] = 0
+        self.queued[group].clear()
+        self.queued_loads[group] = 0
         self.waits += 1
         return 0
 
-    def copy(self, dst: int, src: int, nbytes: int) -> None:
-        self.issued.append((dst, src, nbytes))
-
-    def fence(self, layer: int, n_loads: int) -> int:
-        self.queued[layer] += self.issued
-        self.queued_loads[layer] += n_loads
-        self.issued = []
-        return layer + 1   # any non-NULL value names the layer
+    def issue(self, group: int, dsts: list[int], srcs: list[int], sizes: list[int], n_loads: int) -> int:
+        self.queued[group] += zip(dsts, srcs, sizes)
+        self.queued_loads[group] += n_loads
+        self.calls += 2
+        return group + 1   # any non-NULL value names the group
 
     def in_flight(self) -> int:
         return sum(self.queued_loads)
 
     def close(self) -> None:
-        for layer in range(len(self.queued)):
-            self._wait(ffi.cast("void *", layer + 1))
+        for group in range(len(self.queued)):
+            self._wait(ffi.cast("void *", group + 1))
 
 
 def plan_loads(desired: np.ndarray, expert_of_slot: np.ndarray,
@@ -211,13 +230,15 @@ class SlotManager:
         self.expert_of_slot = np.frombuffer(ffi.buffer(lib.lh_expert_of_slot(self.ctx), n * 4), dtype=np.int32)
         self.expert_of_slot = self.expert_of_slot[: self.n_layers * self.n_slots].reshape(self.n_layers, self.n_slots)
         self.copies = None
+        self.group_of_layer = layer_groups(self.n_layers)
         if self.n_slots > 0 and self.kind in ("cuda", "emulated-gpu"):
-            self.use_copies(_CudaCopies(self.n_layers) if self.kind == "cuda" else _HostCopies(self.n_layers))
+            n_groups = int(self.group_of_layer[-1]) + 1
+            self.use_copies(_CudaCopies(n_groups) if self.kind == "cuda" else _HostCopies(n_groups))
         self._address_tables()
 
     def use_copies(self, copies) -> None:
-        """Asynchronous loads through `copies` (copy, fence, in_flight, close; its `waiter` is what
-        the shim calls with a layer's fence before reading the layer's slots)."""
+        """Asynchronous loads through `copies` (issue, in_flight, close; its `waiter` is what the
+        shim calls with a layer's fence before reading the layer's slots)."""
         self.copies = copies
         lib.lh_set_fence_waiter(self.ctx, copies.waiter)
 
@@ -276,15 +297,14 @@ class SlotManager:
             for layer, slot, expert in loads:
                 self._check(lib.lh_slot_load(self.ctx, layer, slot, expert))
         elif loads:
-            # Per load, its matrices' addresses ([n_loads, n_proj]); copies issued layer by layer.
-            src, dst = self.src[layers, :, experts].tolist(), self.dst[layers, :, slots].tolist()
-            nbytes = self.nbytes[layers].tolist()
-            for i, (layer, _, _) in enumerate(loads):
-                for d, s, nb in zip(dst[i], src[i], nbytes[i]):
-                    self.copies.copy(d, s, nb)
-                if i + 1 == len(loads) or loads[i + 1][0] != layer:  # the layer's last load
-                    n_loads = sum(1 for load in loads if load[0] == layer)
-                    fence = self.copies.fence(layer, n_loads)
+            # Per load, its matrices' addresses ([n_loads, n_proj]); issued group by group, in layer order.
+            src, dst, nbytes = self.src[layers, :, experts], self.dst[layers, :, slots], self.nbytes[layers]
+            groups = self.group_of_layer[layers]
+            for group in np.unique(groups).tolist():
+                mine = groups == group
+                fence = self.copies.issue(group, dst[mine].ravel().tolist(), src[mine].ravel().tolist(),
+                                          nbytes[mine].ravel().tolist(), int(mine.sum()))
+                for layer in np.unique(layers[mine]).tolist():
                     self._check(lib.lh_set_fence(self.ctx, layer, ffi.cast("void *", fence)))
         for layer, slot, expert in loads:
             self._check(lib.lh_slot_publish(self.ctx, layer, slot, expert))

@@ -49,8 +49,10 @@ def static_cpu_pattern(n_layers_on_cpu: int, layout: MoELayout) -> str | None:
 
 FLOOR = "llamahot floor (all hot, stops compute nothing)"
 CALL_GRAPHS = ", hot graph built per call"
-COLD_SHARES = (0.25,)  # A/B rows at the first K: this share of the cold experts computed on the GPU
-# (session 7: 0.25 even with none, 0.5 and 0.75 slower: the copies wait longer than the CPU computes)
+# cold_on_device A/B rows at the first K (this share of the cold experts computed on the GPU): none
+# since session 7, where 0.25 tied with 0 and 0.5/0.75 were slower (benchmarks/RESULTS.md).
+COLD_SHARES: tuple[float, ...] = ()
+ONE_BY_ONE = ", slot copies one cudaMemcpyAsync each"   # A/B: without cudaMemcpyBatchAsync
 
 
 def cold_on_device_name(k: int, share: float) -> str:
@@ -404,13 +406,24 @@ def main() -> int:
             modes.append((FLOOR, hot))
         if k == ks[0] and device == "cuda":  # what the per-layer persistent hot graphs save; cold on the GPU
             modes += [(f"llamahot K={k}{CALL_GRAPHS}", hot)] + [(cold_on_device_name(k, s), hot) for s in COLD_SHARES]
+            if getattr(hot.hot_cache.slots.copies, "batch", False):
+                modes.append((f"llamahot K={k}{ONE_BY_ONE}", hot))
+        copies = hot.hot_cache.slots.copies
+        batch = getattr(copies, "batch", False)
+        results["speed"].setdefault("batched_copies", {})[str(k)] = batch
         for rep in range(args.reps):
             for name, llm in modes[rep % len(modes):] + modes[: rep % len(modes)]:
                 hot.hot_cache.set_debug(skip_compute=name == FLOOR, call_graphs=name.endswith(CALL_GRAPHS))
                 hot.hot_cache.set_cold_on_device(cold_share_of(name))
+                if batch:
+                    copies.batch = not name.endswith(ONE_BY_ONE)
                 record(name, measure(llm, name))
             hot.hot_cache.set_debug()
             hot.hot_cache.set_cold_on_device(0.0)
+            if batch:
+                copies.batch = True
+        print(f"K={k}: slot copies {'batched (cudaMemcpyBatchAsync)' if copies is not None and copies.batch else 'one by one'}",
+              flush=True)
         results["speed"].setdefault("static_for_k", {})[str(k)] = f"stock static {gpu_layers} layers"
         breakdowns[f"llamahot K={k}"] = breakdown_of(hot, skip_compute=False)
         static.close()
@@ -428,7 +441,7 @@ def main() -> int:
         hot.hot_cache.set_hot_experts(k)
         default_policy, default_interval = hot.hot_cache.policy, hot.hot_cache.rebalance_interval
         variants = [(f"every token, half-life {h}, margin 0", 1, DecayedFrequency(n_layers, n_expert, k, half_life=h, margin=0))
-                    for h in (8, 32, 128)] + [("LRU, every token", 1, LRU(n_layers, n_expert, k))]
+                    for h in (8, 32)] + [("LRU, every token", 1, LRU(n_layers, n_expert, k))]
         for label, interval, policy in variants:
             hot.hot_cache.policy, hot.hot_cache.rebalance_interval = policy, interval
             greedy_run(hot, 16)

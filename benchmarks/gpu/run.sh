@@ -2,7 +2,7 @@
 # The whole GPU suite of issue #4 in one run on a bare, offline H100 machine (benchmarks/gpu/README.md):
 # set up, synthesize a model with Qwen3-30B-A3B's shapes, GPU tests, correctness and speed.
 #
-#   bash benchmarks/gpu/run.sh OUT_DIR [--quick | --routed]
+#   bash benchmarks/gpu/run.sh OUT_DIR [--quick | --routed] [more bench.py arguments, e.g. --ks 51]
 # --quick: the 4-layer mini model (a smoke test). --routed (issue #5's win): the 30B-shaped model with
 # calibrated routing, decode teacher-forced over held-out code, K around 40 % residency.
 set -o pipefail
@@ -44,6 +44,6 @@ if [ -n "$PROBE" ]; then   # does an idle eval callback cost llama.cpp its CUDA 
 fi
 left=$(( 570 - ($(date +%s) - start) ))   # the device runs one command for at most 600 s
 echo "run: setup, tests and model ready after $(( $(date +%s) - start )) s; ${left} s left for the benchmark"
-timeout "$left" python3 benchmarks/gpu/bench.py "$model" --out "$out" --budget-s $(( left - 100 )) "${bench_args[@]}" 2>&1 \
+timeout "$left" python3 benchmarks/gpu/bench.py "$model" --out "$out" --budget-s $(( left - 100 )) "${bench_args[@]}" "${@:3}" 2>&1 \
     | grep -v "^llama_kv_cache\|^llama_context" | tee "$out/bench.log"
 echo "run: done after $(( $(date +%s) - start )) s"
