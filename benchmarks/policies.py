@@ -12,6 +12,7 @@ Random-weight models route almost uniformly, so their curves sit near K/n_expert
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import time
@@ -101,14 +102,19 @@ def main() -> None:
     name = Path(args.model).stem
     out = args.out or Path("benchmarks/results") / f"policies-{name}.json"
     trace_path = args.trace or out.with_suffix(".trace.npz")
-    if trace_path.exists():
-        trace = np.load(trace_path)["trace"][:args.tokens].astype(np.int64)
+    # The cache names the model file it was recorded from (its SHA-256): a retrained model with the
+    # same name records a new trace instead of reusing the old one's.
+    model_sha = hashlib.sha256(Path(args.model).read_bytes()).hexdigest()
+    cached = np.load(trace_path) if trace_path.exists() else None
+    if cached is not None and "model_sha256" in cached and str(cached["model_sha256"]) == model_sha \
+            and len(cached["trace"]) >= args.tokens:
+        trace = cached["trace"][:args.tokens].astype(np.int64)
     else:
         start = time.monotonic()
         trace = record_trace(args.model, args.text.read_text(), args.tokens)
         print(f"trace: {len(trace)} tokens in {time.monotonic() - start:.1f}s")
         trace_path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(trace_path, trace=trace.astype(np.uint8))
+        np.savez_compressed(trace_path, trace=trace.astype(np.uint8), model_sha256=model_sha)
     n_tokens, n_layers, n_expert = trace.shape
     stats = report(trace)
     print(f"{name}: {n_tokens} tokens of {args.text.name}, {n_layers} MoE layers x {n_expert} experts, "

@@ -79,10 +79,11 @@ def layer_groups(n_layers: int) -> np.ndarray:
 
 class _CudaCopies:
     """Asynchronous host->device copies on a dedicated stream, issued per group of layers (one
-    cudaMemcpyBatchAsync each where the CUDA runtime has it, else a cudaMemcpyAsync per matrix: about
-    15 us per cuda-python call, measured). After a group's copies an event of that group is recorded:
-    the fence the shim waits for (the driver's cuEventSynchronize) before it next reads the slots of
-    the group's layers, so a slot serves from the first stop after its copy landed."""
+    cudaMemcpyBatchAsync each where the CUDA runtime has it, else a cudaMemcpyAsync per matrix; on the
+    H100 the batch saved ~2 us per copy, 0.1 ms per token at the default). After a group's copies an
+    event of that group is recorded: the fence the shim waits for (the driver's cuEventSynchronize)
+    before it next reads the slots of the group's layers, so a slot serves from the first stop after
+    its copy landed."""
 
     def __init__(self, n_groups: int):
         try:

@@ -21,7 +21,7 @@ from conftest import LLAMA_KW, TRAINED_MODEL
 
 pytestmark = pytest.mark.gpu
 
-CONFIDENT_PROMPT = b"for i in range(10):\n"   # trained model, stock: top-2 logit gap >= 0.25 for 128 steps
+CONFIDENT_PROMPT = b"        if self.width <= 0:\n"   # trained model, stock (CPU): top-2 logit gap >= 0.39 for 128 steps
 STEPS = 128
 
 

@@ -175,7 +175,7 @@ def first_difference(tokens: list[int], reference: list[int]) -> int:
     return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
 
 
-TRAINED_PROMPT = b"for i in range(10):\n"   # stock top-2 logit gap >= 0.25 for 128 greedy steps
+TRAINED_PROMPT = b"        if self.width <= 0:\n"   # stock top-2 logit gap >= 0.39 for 128 greedy steps (CPU)
 
 
 def check_trained_model(results: dict, kw: dict) -> None:
