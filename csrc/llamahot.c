@@ -27,7 +27,6 @@
 
 #define LH_ALIGN 64
 /* Weight bytes a CPU part must read before it is worth splitting over threads (~100 us on one core). */
-#define LH_TIMELINE_CAP 65536
 #define LH_PARALLEL_MIN_BYTES ((size_t) 1 << 20)
 
 static int64_t lh_now_ns(void) {

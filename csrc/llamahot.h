@@ -49,6 +49,9 @@ enum lh_debug_flags {
                                   layer's persistent one (to measure what the persistent graph saves) */
 };
 
+/* Callbacks timeline mode keeps (a ring of the latest). */
+enum { LH_TIMELINE_CAP = 65536 };
+
 /* One callback seen in timeline mode: when, for which node, and which call. */
 struct lh_event {
     int64_t t_ns;      /* monotonic clock */

@@ -24,17 +24,18 @@ from llamahot.monitor import SnapshotWriter
 from llamahot.policy import make_policy
 from llamahot.slots import SlotManager, check_vram_for_slots, free_vram_bytes
 
+# The shim's enums (csrc/llamahot.h), by the names Python uses.
 # lh_proj of each projection name in a MoELayout.
-PROJ_INDEX = {"gate": 0, "up": 1, "down": 2, "gate_up": 3}
+PROJ_INDEX = {"gate": lib.LH_PROJ_GATE, "up": lib.LH_PROJ_UP, "down": lib.LH_PROJ_DOWN, "gate_up": lib.LH_PROJ_GATE_UP}
 # "emulated-gpu" is test-only: a second CPU backend in the GPU's place, so CI runs the GPU code path.
-SLOT_KINDS = {"host": 0, "cuda": 1, "emulated-gpu": 2}
-DEBUG_POISON = 1
-DEBUG_SHADOW = 2
-DEBUG_PER_NODE = 4
-DEBUG_SKIP_COMPUTE = 8
-DEBUG_TIMELINE = 16
-DEBUG_CALL_GRAPHS = 32
-TIMELINE_CAP = 65536
+SLOT_KINDS = {"host": lib.LH_SLOTS_HOST, "cuda": lib.LH_SLOTS_GPU, "emulated-gpu": lib.LH_SLOTS_EMULATED_GPU}
+DEBUG_POISON = lib.LH_DEBUG_POISON
+DEBUG_SHADOW = lib.LH_DEBUG_SHADOW
+DEBUG_PER_NODE = lib.LH_DEBUG_PER_NODE
+DEBUG_SKIP_COMPUTE = lib.LH_DEBUG_SKIP_COMPUTE
+DEBUG_TIMELINE = lib.LH_DEBUG_TIMELINE
+DEBUG_CALL_GRAPHS = lib.LH_DEBUG_CALL_GRAPHS
+TIMELINE_CAP = lib.LH_TIMELINE_CAP
 SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
 

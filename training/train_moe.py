@@ -23,10 +23,10 @@ import dataclasses
 import json
 import math
 import random
+import subprocess
 import sys
 import sysconfig
 import time
-import subprocess
 from pathlib import Path
 
 import gguf
