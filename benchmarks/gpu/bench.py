@@ -49,20 +49,7 @@ def static_cpu_pattern(n_layers_on_cpu: int, layout: MoELayout) -> str | None:
 
 FLOOR = "llamahot floor (all hot, stops compute nothing)"
 CALL_GRAPHS = ", hot graph built per call"
-# cold_on_device A/B rows at the first K (this share of the cold experts computed on the GPU): none
-# since session 7, where 0.25 tied with 0 and 0.5/0.75 were slower (benchmarks/RESULTS.md).
-COLD_SHARES: tuple[float, ...] = ()
 ONE_BY_ONE = ", slot copies one cudaMemcpyAsync each"   # A/B: without cudaMemcpyBatchAsync
-
-
-def cold_on_device_name(k: int, share: float) -> str:
-    return f"llamahot K={k}, cold_on_device={share}"
-
-
-def cold_share_of(name: str) -> float:
-    """The cold_on_device share an A/B row's name asks for (0 for every other row)."""
-    found = re.search(r", cold_on_device=([0-9.]+)$", name)
-    return float(found.group(1)) if found else 0.0
 
 
 def roofline_tok_s(hit_rate, t_gpu_s: float, t_cold_s: float):
@@ -404,8 +391,10 @@ def main() -> int:
             modes.append((hybrid_name(k, resident, k2), hybrid))
         if k == layout.n_expert:  # the stops alone, nothing computed: the floor of this design
             modes.append((FLOOR, hot))
-        if k == ks[0] and device == "cuda":  # what the per-layer persistent hot graphs save; cold on the GPU
-            modes += [(f"llamahot K={k}{CALL_GRAPHS}", hot)] + [(cold_on_device_name(k, s), hot) for s in COLD_SHARES]
+        # What the per-layer persistent hot graphs save. (A/B rows of cold_on_device, measured in session 7 —
+        # 0.25 tied with 0, 0.5 and 0.75 were slower, benchmarks/RESULTS.md — are no longer run.)
+        if k == ks[0] and device == "cuda":
+            modes.append((f"llamahot K={k}{CALL_GRAPHS}", hot))
             if getattr(hot.hot_cache.slots.copies, "batch", False):
                 modes.append((f"llamahot K={k}{ONE_BY_ONE}", hot))
         copies = hot.hot_cache.slots.copies
@@ -414,12 +403,10 @@ def main() -> int:
         for rep in range(args.reps):
             for name, llm in modes[rep % len(modes):] + modes[: rep % len(modes)]:
                 hot.hot_cache.set_debug(skip_compute=name == FLOOR, call_graphs=name.endswith(CALL_GRAPHS))
-                hot.hot_cache.set_cold_on_device(cold_share_of(name))
                 if batch:
                     copies.batch = not name.endswith(ONE_BY_ONE)
                 record(name, measure(llm, name))
             hot.hot_cache.set_debug()
-            hot.hot_cache.set_cold_on_device(0.0)
             if batch:
                 copies.batch = True
         print(f"K={k}: slot copies {'batched (cudaMemcpyBatchAsync)' if copies is not None and copies.batch else 'one by one'}",
