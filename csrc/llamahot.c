@@ -360,6 +360,10 @@ int32_t lh_set_cold_on_device(struct lh_ctx * ctx, float share) {
     return 0;
 }
 
+void lh_set_n_threads(struct lh_ctx * ctx, int32_t n_threads) {
+    ctx->n_threads = n_threads > 0 ? n_threads : 1;
+}
+
 void lh_set_debug(struct lh_ctx * ctx, int32_t flags) {
     if ((flags & LH_DEBUG_TIMELINE) && ctx->events == NULL) {
         ctx->events = calloc(LH_TIMELINE_CAP, sizeof(struct lh_event));
@@ -986,9 +990,11 @@ static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct 
                       int64_t n_hot, const float * hot_rows, int64_t n_dev, const float * dev_rows, char * dst) {
     if (ok && ggml_graph_n_nodes(cpu_graph) > 0) {
         /* Little work (small models, few cold experts): one thread, no OpenMP region and barriers,
-         * which would cost more than they save. */
+         * which would cost more than they save. (Fewer threads for one or two experts were slower
+         * on the H100 machine: the work is bound by memory bandwidth.) */
         ggml_backend_cpu_set_n_threads(ctx->cpu, cpu_weight_bytes < LH_PARALLEL_MIN_BYTES ? 1 : ctx->n_threads);
         ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
+        ctx->counters.cpu_runs++;
         const int64_t t1 = lh_now_ns();
         ctx->counters.cpu_compute_ns += t1 - t0;
         t0 = t1;
@@ -1087,6 +1093,7 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
         t0 = t1;
     }
     const size_t cpu_bytes = (size_t) (n_cold + (hot_on_gpu ? 0 : n_hot)) * w->nb[2];
+    ctx->counters.cpu_rows += n_cold + (hot_on_gpu ? 0 : n_hot);
     ok = lh_finish(ctx, t, cpu_graph, hot_on_gpu, cpu_bytes, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
                    n_hot, hot_out_rows, 0, NULL, dst);
     ggml_free(g);
@@ -1613,6 +1620,7 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         expert_bytes += w ? w->nb[2] : 0;
     }
     const size_t cpu_bytes = (size_t) (n_cold + (hot_on_gpu ? 0 : n_hot)) * expert_bytes;
+    ctx->counters.cpu_rows += n_cold + (hot_on_gpu ? 0 : n_hot);
     ok = lh_finish(ctx, d, cpu_graph, gpu_used, cpu_bytes, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
                    n_hot, hot_out_rows, n_dev, dev_out_rows, dst);
     ggml_free(g);

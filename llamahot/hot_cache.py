@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
 
 import llama_cpp
@@ -111,6 +112,11 @@ class HotCache:
         self._user_callback: Any = None  # (callback, user_data): keeps an application's ctypes callback alive
         self._tokens_since_rebalance = 0
         self._filled = False  # the first eval (the prompt) fills the slots
+        # plan_ahead: the policy plans the next loads in a worker thread while llama decodes the next
+        # token (ctypes releases the GIL); after that eval only the copies are issued.
+        self.plan_ahead = False
+        self._planner: Optional[ThreadPoolExecutor] = None
+        self._plan: Optional[Future] = None   # loads planned from the routing before the last eval
         self._snapshot_time = 0.0
         self._decode_tokens = 0
         self._decode_seconds = 0.0
@@ -201,26 +207,47 @@ class HotCache:
             self._tokens_since_rebalance += n_tokens
             # The first fill follows the prompt's routing; then one rebalance per interval.
             if not self._filled or self._tokens_since_rebalance >= self.rebalance_interval:
-                self.rebalance()
+                # A prompt (new text, its routing the best guide; no decode waits on it) rebalances
+                # at once; decode steps may leave the planning to the worker.
+                self.rebalance(ahead=self.plan_ahead and n_tokens == 1)
         now = time.monotonic()
         if now - self._snapshot_time >= SNAPSHOT_PERIOD_S:
             self._publish_snapshot(now)
 
-    def rebalance(self) -> None:
+    def rebalance(self, ahead: bool = False) -> None:
         """Feed the routing since the last rebalance to the policy, plan the hot set and issue the
-        copies (never waits for them)."""
+        copies (never waits for them). ahead: issue the loads planned during the last eval (if any)
+        and plan the next ones in the worker, so the copies follow the routing one rebalance late."""
         start = time.perf_counter()
         delta = self._counts - self._seen
         self._seen += delta
-        self.policy.observe(delta, self._tokens_since_rebalance, self._last_routed)
-        self._tokens_since_rebalance = 0
+        n_tokens, self._tokens_since_rebalance = self._tokens_since_rebalance, 0
+        if ahead and self._filled:
+            if self._plan is not None:
+                self.slots.load(*self._plan.result())
+            if self._planner is None:
+                self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamahot-planner")
+            # The shim updates last_routed during the next eval: the worker gets a copy.
+            self._plan = self._planner.submit(self._plan_loads, delta, n_tokens, self._last_routed.copy())
+        else:
+            self._drop_plan()
+            self.slots.load(*self._plan_loads(delta, n_tokens, self._last_routed))
         self._filled = True
-        self.slots.apply(self.policy.choose(self.slots.resident()))
-        # The stall a decode step sees: the policy's work and issuing the copies.
+        # The stall a decode step sees: the policy's work (unless planned ahead) and issuing the copies.
         stats = self.slots.stats
         stats.last_rebalance_ms = (time.perf_counter() - start) * 1e3
         stats.max_rebalance_ms = max(stats.max_rebalance_ms, stats.last_rebalance_ms)
         stats.total_rebalance_ms += stats.last_rebalance_ms
+
+    def _plan_loads(self, delta: np.ndarray, n_tokens: int, last_routed: np.ndarray):
+        self.policy.observe(delta, n_tokens, last_routed)
+        return self.slots.plan(self.policy.choose(self.slots.resident()))
+
+    def _drop_plan(self) -> None:
+        """Wait for a plan in the worker and forget it (the slots are about to change under it)."""
+        if self._plan is not None:
+            self._plan.result()
+            self._plan = None
 
     def set_hot_experts(self, k: int) -> None:
         """Change the number of slots per layer without reloading the model.
@@ -236,6 +263,7 @@ class HotCache:
             grow = k - self.hot_experts  # the old slots' memory is freed before the new ones are made
             check_vram_for_slots(grow, free_vram_bytes(), self.layout.expert_matrix_bytes,
                                  self.layout.n_moe_layers, self.layout.n_expert)
+        self._drop_plan()
         self.slots.close()
         error = None
         if lib.lh_slots_resize(self._ctx, k) != 0:
@@ -282,6 +310,27 @@ class HotCache:
         if lib.lh_set_cold_on_device(self._ctx, share) != 0:
             raise RuntimeError(f"llamahot: {ffi.string(lib.lh_last_error(self._ctx)).decode()}")
         self.cold_on_device = share
+
+    def set_threads(self, n_threads: int) -> None:
+        """CPU threads for the cold experts' graphs (llama's n_threads at load; call it again after
+        changing llama's with llama_set_n_threads)."""
+        if n_threads < 1:
+            raise ValueError(f"llamahot: n_threads must be >= 1, got {n_threads}")
+        if self._ctx is not None:
+            lib.lh_set_n_threads(self._ctx, int(n_threads))
+
+    def use_policy(self, policy, *, rebalance_interval: Optional[int] = None,
+                   plan_ahead: Optional[bool] = None) -> None:
+        """Switch to another policy object (see llamahot.policy) and, if given, rebalance interval and
+        plan_ahead, after any plan in the worker is finished and dropped."""
+        self._drop_plan()
+        policy.k = self.hot_experts
+        self.policy = policy
+        self.policy_name = getattr(policy, "name", type(policy).__name__)
+        if rebalance_interval is not None:
+            self.rebalance_interval = rebalance_interval
+        if plan_ahead is not None:
+            self.plan_ahead = plan_ahead
 
     def set_observing(self, observing: bool) -> None:
         """Count and redirect (default), or leave the callback installed but idle (to measure its cost)."""
@@ -332,6 +381,8 @@ class HotCache:
             "gpu_runs": int(counters.gpu_runs),
             "persistent_gpu_runs": int(counters.persistent_gpu_runs),
             "device_cold_rows": int(counters.device_cold_rows),
+            "cpu_runs": int(counters.cpu_runs),
+            "cpu_rows": int(counters.cpu_rows),
             "cold_on_device": self.cold_on_device,
             "redirect_ms": counters.redirect_ns / 1e6,
             "cpu_compute_ms": counters.cpu_compute_ns / 1e6,
@@ -383,6 +434,7 @@ class HotCache:
 
     def finish_transfers(self) -> None:
         """Wait for slot copies in flight (they read the model's memory: call before freeing it)."""
+        self._drop_plan()
         if self.slots is not None:
             self.slots.close()
 
@@ -390,6 +442,10 @@ class HotCache:
         """Free slots and shim context; call only after the llama context that uses them was freed."""
         if self._ctx is None:
             return
+        self._drop_plan()
+        if self._planner is not None:
+            self._planner.shutdown()
+            self._planner = None
         self._final = (self._counts.copy(), self.stats())
         if self.slots is not None:
             self.slots.close()

@@ -77,6 +77,10 @@ class Llama(llama_cpp.Llama):
       cold_on_device: with GPU slots, the share (0..1) of each layer's cold experts that a
         single-token decode step copies to the GPU and computes there while the CPU computes the
         rest (default 0: all on the CPU). Experimental: measured in benchmarks/RESULTS.md.
+      plan_ahead: let the policy plan each decode step's loads in a worker thread while llama
+        decodes the next token, so that after a step only the copies are issued (default False).
+        The hot set then follows the routing one rebalance later; prompts still rebalance at once.
+        The planner takes a core: give llama one thread fewer than you have cores.
       load_progress: a function called with the fraction of the model loaded (0.0 .. 1.0).
       cb_eval, cb_eval_user_data: an application's own ggml_backend_sched_eval_callback (a ctypes
         llama_cpp.ggml_backend_sched_eval_callback); llamahot owns the context's callback and chains it.
@@ -93,6 +97,7 @@ class Llama(llama_cpp.Llama):
         policy: str = "decayed",
         resident_layers: int = 0,
         cold_on_device: float = 0.0,
+        plan_ahead: bool = False,
         load_progress: Optional[Callable[[float], None]] = None,
         cb_eval: Any = None,
         cb_eval_user_data: Optional[int] = None,
@@ -121,6 +126,9 @@ class Llama(llama_cpp.Llama):
             self.hot_cache = HotCache(layout, hot_experts=hot_experts, rebalance_interval=rebalance_interval,
                                       prefill_bypass=prefill_bypass, slot_device=device, policy=policy,
                                       resident_layers=resident_layers, cold_on_device=cold_on_device)
+            if not isinstance(plan_ahead, bool):
+                raise ValueError(f"plan_ahead must be True or False, got {plan_ahead!r}")
+            self.hot_cache.plan_ahead = plan_ahead
             layout = self.hot_cache.layout
             if cb_eval is not None:
                 self.hot_cache.chain_user_callback(cb_eval, cb_eval_user_data)

@@ -149,13 +149,15 @@ def make_policy(name: str, n_layers: int, n_expert: int, k: int, rebalance_inter
     return LRU(n_layers, n_expert, k)
 
 
-def replay(policy, trace: np.ndarray, interval: int, warmup: int | None = None) -> dict:
+def replay(policy, trace: np.ndarray, interval: int, warmup: int | None = None, lag: bool = False) -> dict:
     """Replay a routing trace through a policy the way HotCache drives it, without llama.
 
     trace: int [n_tokens, n_layers, n_expert], entries routed to each expert per token. The first
     `warmup` tokens (default: one interval) play the prompt: they fill the slots. After that the
     hot set is chosen every `interval` tokens and serves the tokens that follow; a slot serves its
     new expert from the next token on (host slots: copies finish before the next decode).
+    lag: after the prompt, each hot set is chosen from the routing of all but the last interval
+    (HotCache's plan_ahead: the plan is made while the next token decodes; a prompt plans at once).
     Returns hits, misses, hit_rate and loads (experts copied into slots).
     """
     warmup = interval if warmup is None else warmup
@@ -175,8 +177,12 @@ def replay(policy, trace: np.ndarray, interval: int, warmup: int | None = None) 
             misses += int(served[~resident].sum())
         for t in range(start, end):  # the shim's clock: 1-based token of each expert's latest routing
             last_used[trace[t] > 0] = t + 1
-        policy.observe(chunk.sum(axis=0), end - start, last_used)
-        desired = policy.choose(resident)
+        if lag and start > 0:
+            desired = policy.choose(resident)
+            policy.observe(chunk.sum(axis=0), end - start, last_used.copy())
+        else:
+            policy.observe(chunk.sum(axis=0), end - start, last_used.copy())
+            desired = policy.choose(resident)
         loads += int((desired & ~resident).sum())
         resident = desired
         start = end

@@ -279,14 +279,23 @@ class SlotManager:
         return int((self.expert_of_slot >= 0).sum())
 
     def apply(self, desired: np.ndarray) -> None:
-        """Issue the copies that make the slots hold `desired`; returns without waiting for them.
+        """Issue the copies that make the slots hold `desired`; returns without waiting for them."""
+        self.load(*self.plan(desired))
+
+    def plan(self, desired: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The loads (layers, slots, experts) that make the slots hold `desired`; changes nothing."""
+        if self.n_slots == 0:
+            return (np.zeros(0, dtype=np.int64),) * 3
+        return plan_loads(desired, self.expert_of_slot, self.resident())
+
+    def load(self, layers: np.ndarray, slots: np.ndarray, experts: np.ndarray) -> None:
+        """Put each expert into its slot (a plan of the current slots); returns without waiting.
 
         Host slots: each copy is made now, then its slot published. Asynchronous copies: a slot is
         published as soon as its copy is issued, and its layer gets a fence the shim waits for
         before next reading that layer's slots (copies run while the GPU and CPU decode)."""
         if self.n_slots == 0:
             return
-        layers, slots, experts = plan_loads(desired, self.expert_of_slot, self.resident())
         loads = list(zip(layers.tolist(), slots.tolist(), experts.tolist()))
         for layer, slot, _ in loads:
             self._check(lib.lh_slot_unpublish(self.ctx, layer, slot))
@@ -294,15 +303,19 @@ class SlotManager:
             for layer, slot, expert in loads:
                 self._check(lib.lh_slot_load(self.ctx, layer, slot, expert))
         elif loads:
-            # Per load, its matrices' addresses ([n_loads, n_proj]); issued group by group, in layer order.
-            src, dst, nbytes = self.src[layers, :, experts], self.dst[layers, :, slots], self.nbytes[layers]
-            groups = self.group_of_layer[layers]
-            for group in np.unique(groups).tolist():
-                mine = groups == group
-                fence = self.copies.issue(group, dst[mine].ravel().tolist(), src[mine].ravel().tolist(),
-                                          nbytes[mine].ravel().tolist(), int(mine.sum()))
-                for layer in np.unique(layers[mine]).tolist():
+            # Per load, its matrices' addresses ([n_loads, n_proj]); issued group by group (the loads
+            # come in layer order, so each group's are one run).
+            src = self.src[layers, :, experts].ravel().tolist()
+            dst = self.dst[layers, :, slots].ravel().tolist()
+            nbytes = self.nbytes[layers].ravel().tolist()
+            groups = self.group_of_layer[layers].tolist()
+            n_proj, begin = len(self.projections), 0
+            for end in [*(np.flatnonzero(np.diff(groups)) + 1).tolist(), len(loads)]:
+                cut = slice(begin * n_proj, end * n_proj)
+                fence = self.copies.issue(groups[begin], dst[cut], src[cut], nbytes[cut], end - begin)
+                for layer in sorted({layer for layer, _, _ in loads[begin:end]}):
                     self._check(lib.lh_set_fence(self.ctx, layer, ffi.cast("void *", fence)))
+                begin = end
         for layer, slot, expert in loads:
             self._check(lib.lh_slot_publish(self.ctx, layer, slot, expert))
         self.stats.bytes_moved += int(self.nbytes[layers].sum())

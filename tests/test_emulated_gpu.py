@@ -162,3 +162,59 @@ def test_a_stop_waits_for_its_layers_copies(moe_model):
     assert llm.hot_cache.slots.copies.waits > 0
     assert (got.view(np.uint32) != reference_logits(moe_model).view(np.uint32)).any()
     llm.close()
+
+
+def test_plans_made_ahead_in_a_worker_stay_exact_and_lag_one_rebalance(moe_model):
+    """plan_ahead: the policy runs in a worker thread during the next eval, the copies are issued
+    after it. Logits stay bit-identical (asynchronous copies, fences, poison); the policy runs off
+    the main thread; and the hot sets are those a synchronous rebalance reaches one rebalance later
+    (same policy decisions, made from the routing up to the previous rebalance)."""
+    import threading
+
+    from llamahot.policy import replay
+
+    layout = read_moe_layout(moe_model)
+    kw = dict(hot_experts=layout.n_expert_used, rebalance_interval=1, slot_device="emulated-gpu", logits_all=True)
+    llm = llamahot.Llama(moe_model, plan_ahead=True, **kw, **LLAMA_KW)
+    llm.hot_cache.set_debug(poison=True)
+    threads = set()
+    choose = llm.hot_cache.policy.choose
+
+    def recording_choose(resident):
+        threads.add(threading.get_ident())
+        return choose(resident)
+
+    llm.hot_cache.policy.choose = recording_choose
+    trace = []   # per token: routing counts, to replay the same policy with and without the lag
+    before = [np.zeros_like(llm.hot_cache.routing_counts())]
+
+    def record(l):
+        counts = l.hot_cache.routing_counts()
+        trace.append(counts - before[0])
+        before[0] = counts
+
+    got = greedy(llm, steps=STEPS, after_each=record)
+    assert_bit_identical(reference_logits(moe_model), got)
+    assert threading.get_ident() in threads and len(threads) == 2, "the first fill in the caller, then the worker"
+    stats = llm.hot_cache.stats()
+    # The first fill, then one load per token but the first (its plan was still being made).
+    assert stats["experts_loaded"] > 0 and stats["rebalances"] == STEPS
+
+    # The replay of the same routing (token by token; the prompt is the first fill) predicts the hits.
+    policy = lambda: llamahot.policy.make_policy("decayed", layout.n_moe_layers, layout.n_expert, kw["hot_experts"], 1)
+    prompt = np.sum(trace[:1], axis=0)[None]
+    per_token = np.concatenate([prompt, np.array(trace[1:])]).astype(np.int64)
+    lagged = replay(policy(), per_token, 1, warmup=1, lag=True)
+    synchronous = replay(policy(), per_token, 1, warmup=1)
+    assert stats["hits"] == lagged["hits"], (stats["hits"], lagged["hits"], synchronous["hits"])
+    # A new prompt is planned at once, in the caller (the worker's plan from the old text is dropped).
+    threads.clear()
+    llm.reset()
+    llm.eval(llm.tokenize(b"class Stack:\n    def push(self, item):"))
+    assert threads == {threading.get_ident()}
+    llm.close()
+
+
+def test_plan_ahead_must_be_a_bool(text_model):
+    with pytest.raises(ValueError, match="plan_ahead must be True or False"):
+        llamahot.Llama(text_model, hot_experts=1, slot_device="emulated-gpu", plan_ahead="yes", **LLAMA_KW)

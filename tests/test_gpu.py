@@ -30,10 +30,12 @@ def stock_in_ram(path: str) -> StockPlaced:
     return StockPlaced(path, cpu_pattern=EXPERT_TENSOR_PATTERN, n_gpu_layers=-1, **LLAMA_KW)
 
 
-# interval 1: a rebalance after every token, so copies and their fences are in flight at almost every stop.
-@pytest.mark.parametrize("resident,cold_on_device,interval", [(0, 0.0, 4), (2, 0.0, 4), (0, 0.5, 4), (0, 0.0, 1)])
+# interval 1: a rebalance after every token, so copies and their fences are in flight at almost every stop;
+# plan_ahead: the policy in a worker thread while llama decodes.
+@pytest.mark.parametrize("resident,cold_on_device,interval,plan_ahead",
+                         [(0, 0.0, 4, False), (2, 0.0, 4, False), (0, 0.5, 4, False), (0, 0.0, 1, False), (0, 0.0, 1, True)])
 def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_moe_models, resident, cold_on_device,
-                                                                            interval):
+                                                                            interval, plan_ahead):
     path = all_moe_models[TRAINED_MODEL]
     layout = read_moe_layout(path)
     stock = stock_in_ram(path)
@@ -44,6 +46,7 @@ def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_
     for k in (layout.n_expert_used, layout.n_expert // 2, layout.n_expert):
         llm = llamahot.Llama(path, hot_experts=k, resident_layers=resident, rebalance_interval=interval,
                              slot_device="cuda", cold_on_device=cold_on_device, **LLAMA_KW)
+        llm.hot_cache.plan_ahead = plan_ahead
         tokens, logits = greedy_run(llm, STEPS, prompt=CONFIDENT_PROMPT)
         stats = llm.hot_cache.stats()
         assert stats["hits"] > 0 and stats["ffn_redirects"] > 0

@@ -324,3 +324,21 @@ def test_changing_hot_experts_at_runtime_stays_exact(moe_model):
     assert stats["slots_occupied"] > 0 and stats["hits"] > 0
     with pytest.raises(ValueError, match="hot_experts must be an integer"):
         cache.set_hot_experts(layout.n_expert + 1)
+
+
+def test_cpu_graph_counters_and_threads(text_model):
+    """cpu_runs / cpu_rows count the stops' CPU graphs and their rows; set_threads keeps them exact."""
+    llm = llamahot.Llama(text_model, hot_experts=3, rebalance_interval=REBALANCE, slot_device="host",
+                         logits_all=True, **LLAMA_KW)
+    llm.hot_cache.set_debug(poison=True)
+    llm.hot_cache.set_threads(1)
+    assert_bit_identical(stock_logits(text_model), greedy(llm))
+    stats = llm.hot_cache.stats()
+    # Host slots: every stop runs a CPU graph over all of its layer's routed rows, hot and cold
+    # (the prompt ran before the slots existed: llama computed it).
+    layout = read_moe_layout(text_model)
+    assert stats["cpu_runs"] == stats["ffn_redirects"] == STEPS * layout.n_moe_layers
+    assert stats["cpu_rows"] == STEPS * layout.n_moe_layers * layout.n_expert_used
+    with pytest.raises(ValueError, match="n_threads must be"):
+        llm.hot_cache.set_threads(0)
+    llm.close()

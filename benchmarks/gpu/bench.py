@@ -223,6 +223,28 @@ def check_correctness(args, results: dict, ram, all_gpu, hot, check_ks: list[int
     results["correctness"]["stock_gpu_finite"] = bool(np.isfinite(gpu_logits).all())
 
 
+def policy_variants(n_layers: int, n_expert: int, k: int, threads: int) -> list[tuple]:
+    """(label, rebalance interval, policy, plan ahead, threads) of the rows --policy-variants adds."""
+    def decayed(half_life, margin):
+        return DecayedFrequency(n_layers, n_expert, k, half_life=half_life, margin=margin)
+    fewer = f"{threads - 1} threads"
+    return [
+        ("every token, half-life 32, margin 0.25", 1, decayed(32, 0.25), False, threads),
+        ("every token, half-life 32, margin 0.25, planned ahead", 1, decayed(32, 0.25), True, threads),
+        (f"every token, half-life 32, margin 0.25, planned ahead, {fewer}", 1, decayed(32, 0.25), True, threads - 1),
+        (f"every token, half-life 8, margin 0, planned ahead, {fewer}", 1, decayed(8, 0), True, threads - 1),
+        (f"LRU, every token, planned ahead, {fewer}", 1, LRU(n_layers, n_expert, k), True, threads - 1),
+        ("default, planned ahead", 4, decayed(128, 0.25), True, threads),
+    ]
+
+
+def configure(llm, policy, interval: int, plan_ahead: bool, threads: int) -> None:
+    """Put a llamahot.Llama on a policy setting and a thread count (llama's and the shim's)."""
+    llm.hot_cache.use_policy(policy, rebalance_interval=interval, plan_ahead=plan_ahead)
+    llama_cpp.llama_set_n_threads(llm.ctx, threads, llm.context_params.n_threads_batch)
+    llm.hot_cache.set_threads(threads)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", help="the GGUF to benchmark (not needed with --replot)")
@@ -240,6 +262,8 @@ def main() -> int:
                         help="teacher-forced decode over this text (real routing) instead of greedy decode")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="stop starting new K blocks after this many seconds (results so far are kept)")
+    parser.add_argument("--mechanism-ab", action=argparse.BooleanOptionalAction, default=True,
+                        help="A/B rows at the first K on CUDA: hot graph built per call, slot copies one by one")
     parser.add_argument("--policy-variants", action="store_true",
                         help="also measure other policy settings at the first K (rebalance every token)")
     parser.add_argument("--replot", action="store_true",
@@ -320,7 +344,8 @@ def main() -> int:
                        stops_ms_per_token=st["redirect_ms"] / n, gpu_submit_ms_per_token=st["gpu_submit_ms"] / n,
                        gpu_wait_ms_per_token=st["gpu_wait_ms"] / n, cpu_ms_per_token=st["cpu_compute_ms"] / n,
                        slot_gib=st["slot_bytes"] / 2**30, experts_loaded_per_token=st["experts_loaded"] / n,
-                       rebalance_ms_per_token=st["rebalance_ms"] / n)
+                       rebalance_ms_per_token=st["rebalance_ms"] / n, cpu_runs_per_token=st["cpu_runs"] / n,
+                       cpu_rows_per_token=st["cpu_rows"] / n)
         # Three prefills per sample: one 512-token prefill is ~0.2 s and varied by a few % between samples.
         row["prefill_tok_s"] = statistics.median(prefill_rate(llm, long_prompt) for _ in range(3))
         return row
@@ -393,10 +418,22 @@ def main() -> int:
             modes.append((FLOOR, hot))
         # What the per-layer persistent hot graphs save. (A/B rows of cold_on_device, measured in session 7 —
         # 0.25 tied with 0, 0.5 and 0.75 were slower, benchmarks/RESULTS.md — are no longer run.)
-        if k == ks[0] and device == "cuda":
+        if k == ks[0] and device == "cuda" and args.mechanism_ab:
             modes.append((f"llamahot K={k}{CALL_GRAPHS}", hot))
             if getattr(hot.hot_cache.slots.copies, "batch", False):
                 modes.append((f"llamahot K={k}{ONE_BY_ONE}", hot))
+        # Other policy settings at the first K, interleaved with the rest (the machine drifts between
+        # blocks): on a GPU a copy is an asynchronous DMA, not a CPU read, so the trace study's cost
+        # model (which chose the default) may charge loads too much there.
+        settings = {}   # row name -> (policy, rebalance interval, plan ahead, threads)
+        default_setting = (hot.hot_cache.policy, hot.hot_cache.rebalance_interval, False, args.threads)
+        stock_threads = {}  # stock rows run with fewer threads too: llamahot's planner thread takes a core
+        if args.policy_variants and k == ks[0]:
+            for label, interval, policy, ahead, threads in policy_variants(n_layers, n_expert, k, args.threads):
+                settings[f"llamahot K={k}, {label}"] = (policy, interval, ahead, threads)
+                modes.append((f"llamahot K={k}, {label}", hot))
+            stock_threads[f"stock static {gpu_layers} layers, {args.threads - 1} threads"] = args.threads - 1
+            modes.append((f"stock static {gpu_layers} layers, {args.threads - 1} threads", static))
         copies = hot.hot_cache.slots.copies
         batch = getattr(copies, "batch", False)
         results["speed"].setdefault("batched_copies", {})[str(k)] = batch
@@ -405,8 +442,13 @@ def main() -> int:
                 hot.hot_cache.set_debug(skip_compute=name == FLOOR, call_graphs=name.endswith(CALL_GRAPHS))
                 if batch:
                     copies.batch = not name.endswith(ONE_BY_ONE)
+                if llm is hot:
+                    configure(hot, *settings.get(name, default_setting))
+                elif llm is static:
+                    llama_cpp.llama_set_n_threads(static.ctx, stock_threads.get(name, args.threads), args.threads)
                 record(name, measure(llm, name))
             hot.hot_cache.set_debug()
+            configure(hot, *default_setting)
             if batch:
                 copies.batch = True
         print(f"K={k}: slot copies {'batched (cudaMemcpyBatchAsync)' if copies is not None and copies.batch else 'one by one'}",
@@ -420,24 +462,6 @@ def main() -> int:
         save()
         print(f"K={k}: measured after {time.perf_counter() - started:.0f} s", flush=True)
     ks = measured_ks
-
-    # -- other policy settings at the first K: on a GPU a copy is an asynchronous DMA, not a CPU read,
-    # so the trace study's cost model (which chose the default) may charge loads too much there.
-    if args.policy_variants and ks:
-        k = ks[0]
-        hot.hot_cache.set_hot_experts(k)
-        default_policy, default_interval = hot.hot_cache.policy, hot.hot_cache.rebalance_interval
-        variants = [(f"every token, half-life {h}, margin 0", 1, DecayedFrequency(n_layers, n_expert, k, half_life=h, margin=0))
-                    for h in (8, 32)] + [("LRU, every token", 1, LRU(n_layers, n_expert, k))]
-        for label, interval, policy in variants:
-            hot.hot_cache.policy, hot.hot_cache.rebalance_interval = policy, interval
-            greedy_run(hot, 16)
-            name = f"llamahot K={k}, {label}"
-            for rep in range(args.reps):
-                record(name, measure(hot, name))
-        hot.hot_cache.policy, hot.hot_cache.rebalance_interval = default_policy, default_interval
-        save()
-        print(f"policy variants at K={k}: measured after {time.perf_counter() - started:.0f} s", flush=True)
 
     # -- where a token's time goes (callback timelines), at the largest K measured --------------
     if ks:
@@ -494,6 +518,8 @@ def main() -> int:
         static_name = results["speed"]["static_for_k"][str(k)]
         g = int(re.search(r"(\d+) layers", static_name).group(1))
         line(static_name, f"{g * layer_expert_bytes / 2**30:.2f}")
+        for name in (n for n in summary if n.startswith(static_name + ", ")):   # the same, fewer threads
+            line(name, f"{g * layer_expert_bytes / 2**30:.2f}")
         s = summary[f"llamahot K={k}"]
         roof = roofline_tok_s(s["hit_rate"], t_gpu, t_cold)
         s["roofline_tok_s"] = roof
@@ -508,26 +534,26 @@ def main() -> int:
         line(FLOOR, f"{layout.n_expert * expert_vram_per_slot / 2**30:.2f}")
     line("stock GPU", f"{layout.expert_tensor_bytes / 2**30:.2f}")
     detail = ["| llamahot K | vs static at equal VRAM | resident mix vs static | stops ms/token | GPU submit ms/token | "
-              "GPU wait ms/token | CPU ms/token | rebalance ms/token | experts loaded/token | longest rebalance ms (decode) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "GPU wait ms/token | CPU ms/token | CPU runs/token | CPU rows/token | rebalance ms/token | "
+              "experts loaded/token | longest rebalance ms (decode) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def detail_row(label: str, name: str, vs_static: float, mix_vs: str = "") -> str:
+        v = summary[name]
+        return (f"| {label} | {vs_static:.3f} | {mix_vs} | {v['stops_ms_per_token']:.2f} | {v['gpu_submit_ms_per_token']:.2f} | "
+                f"{v['gpu_wait_ms_per_token']:.2f} | {v['cpu_ms_per_token']:.2f} | {v.get('cpu_runs_per_token', 0.0):.1f} | "
+                f"{v.get('cpu_rows_per_token', 0.0):.1f} | {v.get('rebalance_ms_per_token', 0.0):.2f} | "
+                f"{v['experts_loaded_per_token']:.1f} | {longest_rebalance.get(name, 0.0):.1f} |")
+
     for k in ks:
         s = summary[f"llamahot K={k}"]
-        vs_static = s["decode_tok_s"] / summary[results["speed"]["static_for_k"][str(k)]]["decode_tok_s"]
-        s["vs_static"] = vs_static
+        static_tok_s = summary[results["speed"]["static_for_k"][str(k)]]["decode_tok_s"]
+        s["vs_static"] = s["decode_tok_s"] / static_tok_s
         mix = summary.get(hybrid_name(k, *plans[k][:2]))
-        mix_vs = f"{mix['decode_tok_s'] / summary[results['speed']['static_for_k'][str(k)]]['decode_tok_s']:.3f}" if mix else ""
-        detail.append(f"| {k} | {vs_static:.3f} | {mix_vs} | {s['stops_ms_per_token']:.2f} | {s['gpu_submit_ms_per_token']:.2f} | "
-                      f"{s['gpu_wait_ms_per_token']:.2f} | {s['cpu_ms_per_token']:.2f} | "
-                      f"{s.get('rebalance_ms_per_token', 0.0):.2f} | {s['experts_loaded_per_token']:.1f} | "
-                      f"{longest_rebalance.get(f'llamahot K={k}', 0.0):.1f} |")
+        mix_vs = f"{mix['decode_tok_s'] / static_tok_s:.3f}" if mix else ""
+        detail.append(detail_row(str(k), f"llamahot K={k}", s["vs_static"], mix_vs))
         for name in variants_of[k]:
-            v = summary[name]
-            static_tok_s = summary[results["speed"]["static_for_k"][str(k)]]["decode_tok_s"]
-            detail.append(f"| {name[len('llamahot K='):]} | {v['decode_tok_s'] / static_tok_s:.3f} |  | "
-                          f"{v['stops_ms_per_token']:.2f} | {v['gpu_submit_ms_per_token']:.2f} | "
-                          f"{v['gpu_wait_ms_per_token']:.2f} | {v['cpu_ms_per_token']:.2f} | "
-                          f"{v.get('rebalance_ms_per_token', 0.0):.2f} | {v['experts_loaded_per_token']:.1f} | "
-                          f"{longest_rebalance.get(name, 0.0):.1f} |")
+            detail.append(detail_row(name[len("llamahot K="):], name, summary[name]["decode_tok_s"] / static_tok_s))
     same_block = (f"The mmap, idle and observing rows compare with stock RAM's samples of their own block "
                   f"({idle_d:.1f} tok/s decode, {idle_p:.0f} tok/s prefill), the others with all of them.")
     table = "\n".join(lines + ["", same_block, ""] + detail)

@@ -1,22 +1,40 @@
-"""Where a rebalance's time goes on the GPU machine: cProfile around HotCache.rebalance during
-teacher-forced decode over held-out code, rebalancing every token (the policy variant whose hit rate
-is highest and whose rebalances cost the most).
+"""Where a rebalance's time goes on the GPU machine, and what the machine does to it.
 
-    python benchmarks/gpu/rebalance_probe.py MODEL.gguf [--k 51] [--tokens 64]
+Teacher-forced decode over held-out code at K slots with a policy (default: every token, half-life 8,
+the variant whose hit rate is highest and whose rebalances cost the most). Prints decode tok/s, hit
+rate, per-token ms of rebalances and of cold CPU compute; then the same policy work timed alone, with
+llama's threads idle (the machine's plain speed for it); with --profile, cProfile around the
+rebalances; with --settle-ms, a sleep before each rebalance (is it slow because of the threads that
+spin right after a decode?). Run it under different OMP_WAIT_POLICY / GOMP_SPINCOUNT to compare.
+
+    python benchmarks/gpu/rebalance_probe.py MODEL.gguf [--k 51] [--tokens 64] [--policy hl8|default|lru]
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import time
 from pathlib import Path
 
-import llamahot
+import llamahot  # before numpy: numpy first made the device's CUDA build of llama_cpp die silently at load
 from llamahot.benchmark import decode_rate
 from llamahot.hot_cache import HotCache
 from llamahot.model_info import read_moe_layout
-from llamahot.policy import DecayedFrequency
+from llamahot.policy import LRU, DecayedFrequency
+from llamahot.slots import plan_loads
+
+import numpy as np  # noqa: E402 (after llamahot, see above)
+
+
+def timed_us(fn, n: int = 50) -> float:
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return float(np.median(samples) * 1e6)
 
 
 def main() -> None:
@@ -24,33 +42,61 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--k", type=int, default=51)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--policy", choices=("hl8", "default", "lru"), default="hl8")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--settle-ms", type=float, default=0.0)
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--plan-ahead", action="store_true", help="plan in a worker thread during the next eval")
+    parser.add_argument("--slot-device", default="cuda", help="host: a dry run on a machine without a GPU")
     args = parser.parse_args()
     layout = read_moe_layout(args.model)
-    llm = llamahot.Llama(args.model, hot_experts=args.k, rebalance_interval=1, slot_device="cuda",
-                         n_gpu_layers=-1, n_ctx=2048, n_threads=16, verbose=False)
-    llm.hot_cache.policy = DecayedFrequency(layout.n_moe_layers, layout.n_expert, args.k, half_life=8, margin=0)
+    interval = 4 if args.policy == "default" else 1
+    llm = llamahot.Llama(args.model, hot_experts=args.k, rebalance_interval=interval, slot_device=args.slot_device,
+                         n_gpu_layers=-1, n_ctx=2048, n_threads=args.threads, verbose=False)
+    if args.policy == "hl8":
+        llm.hot_cache.policy = DecayedFrequency(layout.n_moe_layers, layout.n_expert, args.k, half_life=8, margin=0)
+    elif args.policy == "lru":
+        llm.hot_cache.policy = LRU(layout.n_moe_layers, layout.n_expert, args.k)
+    llm.hot_cache.plan_ahead = args.plan_ahead
     text = llm.tokenize(Path("benchmarks/data/heldout_code.txt").read_text().encode(), add_bos=False)
     profile = cProfile.Profile()
     original = HotCache.rebalance
 
-    def profiled(self):
-        profile.enable()
+    def wrapped(self):
+        if args.settle_ms:
+            time.sleep(args.settle_ms / 1e3)
+        if args.profile:
+            profile.enable()
         try:
             original(self)
         finally:
-            profile.disable()
+            if args.profile:
+                profile.disable()
 
-    HotCache.rebalance = profiled
+    HotCache.rebalance = wrapped
     decode_rate(llm, args.tokens, text_tokens=text[: 16 + args.tokens])  # warm-up, first fill
     profile = cProfile.Profile()
     llm.hot_cache.reset()
-    start = time.perf_counter()
     rate = decode_rate(llm, args.tokens, text_tokens=text[200: 216 + args.tokens])
-    stats = llm.hot_cache.stats()
-    print(f"{rate:.1f} tok/s, hit rate {stats['hit_rate']:.3f}, {stats['experts_loaded'] / args.tokens:.1f} loads/token, "
-          f"rebalance {stats['rebalance_ms'] / max(stats['rebalances'], 1):.2f} ms each ({stats['rebalances']}), "
-          f"copies batched: {getattr(llm.hot_cache.slots.copies, 'batch', None)}, {time.perf_counter() - start:.1f} s")
-    pstats.Stats(profile).sort_stats("tottime").print_stats(18)
+    s = llm.hot_cache.stats()
+    n = max(s["decode_tokens"], 1)
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND") if k in os.environ)
+    print(f"[{args.policy}, {args.threads} threads, {'planned ahead' if args.plan_ahead else 'synchronous'}, settle {args.settle_ms} ms, "
+          f"{env or 'default env'}] "
+          f"{rate:.1f} tok/s (settle sleeps inside), hit {s['hit_rate']:.3f}, "
+          f"{s['experts_loaded'] / n:.1f} loads/token, rebalance {s['rebalance_ms'] / n:.2f} ms/token "
+          f"({s['rebalance_ms'] / max(s['rebalances'], 1):.2f} each), cold CPU {s['cpu_compute_ms'] / n:.2f} ms/token, "
+          f"GPU submit {s['gpu_submit_ms'] / n:.2f}, GPU wait {s['gpu_wait_ms'] / n:.2f}; "
+          f"CPU runs {s['cpu_runs'] / n:.1f}/token, CPU rows {s['cpu_rows'] / n:.1f}/token")
+    # The same policy work alone, llama's threads long idle.
+    time.sleep(0.5)
+    cache = llm.hot_cache
+    resident = cache.slots.resident()
+    desired = cache.policy.choose(resident)
+    print(f"  alone: resident() {timed_us(cache.slots.resident):.0f} us, choose {timed_us(lambda: cache.policy.choose(resident)):.0f} us, "
+          f"plan_loads {timed_us(lambda: plan_loads(desired, cache.slots.expert_of_slot, resident)):.0f} us")
+    if args.profile:
+        pstats.Stats(profile).sort_stats("tottime").print_stats(14)
     llm.close()
 
 

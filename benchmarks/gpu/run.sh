@@ -3,6 +3,8 @@
 # set up, synthesize a model with Qwen3-30B-A3B's shapes, GPU tests, correctness and speed.
 #
 #   bash benchmarks/gpu/run.sh OUT_DIR [--quick | --routed] [more bench.py arguments, e.g. --ks 51]
+# At most 8 files come back from a device call: logs of setup and synthesis stay in /tmp (their tails are
+# printed on failure).
 # --quick: the 4-layer mini model (a smoke test). --routed (issue #5's win): the 30B-shaped model with
 # calibrated routing, decode teacher-forced over held-out code, K around 40 % residency.
 set -o pipefail
@@ -10,8 +12,8 @@ out=${1:?usage: bash benchmarks/gpu/run.sh OUT_DIR [--quick]}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
-bash benchmarks/gpu/setup.sh "$out" > "$out/setup.log" 2>&1 || { tail -40 "$out/setup.log"; exit 1; }
-tail -2 "$out/setup.log"
+bash benchmarks/gpu/setup.sh "$out" > /tmp/setup.log 2>&1 || { tail -40 /tmp/setup.log; exit 1; }
+tail -2 /tmp/setup.log
 export PYTHONPATH=/tmp/site:$PWD
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2; } \
     | tee "$out/machine.txt"
@@ -36,7 +38,7 @@ if [ "$2" = "--routed" ]; then
 fi
 model=/tmp/models/$preset.gguf
 mkdir -p /tmp/models
-[ -f "$model" ] || python3 -m llamahot.synth "$preset" "$model" > "$out/synth.log" 2>&1 || { tail "$out/synth.log"; exit 1; }
+[ -f "$model" ] || python3 -m llamahot.synth "$preset" "$model" > /tmp/synth.log 2>&1 || { tail /tmp/synth.log; exit 1; }
 if [ -n "$PROBE" ]; then   # does an idle eval callback cost llama.cpp its CUDA graphs?
     python3 benchmarks/gpu/graphs_probe.py "$model" "$out/probe.json" --tokens 24 --reps 2 2>&1 | grep -v "^llama_\|^ggml_cuda_init\|Device 0"
     GGML_CUDA_DISABLE_GRAPHS=1 python3 benchmarks/gpu/graphs_probe.py "$model" "$out/probe_nographs.json" --tokens 24 --reps 2 2>&1 \
