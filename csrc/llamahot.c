@@ -145,6 +145,8 @@ struct lh_ctx {
     int32_t slot_kind;
     int32_t prefill_bypass;
     int32_t n_threads;             /* CPU threads for the shim's own graphs */
+    int64_t lone_row_idle_ns;      /* lh_set_lone_row_idle_ns; 0: off */
+    int64_t last_parallel_end_ns;  /* when the shim's last multi-threaded CPU graph finished */
     int32_t * slot_of_expert;      /* [n_moe_layers][n_expert], -1 = cold */
     int32_t * expert_of_slot;      /* [n_moe_layers][n_slots], -1 = empty */
     /* Asynchronous slot loads (lh_set_fence): per layer, the loader's fence for copies into its
@@ -362,6 +364,10 @@ int32_t lh_set_cold_on_device(struct lh_ctx * ctx, float share) {
 
 void lh_set_n_threads(struct lh_ctx * ctx, int32_t n_threads) {
     ctx->n_threads = n_threads > 0 ? n_threads : 1;
+}
+
+void lh_set_lone_row_idle_ns(struct lh_ctx * ctx, int64_t idle_ns) {
+    ctx->lone_row_idle_ns = idle_ns > 0 ? idle_ns : 0;
 }
 
 void lh_set_debug(struct lh_ctx * ctx, int32_t flags) {
@@ -985,17 +991,36 @@ static bool lh_split_entries(struct lh_ctx * ctx, const struct ggml_tensor * ids
 
 /* The end of a redirect: the CPU part (while the GPU part, launched before, runs), the wait for
  * the GPU, then every row scattered into dst in t's layout. */
+/* Threads for a stop's CPU graph. Little work (small models, few cold experts): one thread, no OpenMP
+ * region and barriers, which would cost more than they save. (Fewer threads for one or two experts
+ * were slower on the H100 machine while stops came often: the work is bound by memory bandwidth.)
+ * With lh_set_lone_row_idle_ns: a single row after that long without a parallel graph of the shim
+ * runs on one thread too (the pool's threads may have gone to sleep; waking them looked like ~3 ms
+ * per rare stop on the H100 machine's VM). */
+static int32_t lh_stop_threads(const struct lh_ctx * ctx, int64_t rows, size_t weight_bytes, int64_t now) {
+    if (weight_bytes < LH_PARALLEL_MIN_BYTES) {
+        return 1;
+    }
+    if (rows == 1 && ctx->lone_row_idle_ns > 0 && now - ctx->last_parallel_end_ns > ctx->lone_row_idle_ns) {
+        return 1;
+    }
+    return ctx->n_threads;
+}
+
 static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct ggml_cgraph * cpu_graph, bool gpu_used,
-                      size_t cpu_weight_bytes, int64_t t0, bool ok, int64_t n_cold, const float * cold_rows,
+                      int64_t cpu_rows, size_t cpu_weight_bytes, int64_t t0, bool ok, int64_t n_cold, const float * cold_rows,
                       int64_t n_hot, const float * hot_rows, int64_t n_dev, const float * dev_rows, char * dst) {
     if (ok && ggml_graph_n_nodes(cpu_graph) > 0) {
-        /* Little work (small models, few cold experts): one thread, no OpenMP region and barriers,
-         * which would cost more than they save. (Fewer threads for one or two experts were slower
-         * on the H100 machine: the work is bound by memory bandwidth.) */
-        ggml_backend_cpu_set_n_threads(ctx->cpu, cpu_weight_bytes < LH_PARALLEL_MIN_BYTES ? 1 : ctx->n_threads);
+        const int32_t n_threads = lh_stop_threads(ctx, cpu_rows, cpu_weight_bytes, t0);
+        ggml_backend_cpu_set_n_threads(ctx->cpu, n_threads);
         ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
         ctx->counters.cpu_runs++;
+        ctx->counters.cpu_rows += cpu_rows;
+        ctx->counters.lone_row_runs += n_threads == 1 && n_threads < ctx->n_threads && cpu_weight_bytes >= LH_PARALLEL_MIN_BYTES;
         const int64_t t1 = lh_now_ns();
+        if (n_threads > 1) {
+            ctx->last_parallel_end_ns = t1;
+        }
         ctx->counters.cpu_compute_ns += t1 - t0;
         t0 = t1;
     }
@@ -1093,8 +1118,7 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
         t0 = t1;
     }
     const size_t cpu_bytes = (size_t) (n_cold + (hot_on_gpu ? 0 : n_hot)) * w->nb[2];
-    ctx->counters.cpu_rows += n_cold + (hot_on_gpu ? 0 : n_hot);
-    ok = lh_finish(ctx, t, cpu_graph, hot_on_gpu, cpu_bytes, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
+    ok = lh_finish(ctx, t, cpu_graph, hot_on_gpu, n_cold + (hot_on_gpu ? 0 : n_hot), cpu_bytes, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
                    n_hot, hot_out_rows, 0, NULL, dst);
     ggml_free(g);
     return ok;
@@ -1620,8 +1644,7 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         expert_bytes += w ? w->nb[2] : 0;
     }
     const size_t cpu_bytes = (size_t) (n_cold + (hot_on_gpu ? 0 : n_hot)) * expert_bytes;
-    ctx->counters.cpu_rows += n_cold + (hot_on_gpu ? 0 : n_hot);
-    ok = lh_finish(ctx, d, cpu_graph, gpu_used, cpu_bytes, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
+    ok = lh_finish(ctx, d, cpu_graph, gpu_used, n_cold + (hot_on_gpu ? 0 : n_hot), cpu_bytes, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
                    n_hot, hot_out_rows, n_dev, dev_out_rows, dst);
     ggml_free(g);
     return ok;

@@ -75,6 +75,7 @@ struct lh_counters {
     int64_t device_cold_rows;  /* cold (token, k) rows computed on the device (lh_set_cold_on_device) */
     int64_t cpu_runs;          /* redirects whose CPU graph ran (each pays the threads' start and barriers) */
     int64_t cpu_rows;          /* (token, k) rows those CPU graphs computed */
+    int64_t lone_row_runs;     /* ... of which single rows run on one thread (lh_set_lone_row_idle_ns) */
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
     int64_t shadow_rows;       /* rows compared in shadow mode */
     int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */
@@ -150,6 +151,9 @@ void lh_set_debug(struct lh_ctx * ctx, int32_t flags);
 
 /* CPU threads of the shim's own graphs (set at lh_slots_init; e.g. after llama_set_n_threads). */
 void lh_set_n_threads(struct lh_ctx * ctx, int32_t n_threads);
+/* A stop whose CPU graph computes a single row runs it on one thread when the shim ran no
+ * multi-threaded graph for idle_ns (its threads may be asleep). 0 (default): off. */
+void lh_set_lone_row_idle_ns(struct lh_ctx * ctx, int64_t idle_ns);
 
 /* Single-token decode with device slots: this share (0..1, default 0) of a stop's cold experts is
  * copied to the device and computed there while the CPU computes the rest. Returns -1 (see

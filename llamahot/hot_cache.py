@@ -319,6 +319,15 @@ class HotCache:
         if self._ctx is not None:
             lib.lh_set_n_threads(self._ctx, int(n_threads))
 
+    def set_lone_row_idle_ms(self, ms: float) -> None:
+        """A stop whose CPU work is a single expert row runs on one thread when the shim ran no
+        multi-threaded graph for `ms` milliseconds (llama's thread pool may be asleep then, and waking
+        it can cost more than the row); 0 (default): off."""
+        if ms < 0:
+            raise ValueError(f"llamahot: the idle time must be >= 0 ms, got {ms}")
+        if self._ctx is not None:
+            lib.lh_set_lone_row_idle_ns(self._ctx, int(ms * 1e6))
+
     def use_policy(self, policy, *, rebalance_interval: Optional[int] = None,
                    plan_ahead: Optional[bool] = None) -> None:
         """Switch to another policy object (see llamahot.policy) and, if given, rebalance interval and
@@ -383,6 +392,7 @@ class HotCache:
             "device_cold_rows": int(counters.device_cold_rows),
             "cpu_runs": int(counters.cpu_runs),
             "cpu_rows": int(counters.cpu_rows),
+            "lone_row_runs": int(counters.lone_row_runs),
             "cold_on_device": self.cold_on_device,
             "redirect_ms": counters.redirect_ns / 1e6,
             "cpu_compute_ms": counters.cpu_compute_ns / 1e6,

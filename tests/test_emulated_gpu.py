@@ -218,3 +218,21 @@ def test_plans_made_ahead_in_a_worker_stay_exact_and_lag_one_rebalance(moe_model
 def test_plan_ahead_must_be_a_bool(text_model):
     with pytest.raises(ValueError, match="plan_ahead must be True or False"):
         llamahot.Llama(text_model, hot_experts=1, slot_device="emulated-gpu", plan_ahead="yes", **LLAMA_KW)
+
+
+def test_a_lone_cold_row_on_one_thread_stays_exact(all_moe_models):
+    """set_lone_row_idle_ms: a stop whose CPU work is a single expert row (here ≥ 1 MiB of weights,
+    so it would use every thread) runs it on one thread after the given idle time."""
+    path = all_moe_models["qwen3moe-mini"]
+    layout = read_moe_layout(path)
+    assert layout.expert_bytes >= 1 << 20, "the fixture must have experts big enough for several threads"
+    llm = llamahot.Llama(path, hot_experts=layout.n_expert * 3 // 4, rebalance_interval=8, slot_device="emulated-gpu",
+                         logits_all=True, **LLAMA_KW)
+    llm.hot_cache.set_debug(poison=True)
+    llm.hot_cache.set_lone_row_idle_ms(1e-6)
+    assert_bit_identical(reference_logits(path), greedy(llm, steps=STEPS))
+    stats = llm.hot_cache.stats()
+    assert 0 < stats["lone_row_runs"] <= stats["cpu_runs"]
+    with pytest.raises(ValueError, match="idle time"):
+        llm.hot_cache.set_lone_row_idle_ms(-1)
+    llm.close()

@@ -238,11 +238,12 @@ def policy_variants(n_layers: int, n_expert: int, k: int, threads: int) -> list[
     ]
 
 
-def configure(llm, policy, interval: int, plan_ahead: bool, threads: int) -> None:
+def configure(llm, policy, interval: int, plan_ahead: bool, threads: int, lone_row_idle_ms: float = 0.0) -> None:
     """Put a llamahot.Llama on a policy setting and a thread count (llama's and the shim's)."""
     llm.hot_cache.use_policy(policy, rebalance_interval=interval, plan_ahead=plan_ahead)
     llama_cpp.llama_set_n_threads(llm.ctx, threads, llm.context_params.n_threads_batch)
     llm.hot_cache.set_threads(threads)
+    llm.hot_cache.set_lone_row_idle_ms(lone_row_idle_ms)
 
 
 def main() -> int:
@@ -264,6 +265,8 @@ def main() -> int:
                         help="stop starting new K blocks after this many seconds (results so far are kept)")
     parser.add_argument("--mechanism-ab", action=argparse.BooleanOptionalAction, default=True,
                         help="A/B rows at the first K on CUDA: hot graph built per call, slot copies one by one")
+    parser.add_argument("--lone-row-ms", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
+                        help="rows at every K with set_lone_row_idle_ms(MS), e.g. 0.5,2")
     parser.add_argument("--policy-variants", action="store_true",
                         help="also measure other policy settings at the first K (rebalance every token)")
     parser.add_argument("--replot", action="store_true",
@@ -345,7 +348,7 @@ def main() -> int:
                        gpu_wait_ms_per_token=st["gpu_wait_ms"] / n, cpu_ms_per_token=st["cpu_compute_ms"] / n,
                        slot_gib=st["slot_bytes"] / 2**30, experts_loaded_per_token=st["experts_loaded"] / n,
                        rebalance_ms_per_token=st["rebalance_ms"] / n, cpu_runs_per_token=st["cpu_runs"] / n,
-                       cpu_rows_per_token=st["cpu_rows"] / n)
+                       cpu_rows_per_token=st["cpu_rows"] / n, lone_row_runs_per_token=st["lone_row_runs"] / n)
         # Three prefills per sample: one 512-token prefill is ~0.2 s and varied by a few % between samples.
         row["prefill_tok_s"] = statistics.median(prefill_rate(llm, long_prompt) for _ in range(3))
         return row
@@ -427,6 +430,9 @@ def main() -> int:
         # model (which chose the default) may charge loads too much there.
         settings = {}   # row name -> (policy, rebalance interval, plan ahead, threads)
         default_setting = (hot.hot_cache.policy, hot.hot_cache.rebalance_interval, False, args.threads)
+        for ms in args.lone_row_ms:   # rare single cold rows on one thread (sleeping pool threads)
+            settings[f"llamahot K={k}, lone row on one thread after {ms:g} ms idle"] = (*default_setting, ms)
+            modes.append((f"llamahot K={k}, lone row on one thread after {ms:g} ms idle", hot))
         stock_threads = {}  # stock rows run with fewer threads too: llamahot's planner thread takes a core
         if args.policy_variants and k == ks[0]:
             for label, interval, policy, ahead, threads in policy_variants(n_layers, n_expert, k, args.threads):
