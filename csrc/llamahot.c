@@ -989,8 +989,6 @@ static bool lh_split_entries(struct lh_ctx * ctx, const struct ggml_tensor * ids
     return true;
 }
 
-/* The end of a redirect: the CPU part (while the GPU part, launched before, runs), the wait for
- * the GPU, then every row scattered into dst in t's layout. */
 /* Threads for a stop's CPU graph. Little work (small models, few cold experts): one thread, no OpenMP
  * region and barriers, which would cost more than they save. (Fewer threads for one or two experts
  * were slower on the H100 machine while stops came often: the work is bound by memory bandwidth.)
@@ -1007,6 +1005,8 @@ static int32_t lh_stop_threads(const struct lh_ctx * ctx, int64_t rows, size_t w
     return ctx->n_threads;
 }
 
+/* The end of a redirect: the CPU part (while the GPU part, launched before, runs), the wait for
+ * the GPU, then every row scattered into dst in t's layout. */
 static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct ggml_cgraph * cpu_graph, bool gpu_used,
                       int64_t cpu_rows, size_t cpu_weight_bytes, int64_t t0, bool ok, int64_t n_cold, const float * cold_rows,
                       int64_t n_hot, const float * hot_rows, int64_t n_dev, const float * dev_rows, char * dst) {
@@ -1016,7 +1016,7 @@ static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct 
         ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
         ctx->counters.cpu_runs++;
         ctx->counters.cpu_rows += cpu_rows;
-        ctx->counters.lone_row_runs += n_threads == 1 && n_threads < ctx->n_threads && cpu_weight_bytes >= LH_PARALLEL_MIN_BYTES;
+        ctx->counters.lone_row_runs += n_threads < ctx->n_threads && cpu_weight_bytes >= LH_PARALLEL_MIN_BYTES;
         const int64_t t1 = lh_now_ns();
         if (n_threads > 1) {
             ctx->last_parallel_end_ns = t1;

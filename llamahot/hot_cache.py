@@ -70,10 +70,12 @@ class HotCache:
     """Hot-expert slots, routing counters and statistics of one llamahot context."""
 
     _ctx = None  # so release() is safe on an instance whose __init__ raised
+    _plan: Optional[Future] = None   # loads planned in the worker from the routing before the last eval
+    _planner: Optional[ThreadPoolExecutor] = None
 
     def __init__(self, layout: MoELayout, *, hot_experts: int, rebalance_interval: int,
                  prefill_bypass: int, slot_device: str, policy: str = "decayed", resident_layers: int = 0,
-                 cold_on_device: float = 0.0):
+                 cold_on_device: float = 0.0, plan_ahead: bool = False):
         # The last `resident_layers` MoE layers keep all their experts on the GPU, untouched: llamahot
         # manages (counts, slots, layer indices) the others only.
         self.resident_layers = resident_layers
@@ -85,6 +87,8 @@ class HotCache:
         self.prefill_bypass = prefill_bypass
         self.slot_device = slot_device
         self.cold_on_device = _check_cold_on_device(cold_on_device, slot_device)
+        if not isinstance(plan_ahead, bool):
+            raise ValueError(f"plan_ahead must be True or False, got {plan_ahead!r}")
         self.policy_name = policy
         # Fails fast on a bad name, before any model is loaded.
         self.policy = make_policy(policy, layout.n_moe_layers, layout.n_expert, hot_experts, rebalance_interval)
@@ -114,9 +118,7 @@ class HotCache:
         self._filled = False  # the first eval (the prompt) fills the slots
         # plan_ahead: the policy plans the next loads in a worker thread while llama decodes the next
         # token (ctypes releases the GIL); after that eval only the copies are issued.
-        self.plan_ahead = False
-        self._planner: Optional[ThreadPoolExecutor] = None
-        self._plan: Optional[Future] = None   # loads planned from the routing before the last eval
+        self.plan_ahead = plan_ahead
         self._snapshot_time = 0.0
         self._decode_tokens = 0
         self._decode_seconds = 0.0

@@ -125,10 +125,8 @@ class Llama(llama_cpp.Llama):
                 )
             self.hot_cache = HotCache(layout, hot_experts=hot_experts, rebalance_interval=rebalance_interval,
                                       prefill_bypass=prefill_bypass, slot_device=device, policy=policy,
-                                      resident_layers=resident_layers, cold_on_device=cold_on_device)
-            if not isinstance(plan_ahead, bool):
-                raise ValueError(f"plan_ahead must be True or False, got {plan_ahead!r}")
-            self.hot_cache.plan_ahead = plan_ahead
+                                      resident_layers=resident_layers, cold_on_device=cold_on_device,
+                                      plan_ahead=plan_ahead)
             layout = self.hot_cache.layout
             if cb_eval is not None:
                 self.hot_cache.chain_user_callback(cb_eval, cb_eval_user_data)
