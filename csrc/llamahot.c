@@ -1117,8 +1117,8 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
         ctx->counters.gpu_submit_ns += t1 - t0;
         t0 = t1;
     }
-    const size_t cpu_bytes = (size_t) (n_cold + (hot_on_gpu ? 0 : n_hot)) * w->nb[2];
-    ok = lh_finish(ctx, t, cpu_graph, hot_on_gpu, n_cold + (hot_on_gpu ? 0 : n_hot), cpu_bytes, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
+    const int64_t cpu_rows = n_cold + (hot_on_gpu ? 0 : n_hot);
+    ok = lh_finish(ctx, t, cpu_graph, hot_on_gpu, cpu_rows, (size_t) cpu_rows * w->nb[2], t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
                    n_hot, hot_out_rows, 0, NULL, dst);
     ggml_free(g);
     return ok;
@@ -1643,8 +1643,8 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         const struct ggml_tensor * w = ctx->layers[f->layer].weight[p];
         expert_bytes += w ? w->nb[2] : 0;
     }
-    const size_t cpu_bytes = (size_t) (n_cold + (hot_on_gpu ? 0 : n_hot)) * expert_bytes;
-    ok = lh_finish(ctx, d, cpu_graph, gpu_used, n_cold + (hot_on_gpu ? 0 : n_hot), cpu_bytes, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
+    const int64_t cpu_rows = n_cold + (hot_on_gpu ? 0 : n_hot);
+    ok = lh_finish(ctx, d, cpu_graph, gpu_used, cpu_rows, (size_t) cpu_rows * expert_bytes, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
                    n_hot, hot_out_rows, n_dev, dev_out_rows, dst);
     ggml_free(g);
     return ok;

@@ -428,18 +428,21 @@ def main() -> int:
         # Other policy settings at the first K, interleaved with the rest (the machine drifts between
         # blocks): on a GPU a copy is an asynchronous DMA, not a CPU read, so the trace study's cost
         # model (which chose the default) may charge loads too much there.
-        settings = {}   # row name -> (policy, rebalance interval, plan ahead, threads)
+        # Row name -> its setting: configure()'s arguments for llamahot rows, a thread count for static ones.
+        settings: dict[str, object] = {}
         default_setting = (hot.hot_cache.policy, hot.hot_cache.rebalance_interval, False, args.threads)
+
+        def add_row(name: str, llm, setting) -> None:
+            modes.append((name, llm))
+            settings[name] = setting
+
         for ms in args.lone_row_ms:   # rare single cold rows on one thread (sleeping pool threads)
-            settings[f"llamahot K={k}, lone row on one thread after {ms:g} ms idle"] = (*default_setting, ms)
-            modes.append((f"llamahot K={k}, lone row on one thread after {ms:g} ms idle", hot))
-        stock_threads = {}  # stock rows run with fewer threads too: llamahot's planner thread takes a core
+            add_row(f"llamahot K={k}, lone row on one thread after {ms:g} ms idle", hot, (*default_setting, ms))
         if args.policy_variants and k == ks[0]:
             for label, interval, policy, ahead, threads in policy_variants(n_layers, n_expert, k, args.threads):
-                settings[f"llamahot K={k}, {label}"] = (policy, interval, ahead, threads)
-                modes.append((f"llamahot K={k}, {label}", hot))
-            stock_threads[f"stock static {gpu_layers} layers, {args.threads - 1} threads"] = args.threads - 1
-            modes.append((f"stock static {gpu_layers} layers, {args.threads - 1} threads", static))
+                add_row(f"llamahot K={k}, {label}", hot, (policy, interval, ahead, threads))
+            # Stock with fewer threads too: llamahot's planner thread takes a core.
+            add_row(f"stock static {gpu_layers} layers, {args.threads - 1} threads", static, args.threads - 1)
         copies = hot.hot_cache.slots.copies
         batch = getattr(copies, "batch", False)
         results["speed"].setdefault("batched_copies", {})[str(k)] = batch
@@ -451,7 +454,7 @@ def main() -> int:
                 if llm is hot:
                     configure(hot, *settings.get(name, default_setting))
                 elif llm is static:
-                    llama_cpp.llama_set_n_threads(static.ctx, stock_threads.get(name, args.threads), args.threads)
+                    llama_cpp.llama_set_n_threads(static.ctx, settings.get(name, args.threads), args.threads)
                 record(name, measure(llm, name))
             hot.hot_cache.set_debug()
             configure(hot, *default_setting)
