@@ -1,9 +1,10 @@
 #!/bin/bash
 # Rebalance and cold-compute probes on the routed 30B-shaped model, in one device call (~4 min):
-#   bash benchmarks/gpu/rebalance_probe.sh OUT_DIR [variant lines file]
-# Each variant line: "ENV=... -- probe arguments" (rebalance_probe.py; one model load each).
+#   bash benchmarks/gpu/rebalance_probe.sh OUT_DIR [variant lines file] [probe script]
+# Each variant line: "ENV=... -- probe arguments" (one process, so one model load, each). The probe is
+# rebalance_probe.py unless named (threads_probe.py: stock rows and llamahot side by side).
 set -o pipefail
-out=${1:?usage: bash benchmarks/gpu/rebalance_probe.sh OUT_DIR [VARIANTS_FILE]}
+out=${1:?usage: bash benchmarks/gpu/rebalance_probe.sh OUT_DIR [VARIANTS_FILE] [PROBE_SCRIPT]}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 bash benchmarks/gpu/setup.sh "$out" > /tmp/setup.log 2>&1 || { tail -40 /tmp/setup.log; exit 1; }
@@ -13,9 +14,10 @@ model=/tmp/models/qwen3moe-30b-a3b-routed.gguf
 mkdir -p /tmp/models
 [ -f "$model" ] || python3 -m llamahot.synth qwen3moe-30b-a3b-routed "$model" > /tmp/synth.log 2>&1 || { tail /tmp/synth.log; exit 1; }
 variants=${2:-benchmarks/gpu/rebalance_variants.txt}
+probe=${3:-benchmarks/gpu/rebalance_probe.py}
 while IFS= read -r line; do
     [ -z "$line" ] || [ "${line:0:1}" = "#" ] && continue
     envs=${line%%--*}; probe_args=${line#*--}
-    env $envs python3 benchmarks/gpu/rebalance_probe.py "$model" $probe_args 2>&1 | tee -a "$out/probe_raw.txt" \
+    env $envs python3 "$probe" "$model" $probe_args 2>&1 | tee -a "$out/probe_raw.txt" \
         | grep -v "^llama_\|^ggml_cuda_init\|Device 0\|^load\|^print_info" | tee -a "$out/probe.txt"; echo "rc ${PIPESTATUS[0]}: $line"
 done < "$variants"
