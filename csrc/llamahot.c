@@ -61,7 +61,6 @@ struct lh_entry {
  * the down matmul (activation, biases, views), in topological order. Found at the down node's
  * ask by walking back from its input; recomputed by the shim in one go (one stop per layer). */
 #define LH_FFN_MAX_NODES 32
-#define LH_RUN_NODES 64
 struct lh_ffn {
     int32_t layer;
     struct ggml_tensor * down;
@@ -71,7 +70,6 @@ struct lh_ffn {
     enum ggml_op saved_op[LH_FFN_MAX_NODES + 1];   /* nodes, then down */
     int32_t n_mutated;
     struct ggml_tensor * mutated[LH_FFN_MAX_NODES + 1];
-    const struct ggml_tensor * mutated_src0[LH_FFN_MAX_NODES + 1];  /* to recognise them when restoring */
 };
 
 /* A host-memory weight used by the FFN (a routed-expert bias) and its copy on the GPU. */
@@ -179,14 +177,6 @@ struct lh_ctx {
     int8_t * ffn_mode;             /* [n_moe_layers] */
     struct lh_ffn ffn;
     bool ffn_pending;
-    /* Early FFN: when every node llama's current run computes before the down node belongs to the
-     * FFN, the layer input and ids were computed before the run (on a GPU machine: they are the
-     * CPU split's input copies), so the FFN is computed at the down node's ask and the run goes on
-     * without a stop. Its skipped nodes are restored once that run has been computed. */
-    struct lh_ffn early;
-    bool early_pending;
-    struct ggml_tensor * run_nodes[LH_RUN_NODES];  /* computing nodes asked in the current run */
-    int32_t n_run_nodes;                           /* -1: more than LH_RUN_NODES */
     ggml_gallocr_t cpu_galloc;
     ggml_gallocr_t gpu_galloc;
     /* Host memory for the GPU part's inputs and outputs: pinned when the device offers it, so the
@@ -1256,22 +1246,15 @@ static void lh_ffn_skip(struct lh_ctx * ctx, struct lh_ffn * f) {
             continue;  /* computes nothing */
         }
         f->saved_op[f->n_mutated] = n->op;
-        f->mutated_src0[f->n_mutated] = n->src[0];
         f->mutated[f->n_mutated++] = n;
         n->op = GGML_OP_NONE;
     }
     ctx->counters.open_mutations += f->n_mutated;
 }
 
-/* Only a node still as we left it is restored: should llama have built a new graph in the same
- * memory meanwhile (an early FFN pending when a graph ended and the next decode bypassed
- * lh_restore), the tensor found there is another one, left alone (a node has src[0], a leaf not). */
 static void lh_ffn_restore(struct lh_ctx * ctx, struct lh_ffn * f) {
     for (int32_t i = 0; i < f->n_mutated; i++) {
-        struct ggml_tensor * n = f->mutated[i];
-        if (n->op == GGML_OP_NONE && n->src[0] == f->mutated_src0[i]) {
-            n->op = f->saved_op[i];
-        }
+        f->mutated[i]->op = f->saved_op[i];
     }
     ctx->counters.open_mutations -= f->n_mutated;
     f->n_mutated = 0;
@@ -1794,11 +1777,11 @@ static void lh_redirect(struct lh_ctx * ctx, struct ggml_tensor * t, int32_t lay
 }
 
 /* At the down node's ask: recognise the layer's FFN so it can be computed in one stop. */
-static bool lh_try_ffn(struct lh_ctx * ctx, struct lh_ffn * f, struct ggml_tensor * t, int32_t layer) {
+static bool lh_try_ffn(struct lh_ctx * ctx, struct ggml_tensor * t, int32_t layer) {
     if (ctx->ffn_mode[layer] < 0) {
         return false;
     }
-    if (!lh_ffn_find(ctx, f, t, layer)) {
+    if (!lh_ffn_find(ctx, &ctx->ffn, t, layer)) {
         ctx->ffn_mode[layer] = -1;  /* llama built something else here: per-node redirects from now on */
         return false;
     }
@@ -1806,60 +1789,8 @@ static bool lh_try_ffn(struct lh_ctx * ctx, struct lh_ffn * f, struct ggml_tenso
     return true;
 }
 
-/* ---- runs: which nodes llama computes together, to know when an FFN can be computed early ---- */
-
-static bool lh_computes_nothing(const struct ggml_tensor * t) {
-    return t->op == GGML_OP_NONE || t->op == GGML_OP_VIEW || t->op == GGML_OP_RESHAPE ||
-           t->op == GGML_OP_PERMUTE || t->op == GGML_OP_TRANSPOSE;
-}
-
-/* The run holding the early FFN has been computed: give its skipped nodes their ops back. */
-static int32_t lh_early_done(struct lh_ctx * ctx) {
-    if (!ctx->early_pending) {
-        return 0;
-    }
-    const int32_t n = ctx->early.n_mutated;
-    lh_ffn_restore(ctx, &ctx->early);
-    ctx->early_pending = false;
-    return n;
-}
-
-/* A new run begins after an answer (ask=false) and at a node outside host memory (a GPU split:
- * the scheduler computes and synchronizes splits one after another, so the runs before it are done). */
-static void lh_run_begins(struct lh_ctx * ctx) {
-    lh_early_done(ctx);
-    ctx->n_run_nodes = 0;
-}
-
-static void lh_run_add(struct lh_ctx * ctx, struct ggml_tensor * t) {
-    if (ctx->n_run_nodes < 0 || lh_computes_nothing(t)) {
-        return;
-    }
-    if (ctx->n_run_nodes == LH_RUN_NODES) {
-        ctx->n_run_nodes = -1;
-        return;
-    }
-    ctx->run_nodes[ctx->n_run_nodes++] = t;
-}
-
-/* Every node the current run computes before f's down node is one of f's (skipped) nodes: f's
- * inputs (layer input, ids) come from earlier runs or split input copies, and no node of the run
- * writes memory before the down node, so its output can be written now. */
-static bool lh_run_is_only(const struct lh_ctx * ctx, const struct lh_ffn * f) {
-    if (ctx->n_run_nodes < 0) {
-        return false;
-    }
-    for (int32_t i = 0; i < ctx->n_run_nodes; i++) {
-        if (!lh_ffn_has(f, ctx->run_nodes[i])) {
-            return false;
-        }
-    }
-    return true;
-}
-
 int32_t lh_restore(struct lh_ctx * ctx) {
-    int32_t restored = lh_early_done(ctx);
-    ctx->n_run_nodes = 0;
+    int32_t restored = 0;
     if (ctx->ffn_pending) {
         restored += ctx->ffn.n_mutated;
         lh_ffn_restore(ctx, &ctx->ffn);
@@ -1897,80 +1828,40 @@ bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
     return answer;
 }
 
-/* The layer's FFN computed at its down node's ask (lh_run_is_only holds): llama's run goes on
- * without a stop, skipping the FFN's nodes; they are restored when a later callback shows that run
- * computed (lh_run_begins) or at lh_restore. */
-static void lh_early_ffn(struct lh_ctx * ctx, struct ggml_tensor * t) {
-    ctx->early = ctx->ffn;
-    const bool timeline = ctx->debug_flags & LH_DEBUG_TIMELINE;
-    if (timeline) {
-        lh_record(ctx, t, 0);
-    }
-    const int64_t done = ctx->counters.ffn_redirects;
-    lh_redirect(ctx, t, ctx->early.layer, LH_PROJ_DOWN, &ctx->early);  /* reads the nodes' ops: skip after */
-    ctx->counters.early_ffn_redirects += ctx->counters.ffn_redirects - done;
-    lh_count_routing(ctx, t, ctx->early.layer, true);
-    lh_ffn_skip(ctx, &ctx->early);
-    ctx->early_pending = true;
-    if (timeline) {
-        lh_record(ctx, t, 2);
-    }
-}
-
-/* ask=true: whether the scheduler should stop after t (and compute t's run first). */
-static bool lh_ask(struct lh_ctx * ctx, struct ggml_tensor * t) {
-    if (ctx->early_pending && (t == ctx->early.down || lh_ffn_has(&ctx->early, t))) {
-        lh_early_done(ctx);  /* a graph llama reuses is computed again: its nodes must be whole */
-    }
-    ctx->user_wanted = ctx->user_cb != NULL && ctx->user_cb(t, true, ctx->user_ud);
-    const struct lh_weight_entry * e = lh_managed(ctx, t);
-    if (e == NULL) {
-        return ctx->user_wanted;
-    }
-    const bool shadow = ctx->debug_flags & LH_DEBUG_SHADOW;
-    if (lh_wants_redirect(ctx, t, e->moe_layer)) {
-        /* Whole-FFN mode: gate/up run on untouched (their nodes are skipped at the down node's
-         * ask, before the run that contains them is computed); one stop, at the down node. */
-        const bool ffn_mode = lh_ffn_mode(ctx, e->moe_layer);
-        if (ffn_mode && e->proj != LH_PROJ_DOWN) {
-            /* shadow: stop after it to keep the layer input (ask=false) */
-            return shadow || (ctx->debug_flags & LH_DEBUG_SPLIT_BEFORE_FFN);
-        }
-        if (ffn_mode && lh_try_ffn(ctx, &ctx->ffn, t, e->moe_layer)) {
-            if (!shadow && !(ctx->debug_flags & LH_DEBUG_LATE_FFN) && !ctx->early_pending && lh_run_is_only(ctx, &ctx->ffn)) {
-                lh_early_ffn(ctx, t);
-                return false;
-            }
-            if (!shadow) {
-                lh_ffn_skip(ctx, &ctx->ffn);
-            }
-            ctx->ffn_pending = true;
-            return true;
-        }
-        if (!shadow) {
-            /* Only this: inputs are not computed yet and t->data may alias earlier nodes. */
-            ctx->pending = t;
-            ctx->pending_op = t->op;
-            t->op = GGML_OP_NONE;
-            ctx->counters.open_mutations++;
-        }
-        return true;
-    }
-    return e->proj == LH_PROJ_DOWN || ctx->user_wanted;
-}
-
 static bool lh_callback(struct lh_ctx * ctx, struct ggml_tensor * t, bool ask) {
     if (ask) {
-        if (t->buffer != NULL && !ggml_backend_buffer_is_host(t->buffer)) {
-            lh_run_begins(ctx);
+        ctx->user_wanted = ctx->user_cb != NULL && ctx->user_cb(t, true, ctx->user_ud);
+        const struct lh_weight_entry * e = lh_managed(ctx, t);
+        if (e == NULL) {
+            return ctx->user_wanted;
         }
-        const bool wanted = lh_ask(ctx, t);
-        if (!wanted) {
-            lh_run_add(ctx, t);
+        const bool shadow = ctx->debug_flags & LH_DEBUG_SHADOW;
+        if (lh_wants_redirect(ctx, t, e->moe_layer)) {
+            /* Whole-FFN mode: gate/up run on untouched (their nodes are skipped at the down node's
+             * ask, before the run that contains them is computed); one stop, at the down node. */
+            const bool ffn_mode = lh_ffn_mode(ctx, e->moe_layer);
+            if (ffn_mode && e->proj != LH_PROJ_DOWN) {
+                return shadow;  /* shadow: stop after it to keep the layer input (ask=false) */
+            }
+            if (ffn_mode && lh_try_ffn(ctx, t, e->moe_layer)) {
+                if (!shadow) {
+                    lh_ffn_skip(ctx, &ctx->ffn);
+                }
+                ctx->ffn_pending = true;
+                return true;
+            }
+            if (!shadow) {
+                /* Only this: inputs are not computed yet and t->data may alias earlier nodes. */
+                ctx->pending = t;
+                ctx->pending_op = t->op;
+                t->op = GGML_OP_NONE;
+                ctx->counters.open_mutations++;
+            }
+            return true;
         }
-        return wanted;
+        return e->proj == LH_PROJ_DOWN || ctx->user_wanted;
     }
-    lh_run_begins(ctx);  /* the run ending at t has been computed */
+
     /* ask=false: the scheduler computed every node up to and including t. */
     if (ctx->ffn_pending && ctx->ffn.down == t) {
         ctx->ffn_pending = false;

@@ -47,11 +47,6 @@ enum lh_debug_flags {
     LH_DEBUG_TIMELINE = 16, /* record every callback (lh_timeline) to see where a token's time goes */
     LH_DEBUG_CALL_GRAPHS = 32, /* benchmarks: build the hot part's device graph per call, never the
                                   layer's persistent one (to measure what the persistent graph saves) */
-    LH_DEBUG_LATE_FFN = 64, /* benchmarks: always compute a layer's FFN at the down node's ask=false
-                               (a stop), never early at its ask (to measure what that saves) */
-    LH_DEBUG_SPLIT_BEFORE_FFN = 128, /* tests: end llama's run at each gate/up node (skipped), as the
-                               split boundary before a CPU split of experts does on a GPU machine,
-                               so the early FFN path runs on a CPU-only build */
 };
 
 /* Callbacks timeline mode keeps (a ring of the latest). */
@@ -75,8 +70,6 @@ struct lh_counters {
     int64_t weights_known;     /* distinct routed-expert weights recognised so far */
     int64_t redirected_nodes;  /* expert matmul nodes computed by the shim from slots + original weights */
     int64_t ffn_redirects;     /* ... of which in whole-FFN mode: layers computed in one stop */
-    int64_t early_ffn_redirects; /* ... of which at the down node's ask, without a stop (the layer's
-                                    inputs were already in host memory: a CPU split's input copies) */
     int64_t gpu_runs;          /* redirects (a layer's FFN or one node) whose hot part ran on the device */
     int64_t persistent_gpu_runs; /* ... of which in the layer's persistent graph (single-token decode) */
     int64_t device_cold_rows;  /* cold (token, k) rows computed on the device (lh_set_cold_on_device) */

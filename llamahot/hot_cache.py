@@ -36,8 +36,6 @@ DEBUG_PER_NODE = lib.LH_DEBUG_PER_NODE
 DEBUG_SKIP_COMPUTE = lib.LH_DEBUG_SKIP_COMPUTE
 DEBUG_TIMELINE = lib.LH_DEBUG_TIMELINE
 DEBUG_CALL_GRAPHS = lib.LH_DEBUG_CALL_GRAPHS
-DEBUG_LATE_FFN = lib.LH_DEBUG_LATE_FFN
-DEBUG_SPLIT_BEFORE_FFN = lib.LH_DEBUG_SPLIT_BEFORE_FFN
 TIMELINE_CAP = lib.LH_TIMELINE_CAP
 SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
@@ -287,22 +285,17 @@ class HotCache:
 
     # -- test and benchmark controls -------------------------------------------------------
     def set_debug(self, *, poison: bool = False, shadow: bool = False, per_node: bool = False,
-                  skip_compute: bool = False, timeline: bool = False, call_graphs: bool = False,
-                  late_ffn: bool = False, split_before_ffn: bool = False) -> None:
+                  skip_compute: bool = False, timeline: bool = False, call_graphs: bool = False) -> None:
         """Test-only checks. poison: NaN-fill redirected outputs before writing them; shadow: let
         llama compute, recompute, compare every row; per_node: redirect each expert matmul on its
         own (the fallback path) instead of each layer's FFN in one stop. For benchmarks:
         skip_compute (outputs are garbage): stop as usual but compute nothing, the floor of the
         stops; timeline: record every callback, read with timeline(); call_graphs: build the hot
         part's device graph per call instead of using the layer's persistent one (single-token decode
-        on a device), to measure what the persistent graph saves; late_ffn: always stop at the down
-        node to compute a layer's FFN, never early at its ask (what computing early saves). For tests:
-        split_before_ffn: end llama's run at each gate/up node, as the split before a CPU split of
-        experts does on a GPU machine, so the early path runs on a CPU-only build."""
+        on a device), to measure what the persistent graph saves."""
         lib.lh_set_debug(self._ctx, (DEBUG_POISON if poison else 0) | (DEBUG_SHADOW if shadow else 0) |
                          (DEBUG_PER_NODE if per_node else 0) | (DEBUG_SKIP_COMPUTE if skip_compute else 0) |
-                         (DEBUG_TIMELINE if timeline else 0) | (DEBUG_CALL_GRAPHS if call_graphs else 0) |
-                         (DEBUG_LATE_FFN if late_ffn else 0) | (DEBUG_SPLIT_BEFORE_FFN if split_before_ffn else 0))
+                         (DEBUG_TIMELINE if timeline else 0) | (DEBUG_CALL_GRAPHS if call_graphs else 0))
 
     def timeline(self) -> list[tuple[int, int, int, str]]:
         """Callbacks recorded in timeline mode since the last call, oldest first: (time ns, kind
@@ -396,7 +389,6 @@ class HotCache:
             "managed_nodes": int(counters.managed_nodes),
             "redirected_nodes": int(counters.redirected_nodes),
             "ffn_redirects": int(counters.ffn_redirects),
-            "early_ffn_redirects": int(counters.early_ffn_redirects),
             "gpu_runs": int(counters.gpu_runs),
             "persistent_gpu_runs": int(counters.persistent_gpu_runs),
             "device_cold_rows": int(counters.device_cold_rows),

@@ -60,31 +60,16 @@ def no_open_mutations(llm) -> None:
     assert llm.hot_cache.open_mutations() == 0, "a graph mutation outlived the decode"
 
 
-# The redirect paths: each layer's FFN in one stop at its down node (default on a CPU-only build,
-# where the layer's inputs are computed in the same run); one stop per expert matmul (fallback);
-# each layer's FFN at its down node's ask, without a stop (the default on a GPU machine, where the
-# inputs are a CPU split's input copies; emulated on CPU by ending llama's run at each gate/up node).
-PATHS = {"layer-ffn": {}, "per-node": {"per_node": True}, "early-ffn": {"split_before_ffn": True}}
-
-
-def expected_ffn_counters(path: str, stops: int) -> tuple[int, int]:
-    """(ffn_redirects, early_ffn_redirects) after `stops` layer redirects on a redirect path."""
-    if path == "per-node":
-        return 0, 0
-    return stops, stops if path == "early-ffn" else 0
-
-
-@pytest.mark.parametrize("path", PATHS)
-def test_logits_bit_identical_with_host_slots(moe_model, path):
-    """Every redirect path: each layer's expert FFN in one stop (default on CPU), at the down
-    node's ask (default on a GPU machine), and one stop per expert matmul (the fallback for FFNs
-    the shim does not recognise)."""
+@pytest.mark.parametrize("per_node", [False, True], ids=["layer-ffn", "per-node"])
+def test_logits_bit_identical_with_host_slots(moe_model, per_node):
+    """Both redirect paths: each layer's expert FFN in one stop (default), and one stop per
+    expert matmul (the fallback for FFNs the shim does not recognise)."""
     expected = stock_logits(moe_model)
     layout = read_moe_layout(moe_model)
     for k in k_values(moe_model):
         llm = llamahot.Llama(moe_model, hot_experts=k, rebalance_interval=REBALANCE, slot_device="host",
                              logits_all=True, **LLAMA_KW)
-        llm.hot_cache.set_debug(poison=True, **PATHS[path])
+        llm.hot_cache.set_debug(poison=True, per_node=per_node)
         got = greedy(llm, after_each=no_open_mutations)
         assert_bit_identical(expected, got)
 
@@ -94,8 +79,7 @@ def test_logits_bit_identical_with_host_slots(moe_model, path):
         # The prompt fills the slots; from then on every expert matmul of every decode step was
         # computed by the shim: one node per projection per MoE layer per step.
         assert stats["redirected_nodes"] == STEPS * layout.n_moe_layers * len(layout.projections)
-        assert (stats["ffn_redirects"], stats["early_ffn_redirects"]) == \
-            expected_ffn_counters(path, STEPS * layout.n_moe_layers)
+        assert stats["ffn_redirects"] == (0 if per_node else STEPS * layout.n_moe_layers)
         # hits + misses are exactly the routed entries of the managed ubatches, layer by layer.
         counts = llm.hot_cache.routing_counts()
         np.testing.assert_array_equal(stats["hits_per_layer"] + stats["misses_per_layer"], counts.sum(axis=1))
@@ -219,10 +203,9 @@ def test_checks_catch_a_wrong_slot(text_model, per_node):
     llm.eval([5])
     assert llm.hot_cache.stats()["shadow_mismatches"] > 0
 
-    for path in PATHS.values() if per_node is False else [{"per_node": True}]:
-        llm.hot_cache.set_debug(poison=True, **path)
-        corrupted = greedy(llm, steps=4)
-        assert (corrupted.view(np.uint32) != stock_logits(text_model)[: len(corrupted)].view(np.uint32)).any()
+    llm.hot_cache.set_debug(poison=True, per_node=per_node)
+    corrupted = greedy(llm, steps=4)
+    assert (corrupted.view(np.uint32) != stock_logits(text_model)[: len(corrupted)].view(np.uint32)).any()
 
 
 def test_two_instances_with_slots_stay_exact(all_moe_models):
@@ -294,15 +277,15 @@ def test_application_callback_with_slots_stays_exact(text_model):
     assert sorted(recorder.stacked("ffn_moe_topk")) == list(layout.moe_blocks)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_aborted_decode_leaves_no_skipped_node(text_model, path):
+@pytest.mark.parametrize("per_node", [False, True], ids=["layer-ffn", "per-node"])
+def test_aborted_decode_leaves_no_skipped_node(text_model, per_node):
     """A decode aborted mid-graph (llama_set_abort_callback) returns before the shim's answer for
     the node it skipped; llamahot restores the graph after the failed eval, and later evals stay
     exact (llama.cpp reuses the graph)."""
     layout = read_moe_layout(text_model)
     llm = llamahot.Llama(text_model, hot_experts=layout.n_expert, rebalance_interval=8, logits_all=True,
                          **LLAMA_KW)
-    llm.hot_cache.set_debug(poison=True, **PATHS[path])
+    llm.hot_cache.set_debug(poison=True, per_node=per_node)
     greedy(llm, steps=4)
     calls = {"n": 0}
 
@@ -318,38 +301,6 @@ def test_aborted_decode_leaves_no_skipped_node(text_model, path):
     llama_cpp.llama_set_abort_callback(llm.ctx, llama_cpp.ggml_abort_callback(), None)  # NULL: none
     got = greedy(llm)
     assert_bit_identical(stock_logits(text_model), got)
-
-
-def test_early_ffn_left_pending_by_a_bare_decode_stays_exact(text_model):
-    """An FFN computed early in the graph's last run is restored only at the next callback or at
-    llamahot's end of eval. A decode that bypasses llamahot.Llama.eval (llama_cpp's own eval)
-    leaves it pending; the next decode of the reused graph must still compute every node."""
-    layout = read_moe_layout(text_model)
-    llm = llamahot.Llama(text_model, hot_experts=layout.n_expert_used, rebalance_interval=8, logits_all=True,
-                         **LLAMA_KW)
-    llm.hot_cache.set_debug(poison=True, split_before_ffn=True)
-    pending = []
-
-    def bare_eval(tokens):
-        llama_cpp.Llama.eval(llm, tokens)  # no end_of_eval, no rebalance
-        pending.append(llm.hot_cache.open_mutations())
-
-    llm.reset()
-    llm.eval(llm.tokenize(PROMPT))
-    for step in range(25):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        bare_eval([token]) if step % 2 == 0 else llm.eval([token])
-    assert max(pending) > 0, "the last layer's early FFN was still pending after a bare decode"
-    assert llm.hot_cache.stats()["early_ffn_redirects"] > 0
-    # A decode that never stops (not observing) reaches the pending nodes with no answer before
-    # them: they are restored at their own ask.
-    assert pending[-1] > 0
-    llm.hot_cache.set_observing(False)
-    for _ in range(2):
-        bare_eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    got = llm.scores[: llm.n_tokens].copy()
-    assert_bit_identical(stock_logits(text_model)[: len(got)], got)
-    llm.close()
 
 
 def test_changing_hot_experts_at_runtime_stays_exact(moe_model):

@@ -50,7 +50,6 @@ def static_cpu_pattern(n_layers_on_cpu: int, layout: MoELayout) -> str | None:
 FLOOR = "llamahot floor (all hot, stops compute nothing)"
 CALL_GRAPHS = ", hot graph built per call"
 ONE_BY_ONE = ", slot copies one cudaMemcpyAsync each"   # A/B: without cudaMemcpyBatchAsync
-LATE_FFN = ", FFN at a stop (not early at the down node's ask)"   # A/B: set_debug(late_ffn=True)
 
 
 def roofline_tok_s(hit_rate, t_gpu_s: float, t_cold_s: float):
@@ -264,8 +263,6 @@ def main() -> int:
                         help="stop starting new K blocks after this many seconds (results so far are kept)")
     parser.add_argument("--mechanism-ab", action=argparse.BooleanOptionalAction, default=True,
                         help="A/B rows at the first K on CUDA: hot graph built per call, slot copies one by one")
-    parser.add_argument("--late-ffn-ab", action=argparse.BooleanOptionalAction, default=True,
-                        help="A/B row at the first K: every FFN computed at a stop, never early at its ask")
     parser.add_argument("--lone-row-ms", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
                         help="rows at every K with set_lone_row_idle_ms(MS), e.g. 0.5,2")
     parser.add_argument("--policy-variants", action="store_true",
@@ -349,31 +346,35 @@ def main() -> int:
                        gpu_wait_ms_per_token=st["gpu_wait_ms"] / n, cpu_ms_per_token=st["cpu_compute_ms"] / n,
                        slot_gib=st["slot_bytes"] / 2**30, experts_loaded_per_token=st["experts_loaded"] / n,
                        rebalance_ms_per_token=st["rebalance_ms"] / n, cpu_runs_per_token=st["cpu_runs"] / n,
-                       cpu_rows_per_token=st["cpu_rows"] / n, lone_row_runs_per_token=st["lone_row_runs"] / n,
-                       early_ffn_share=st["early_ffn_redirects"] / max(st["ffn_redirects"], 1))
-        # Three prefills per sample: one 512-token prefill is ~0.2 s and varied by a few % between samples.
-        row["prefill_tok_s"] = statistics.median(prefill_rate(llm, long_prompt) for _ in range(3))
+                       cpu_rows_per_token=st["cpu_rows"] / n, lone_row_runs_per_token=st["lone_row_runs"] / n)
         return row
 
     samples: dict[str, list[dict]] = {}
 
-    def record(name: str, row: dict) -> None:
-        samples.setdefault(name, []).append(row)
+    def run_block(rows: list[tuple[str, object]], setup=lambda name, llm: None) -> None:
+        """Every row in every repetition (rotated order), setup(name, llm) before each: decode first,
+        then prefill. A prefill (512 tokens of a repeated short prompt) re-targets llamahot's hot set
+        to its own text, so it never runs between decode windows: until session 9 each sample's three
+        prefills came right after its decode, and every llamahot row started its next decode window
+        with a hot set fitted to that prompt instead of to the text being decoded."""
+        first = {name: len(samples.get(name, [])) for name, _ in rows}
+        for stage in ("decode", "prefill"):
+            for rep in range(args.reps):
+                for name, llm in rows[rep % len(rows):] + rows[: rep % len(rows)]:
+                    setup(name, llm)
+                    if stage == "decode":
+                        samples.setdefault(name, []).append(measure(llm, name))
+                    else:  # three prefills per sample: one is ~0.2 s and varied by a few % between samples
+                        samples[name][first[name] + rep]["prefill_tok_s"] = statistics.median(
+                            prefill_rate(llm, long_prompt) for _ in range(3))
 
     # Callback installed but idle, and observing only (K = 0), against stock RAM measured in the same
     # block (stock RAM is measured again with every K later; drift between blocks is not their cost).
-    idle_block_ram: list[dict] = []
     hot.hot_cache.set_hot_experts(0)
     idle_modes = ["stock RAM", "stock RAM (mmap)", "llamahot idle", "llamahot observing"]
-    for rep in range(args.reps):
-        for name in idle_modes[rep % 4:] + idle_modes[: rep % 4]:
-            if name.startswith("stock RAM"):
-                record(name, measure(ram if name == "stock RAM" else ram_mmap, name))
-                if name == "stock RAM":
-                    idle_block_ram.append(samples[name][-1])
-            else:
-                hot.hot_cache.set_observing(name == "llamahot observing")
-                record(name, measure(hot, name))
+    run_block(list(zip(idle_modes, (ram, ram_mmap, hot, hot))),
+              lambda name, llm: hot.hot_cache.set_observing(name != "llamahot idle"))
+    idle_block_ram = list(samples["stock RAM"])
     hot.hot_cache.set_observing(True)
     ram_mmap.close()
 
@@ -381,11 +382,8 @@ def main() -> int:
     n_layers, n_used, n_expert = layout.n_moe_layers, layout.n_expert_used, layout.n_expert
     hot.hot_cache.set_hot_experts(n_expert)
     greedy_run(hot, 16)  # first fill
-    calibration = [("stock GPU", all_gpu), (f"llamahot K={n_expert}", hot), (FLOOR, hot)]
-    for rep in range(args.reps):
-        for name, llm in calibration[rep % 3:] + calibration[: rep % 3]:
-            hot.hot_cache.set_debug(skip_compute=name == FLOOR)
-            record(name, measure(llm, name))
+    run_block([("stock GPU", all_gpu), (f"llamahot K={n_expert}", hot), (FLOOR, hot)],
+              lambda name, llm: hot.hot_cache.set_debug(skip_compute=name == FLOOR))
     hot.hot_cache.set_debug()
     hot.hot_cache.reset()
     for run in range(2):  # routing popularity of the decode the benchmark measures
@@ -427,8 +425,6 @@ def main() -> int:
             modes.append((f"llamahot K={k}{CALL_GRAPHS}", hot))
             if getattr(hot.hot_cache.slots.copies, "batch", False):
                 modes.append((f"llamahot K={k}{ONE_BY_ONE}", hot))
-        if k == ks[0] and args.late_ffn_ab:  # what computing each FFN early (no stop) saves
-            modes.append((f"llamahot K={k}{LATE_FFN}", hot))
         # Other policy settings at the first K, interleaved with the rest (the machine drifts between
         # blocks): on a GPU a copy is an asynchronous DMA, not a CPU read, so the trace study's cost
         # model (which chose the default) may charge loads too much there.
@@ -450,21 +446,20 @@ def main() -> int:
         copies = hot.hot_cache.slots.copies
         batch = getattr(copies, "batch", False)
         results["speed"].setdefault("batched_copies", {})[str(k)] = batch
-        for rep in range(args.reps):
-            for name, llm in modes[rep % len(modes):] + modes[: rep % len(modes)]:
-                hot.hot_cache.set_debug(skip_compute=name == FLOOR, call_graphs=name.endswith(CALL_GRAPHS),
-                                        late_ffn=name.endswith(LATE_FFN))
-                if batch:
-                    copies.batch = not name.endswith(ONE_BY_ONE)
-                if llm is hot:
-                    configure(hot, *settings.get(name, default_setting))
-                elif llm is static:
-                    llama_cpp.llama_set_n_threads(static.ctx, settings.get(name, args.threads), args.threads)
-                record(name, measure(llm, name))
-            hot.hot_cache.set_debug()
-            configure(hot, *default_setting)
+        def setup(name: str, llm) -> None:
+            hot.hot_cache.set_debug(skip_compute=name == FLOOR, call_graphs=name.endswith(CALL_GRAPHS))
             if batch:
-                copies.batch = True
+                copies.batch = not name.endswith(ONE_BY_ONE)
+            if llm is hot:
+                configure(hot, *settings.get(name, default_setting))
+            elif llm is static:
+                llama_cpp.llama_set_n_threads(static.ctx, settings.get(name, args.threads), args.threads)
+
+        run_block(modes, setup)
+        hot.hot_cache.set_debug()
+        configure(hot, *default_setting)
+        if batch:
+            copies.batch = True
         print(f"K={k}: slot copies {'batched (cudaMemcpyBatchAsync)' if copies is not None and copies.batch else 'one by one'}",
               flush=True)
         results["speed"].setdefault("static_for_k", {})[str(k)] = f"stock static {gpu_layers} layers"
@@ -548,16 +543,15 @@ def main() -> int:
         line(FLOOR, f"{layout.n_expert * expert_vram_per_slot / 2**30:.2f}")
     line("stock GPU", f"{layout.expert_tensor_bytes / 2**30:.2f}")
     detail = ["| llamahot K | vs static at equal VRAM | resident mix vs static | stops ms/token | GPU submit ms/token | "
-              "GPU wait ms/token | CPU ms/token | CPU runs/token | CPU rows/token | FFNs early | rebalance ms/token | "
+              "GPU wait ms/token | CPU ms/token | CPU runs/token | CPU rows/token | rebalance ms/token | "
               "experts loaded/token | longest rebalance ms (decode) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def detail_row(label: str, name: str, vs_static: float, mix_vs: str = "") -> str:
         v = summary[name]
         return (f"| {label} | {vs_static:.3f} | {mix_vs} | {v['stops_ms_per_token']:.2f} | {v['gpu_submit_ms_per_token']:.2f} | "
                 f"{v['gpu_wait_ms_per_token']:.2f} | {v['cpu_ms_per_token']:.2f} | {v.get('cpu_runs_per_token', 0.0):.1f} | "
-                f"{v.get('cpu_rows_per_token', 0.0):.1f} | {v.get('early_ffn_share', 0.0):.2f} | "
-                f"{v.get('rebalance_ms_per_token', 0.0):.2f} | "
+                f"{v.get('cpu_rows_per_token', 0.0):.1f} | {v.get('rebalance_ms_per_token', 0.0):.2f} | "
                 f"{v['experts_loaded_per_token']:.1f} | {longest_rebalance.get(name, 0.0):.1f} |")
 
     for k in ks:

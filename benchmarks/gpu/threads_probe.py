@@ -1,11 +1,11 @@
-"""Stock baselines and llamahot side by side in one process, many repetitions, few rows: to compare
-settings that must be fixed per process (OMP_WAIT_POLICY, GOMP_SPINCOUNT: the OpenMP runtime reads
-them once) and to A/B the early FFN (computed at the down node's ask) against a stop per layer.
+"""Stock baselines and llamahot side by side in one process, many repetitions, few rows, decode only:
+to compare settings that must be fixed per process (OMP_WAIT_POLICY, GOMP_SPINCOUNT: the OpenMP
+runtime reads them once), and llamahot's decode with no prefill between its windows.
 
 Rows, interleaved in every repetition over the same teacher-forced window of held-out code: stock
 experts in RAM, stock static offload of as many layers as K slots' VRAM, llamahot at K (default
-policy, FFN early), the same with every FFN at a stop (set_debug(late_ffn=True)). Prints per-row
-medians and the medians of the per-repetition ratios (the machine drifts between repetitions).
+policy). Prints per-row medians and the medians of the per-repetition ratios (the machine drifts
+between repetitions).
 
     python benchmarks/gpu/threads_probe.py MODEL.gguf [--k 51] [--reps 6] [--tokens 64]
 Run through rebalance_probe.sh with a variants file (one process per line, its environment first).
@@ -44,26 +44,26 @@ def main() -> None:
     span = 16 + args.tokens
     windows = [text[i: i + span] for i in range(0, len(text) - span, span)]
     decode_rate(hot, args.tokens, text_tokens=windows[-1])  # first fill of the slots
-    rows = {"stock RAM": (ram, None), f"stock static {static_layers} layers": (static, None),
-            f"llamahot K={args.k}": (hot, False), f"llamahot K={args.k}, FFN at a stop": (hot, True)}
+    rows = {"stock RAM": ram, f"stock static {static_layers} layers": static, f"llamahot K={args.k}": hot}
     rates: dict[str, list[float]] = {name: [] for name in rows}
     cold_ms: dict[str, list[float]] = {name: [] for name in rows}
+    hits: list[float] = []
     for rep in range(args.reps):
         order = list(rows)[rep % len(rows):] + list(rows)[: rep % len(rows)]
         for name in order:
-            llm, late = rows[name]
-            if late is not None:
-                llm.hot_cache.set_debug(late_ffn=late)
-            reset = (lambda m: m.hot_cache.reset()) if late is not None else None
+            llm = rows[name]
+            reset = (lambda m: m.hot_cache.reset()) if llm is hot else None
             rates[name].append(decode_rate(llm, args.tokens, after_prompt=reset, text_tokens=windows[rep]))
-            if late is not None:
+            if llm is hot:
                 s = llm.hot_cache.stats()
                 cold_ms[name].append(s["cpu_compute_ms"] / max(s["decode_tokens"], 1))
+                hits.append(s["hit_rate"])
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND") if k in os.environ)
     print(f"[{env or 'default env'}] K={args.k}, {args.reps} repetitions of {args.tokens} teacher-forced tokens")
     names = list(rows)
     for name in names:
-        cold = f", cold CPU {statistics.median(cold_ms[name]):.2f} ms/token" if cold_ms[name] else ""
+        cold = (f", cold CPU {statistics.median(cold_ms[name]):.2f} ms/token, hit {statistics.median(hits):.3f}"
+                if cold_ms[name] else "")
         print(f"  {name}: {statistics.median(rates[name]):.1f} tok/s "
               f"({' '.join(f'{r:.1f}' for r in rates[name])}){cold}")
 
@@ -71,9 +71,7 @@ def main() -> None:
         per_rep = [x / y for x, y in zip(rates[a], rates[b])]
         return f"{statistics.median(per_rep):.3f} (min {min(per_rep):.3f}, max {max(per_rep):.3f})"
 
-    for hot_name in names[2:]:
-        print(f"  {hot_name}: vs static {ratio(hot_name, names[1])}, vs RAM {ratio(hot_name, names[0])}")
-    print(f"  early / FFN at a stop: {ratio(names[2], names[3])}")
+    print(f"  {names[2]}: vs static {ratio(names[2], names[1])}, vs RAM {ratio(names[2], names[0])}")
 
 
 if __name__ == "__main__":
