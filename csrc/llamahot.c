@@ -1021,6 +1021,9 @@ static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct 
         if (n_threads > 1) {
             ctx->last_parallel_end_ns = t1;
         }
+        const int64_t bucket = cpu_rows < 8 ? cpu_rows : 8;
+        ctx->counters.cpu_runs_by_rows[bucket]++;
+        ctx->counters.cpu_ns_by_rows[bucket] += t1 - t0;
         ctx->counters.cpu_compute_ns += t1 - t0;
         t0 = t1;
     }

@@ -84,6 +84,10 @@ struct lh_counters {
     int64_t cpu_compute_ns;    /* the shim's CPU graph (cold part; hot part too on host slots) */
     int64_t gpu_submit_ns;     /* uploading inputs and launching the hot part on the GPU */
     int64_t gpu_wait_ns;       /* waiting for the GPU after the CPU part finished */
+    /* The stops' CPU graphs by their number of (token, k) rows (index 8: 8 or more) and the time
+     * they took: what a graph costs whatever its size, and what each row adds. */
+    int64_t cpu_runs_by_rows[9];
+    int64_t cpu_ns_by_rows[9];
 };
 
 struct lh_ctx;

@@ -394,6 +394,9 @@ class HotCache:
             "device_cold_rows": int(counters.device_cold_rows),
             "cpu_runs": int(counters.cpu_runs),
             "cpu_rows": int(counters.cpu_rows),
+            # CPU graphs by rows (index 8: 8 or more): how many, and their total milliseconds.
+            "cpu_runs_by_rows": [int(counters.cpu_runs_by_rows[i]) for i in range(9)],
+            "cpu_ms_by_rows": [counters.cpu_ns_by_rows[i] / 1e6 for i in range(9)],
             "lone_row_runs": int(counters.lone_row_runs),
             "cold_on_device": self.cold_on_device,
             "redirect_ms": counters.redirect_ns / 1e6,

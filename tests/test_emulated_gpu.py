@@ -233,6 +233,11 @@ def test_a_lone_cold_row_on_one_thread_stays_exact(all_moe_models):
     assert_bit_identical(reference_logits(path), greedy(llm, steps=STEPS))
     stats = llm.hot_cache.stats()
     assert 0 < stats["lone_row_runs"] <= stats["cpu_runs"]
+    # Cold rows only on the CPU here: graphs of every size up to n_expert_used, counted by size.
+    by_rows = stats["cpu_runs_by_rows"]
+    assert sum(by_rows) == stats["cpu_runs"] and by_rows[0] == 0 and by_rows[1] >= stats["lone_row_runs"]
+    assert sum(rows * runs for rows, runs in enumerate(by_rows)) == stats["cpu_rows"]
+    assert sum(stats["cpu_ms_by_rows"]) == pytest.approx(stats["cpu_compute_ms"])
     with pytest.raises(ValueError, match="idle time"):
         llm.hot_cache.set_lone_row_idle_ms(-1)
     llm.close()

@@ -339,6 +339,9 @@ def test_cpu_graph_counters_and_threads(text_model):
     layout = read_moe_layout(text_model)
     assert stats["cpu_runs"] == stats["ffn_redirects"] == STEPS * layout.n_moe_layers
     assert stats["cpu_rows"] == STEPS * layout.n_moe_layers * layout.n_expert_used
+    by_rows = stats["cpu_runs_by_rows"]
+    assert by_rows[min(layout.n_expert_used, 8)] == stats["cpu_runs"] and sum(by_rows) == stats["cpu_runs"]
+    assert 0 < stats["cpu_ms_by_rows"][min(layout.n_expert_used, 8)] <= stats["cpu_compute_ms"]
     with pytest.raises(ValueError, match="n_threads must be"):
         llm.hot_cache.set_threads(0)
     llm.close()

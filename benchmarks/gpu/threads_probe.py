@@ -48,6 +48,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {name: [] for name in rows}
     cold_ms: dict[str, list[float]] = {name: [] for name in rows}
     hits: list[float] = []
+    by_rows = [[0, 0.0] for _ in range(9)]  # CPU graphs of the stops by rows: count, ms
     for rep in range(args.reps):
         order = list(rows)[rep % len(rows):] + list(rows)[: rep % len(rows)]
         for name in order:
@@ -58,6 +59,9 @@ def main() -> None:
                 s = llm.hot_cache.stats()
                 cold_ms[name].append(s["cpu_compute_ms"] / max(s["decode_tokens"], 1))
                 hits.append(s["hit_rate"])
+                for size in range(9):
+                    by_rows[size][0] += s["cpu_runs_by_rows"][size]
+                    by_rows[size][1] += s["cpu_ms_by_rows"][size]
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND") if k in os.environ)
     print(f"[{env or 'default env'}] K={args.k}, {args.reps} repetitions of {args.tokens} teacher-forced tokens")
     names = list(rows)
@@ -72,6 +76,9 @@ def main() -> None:
         return f"{statistics.median(per_rep):.3f} (min {min(per_rep):.3f}, max {max(per_rep):.3f})"
 
     print(f"  {names[2]}: vs static {ratio(names[2], names[1])}, vs RAM {ratio(names[2], names[0])}")
+    # A graph's fixed cost against what each row adds: the mean time of the stops' CPU graphs by size.
+    print("  CPU graphs by rows: " + ", ".join(f"{size if size < 8 else '8+'}: {n} x {ms / n * 1e3:.0f} us"
+                                                for size, (n, ms) in enumerate(by_rows) if n))
 
 
 if __name__ == "__main__":
