@@ -66,6 +66,12 @@ def _check_cold_on_device(share: Any, slot_device: str) -> float:
     return float(share)
 
 
+def _check_plan_ahead(plan_ahead: Any) -> bool:
+    if not isinstance(plan_ahead, bool):
+        raise ValueError(f"plan_ahead must be True or False, got {plan_ahead!r}")
+    return plan_ahead
+
+
 class HotCache:
     """Hot-expert slots, routing counters and statistics of one llamahot context."""
 
@@ -87,8 +93,7 @@ class HotCache:
         self.prefill_bypass = prefill_bypass
         self.slot_device = slot_device
         self.cold_on_device = _check_cold_on_device(cold_on_device, slot_device)
-        if not isinstance(plan_ahead, bool):
-            raise ValueError(f"plan_ahead must be True or False, got {plan_ahead!r}")
+        _check_plan_ahead(plan_ahead)
         self.policy_name = policy
         # Fails fast on a bad name, before any model is loaded.
         self.policy = make_policy(policy, layout.n_moe_layers, layout.n_expert, hot_experts, rebalance_interval)
@@ -334,6 +339,8 @@ class HotCache:
                    plan_ahead: Optional[bool] = None) -> None:
         """Switch to another policy object (see llamahot.policy) and, if given, rebalance interval and
         plan_ahead, after any plan in the worker is finished and dropped."""
+        if plan_ahead is not None:
+            _check_plan_ahead(plan_ahead)
         self._drop_plan()
         policy.k = self.hot_experts
         self.policy = policy

@@ -212,6 +212,6 @@ class Llama(llama_cpp.Llama):
             state.update(hot_experts=cache.hot_experts, rebalance_interval=cache.rebalance_interval,
                          prefill_bypass=cache.prefill_bypass, slot_device=cache.slot_device,
                          policy=cache.policy_name, resident_layers=cache.resident_layers,
-                         cold_on_device=cache.cold_on_device)
+                         cold_on_device=cache.cold_on_device, plan_ahead=cache.plan_ahead)
         return state
 

@@ -218,6 +218,12 @@ def test_plans_made_ahead_in_a_worker_stay_exact_and_lag_one_rebalance(moe_model
 def test_plan_ahead_must_be_a_bool(text_model):
     with pytest.raises(ValueError, match="plan_ahead must be True or False"):
         llamahot.Llama(text_model, hot_experts=1, slot_device="emulated-gpu", plan_ahead="yes", **LLAMA_KW)
+    llm = llamahot.Llama(text_model, hot_experts=1, slot_device="emulated-gpu", plan_ahead=True, **LLAMA_KW)
+    assert llm.__getstate__()["plan_ahead"] is True  # a pickled Llama keeps it
+    with pytest.raises(ValueError, match="plan_ahead must be True or False"):
+        llm.hot_cache.use_policy(llm.hot_cache.policy, plan_ahead=1)
+    assert llm.hot_cache.plan_ahead is True
+    llm.close()
 
 
 def test_a_lone_cold_row_on_one_thread_stays_exact(all_moe_models):

@@ -47,6 +47,12 @@ def static_cpu_pattern(n_layers_on_cpu: int, layout: MoELayout) -> str | None:
     return layout.without_last(layout.n_moe_layers - n_layers_on_cpu).expert_pattern()
 
 
+def static_layers_for(k: int, layout: MoELayout) -> int:
+    """MoE layers whose experts fit in the VRAM of K slots in every layer (static offload at equal VRAM)."""
+    slots_bytes = k * layout.expert_matrix_bytes * layout.n_moe_layers
+    return min(layout.n_moe_layers, round(slots_bytes / (layout.expert_tensor_bytes / layout.n_moe_layers)))
+
+
 FLOOR = "llamahot floor (all hot, stops compute nothing)"
 CALL_GRAPHS = ", hot graph built per call"
 ONE_BY_ONE = ", slot copies one cudaMemcpyAsync each"   # A/B: without cudaMemcpyBatchAsync
@@ -405,7 +411,7 @@ def main() -> int:
             print(f"K={k}: skipped (time budget of {args.budget_s:.0f} s spent)", flush=True)
             results.setdefault("skipped_ks", []).append(k)
             continue
-        gpu_layers = min(layout.n_moe_layers, round(k * expert_vram_per_slot / layer_expert_bytes))
+        gpu_layers = static_layers_for(k, layout)
         static = StockPlaced(args.model, cpu_pattern=static_cpu_pattern(layout.n_moe_layers - gpu_layers, layout), **kw)
         hot.hot_cache.set_hot_experts(k)
         greedy_run(hot, 16)  # first fill
@@ -446,6 +452,7 @@ def main() -> int:
         copies = hot.hot_cache.slots.copies
         batch = getattr(copies, "batch", False)
         results["speed"].setdefault("batched_copies", {})[str(k)] = batch
+
         def setup(name: str, llm) -> None:
             hot.hot_cache.set_debug(skip_compute=name == FLOOR, call_graphs=name.endswith(CALL_GRAPHS))
             if batch:

@@ -53,22 +53,21 @@ def main() -> None:
     interval = 4 if args.policy == "default" else 1
     llm = llamahot.Llama(args.model, hot_experts=args.k, rebalance_interval=interval, slot_device=args.slot_device,
                          n_gpu_layers=-1, n_ctx=2048, n_threads=args.threads, verbose=False)
-    if args.policy == "hl8":
-        llm.hot_cache.policy = DecayedFrequency(layout.n_moe_layers, layout.n_expert, args.k, half_life=8, margin=0)
-    elif args.policy == "lru":
-        llm.hot_cache.policy = LRU(layout.n_moe_layers, layout.n_expert, args.k)
-    llm.hot_cache.plan_ahead = args.plan_ahead
+    policy = {"hl8": lambda: DecayedFrequency(layout.n_moe_layers, layout.n_expert, args.k, half_life=8, margin=0),
+              "lru": lambda: LRU(layout.n_moe_layers, layout.n_expert, args.k),
+              "default": lambda: llm.hot_cache.policy}[args.policy]()
+    llm.hot_cache.use_policy(policy, plan_ahead=args.plan_ahead)
     text = llm.tokenize(Path("benchmarks/data/heldout_code.txt").read_text().encode(), add_bos=False)
     profile = cProfile.Profile()
     original = HotCache.rebalance
 
-    def wrapped(self):
+    def wrapped(self, *rebalance_args, **rebalance_kwargs):
         if args.settle_ms:
             time.sleep(args.settle_ms / 1e3)
         if args.profile:
             profile.enable()
         try:
-            original(self)
+            original(self, *rebalance_args, **rebalance_kwargs)
         finally:
             if args.profile:
                 profile.disable()

@@ -21,7 +21,7 @@ import llamahot  # before numpy: numpy first made the device's CUDA build of lla
 from llamahot.benchmark import StockPlaced, decode_rate
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, read_moe_layout
 
-from bench import static_cpu_pattern
+from bench import static_cpu_pattern, static_layers_for
 
 
 def main() -> None:
@@ -35,8 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     layout = read_moe_layout(args.model)
     kw = dict(n_gpu_layers=-1, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
-    static_layers = min(layout.n_moe_layers, round(args.k * layout.expert_matrix_bytes * layout.n_moe_layers
-                                                   / (layout.expert_tensor_bytes / layout.n_moe_layers)))
+    static_layers = static_layers_for(args.k, layout)
     ram = StockPlaced(args.model, cpu_pattern=EXPERT_TENSOR_PATTERN, **kw)
     static = StockPlaced(args.model, cpu_pattern=static_cpu_pattern(layout.n_moe_layers - static_layers, layout), **kw)
     hot = llamahot.Llama(args.model, hot_experts=args.k, slot_device=args.slot_device, **kw)
