@@ -171,6 +171,9 @@ struct lh_ctx {
     size_t shadow_cap;
     void * graph_mem;              /* metadata of the per-node compact graphs */
     size_t graph_mem_size;
+    void * sliced_scratch;         /* lh_sliced_mul_mat_id: each thread's quantized input rows */
+    size_t sliced_scratch_size;
+    size_t sliced_stride;          /* bytes per thread in it */
 
     /* Layer FFN fast path: per layer, whether llama's FFN was recognised (1), not (-1) or not yet
      * tried (0); the FFN whose nodes are skipped right now; allocators for the compact graphs. */
@@ -334,6 +337,7 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     free(ctx->events);
     free(ctx->shadow_input);
     free(ctx->graph_mem);
+    free(ctx->sliced_scratch);
     free(ctx->hot_graphs);
     free(ctx->dev_cold);
     free(ctx->dev_expert_of);
@@ -1283,6 +1287,71 @@ static struct ggml_tensor * lh_dev_copy(struct lh_ctx * ctx, const struct ggml_t
     return dev;
 }
 
+/* Single-token decode on the CPU: every expert has one row, so ggml's MUL_MAT_ID computes each
+ * output element with one vec_dot of the input row quantized by from_float (its tiled kernels start
+ * at 8 rows per expert). This node computes the same elements with the same two functions, but each
+ * thread quantizes the input rows itself and takes one slice of rows of every expert: no barrier
+ * inside the node (ggml's threads quantize the input together, then wait for each other), which
+ * saves a few microseconds of every stop's CPU graph. Same kernels on the same operands: the same
+ * floats, bit for bit. dst is [rows of w, ids->ne[0], ids->ne[1]] as ggml_mul_mat_id's. */
+static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const struct lh_ctx * ctx = (const struct lh_ctx *) userdata;
+    const struct ggml_tensor * w = dst->src[0], * b = dst->src[1], * ids = dst->src[2];
+    const struct ggml_type_traits_cpu * traits = ggml_get_type_traits_cpu(w->type);
+    const enum ggml_type q_type = traits->vec_dot_type;
+    const size_t q_row = ggml_row_size(q_type, b->ne[0]);
+    char * q = (char *) ctx->sliced_scratch + (size_t) ith * ctx->sliced_stride;
+    for (int64_t i12 = 0; i12 < b->ne[2]; i12++) {
+        for (int64_t i11 = 0; i11 < b->ne[1]; i11++) {
+            const char * row = (const char *) b->data + i11 * b->nb[1] + i12 * b->nb[2];
+            char * q_dst = q + (size_t) (i11 + i12 * b->ne[1]) * q_row;
+            if (q_type == b->type) {
+                memcpy(q_dst, row, q_row);
+            } else {
+                ggml_get_type_traits_cpu(q_type)->from_float((const float *) row, q_dst, b->ne[0]);
+            }
+        }
+    }
+    const int64_t r0 = w->ne[1] * ith / nth, r1 = w->ne[1] * (ith + 1) / nth;
+    for (int64_t t = 0; t < ids->ne[1]; t++) {
+        for (int64_t i = 0; i < ids->ne[0]; i++) {
+            const int32_t e = *(const int32_t *) ((const char *) ids->data + i * ids->nb[0] + t * ids->nb[1]);
+            const char * x = q + (size_t) (i % b->ne[1] + t * b->ne[1]) * q_row;
+            const char * m = (const char *) w->data + e * w->nb[2];
+            float * out = (float *) ((char *) dst->data + i * dst->nb[1] + t * dst->nb[2]);
+            for (int64_t r = r0; r < r1; r++) {
+                traits->vec_dot((int) w->ne[0], out + r, 0, m + r * w->nb[1], 0, x, 0, 1);
+            }
+        }
+    }
+}
+
+/* w @ b by lh_sliced_mul_mat_id where it gives ggml's floats (a plain host matrix whose type has a
+ * vec_dot; a repacked one keeps ggml's own kernels), else ggml_mul_mat_id. */
+static struct ggml_tensor * lh_cpu_mul_mat_id(struct lh_ctx * ctx, struct ggml_context * g, struct ggml_tensor * w,
+                                              struct ggml_tensor * b, struct ggml_tensor * ids) {
+    const struct ggml_type_traits_cpu * traits = ggml_get_type_traits_cpu(w->type);
+    const bool sliceable = w->extra == NULL && w->buffer != NULL && ggml_backend_buffer_is_host(w->buffer) &&
+        traits->vec_dot != NULL && (traits->vec_dot_type == b->type || ggml_get_type_traits_cpu(traits->vec_dot_type)->from_float != NULL) &&
+        ggml_is_contiguous(b) && w->nb[0] == ggml_type_size(w->type) && !(ctx->debug_flags & LH_DEBUG_GGML_MATMULS);
+    if (!sliceable) {
+        return ggml_mul_mat_id(g, w, b, ids);
+    }
+    /* Each thread's quantized rows, a cache line apart. */
+    const size_t stride = lh_pad(ggml_row_size(traits->vec_dot_type, b->ne[0]) * (size_t) (b->ne[1] * b->ne[2]));
+    if (stride > ctx->sliced_stride || (size_t) ctx->n_threads * stride > ctx->sliced_scratch_size) {
+        const size_t need = (size_t) ctx->n_threads * (stride > ctx->sliced_stride ? stride : ctx->sliced_stride);
+        if (!lh_grow(&ctx->sliced_scratch, &ctx->sliced_scratch_size, need, 1)) {
+            return NULL;
+        }
+        ctx->sliced_stride = stride > ctx->sliced_stride ? stride : ctx->sliced_stride;
+    }
+    struct ggml_tensor * args[3] = { w, b, ids };
+    ctx->counters.sliced_matmuls++;
+    return ggml_custom_4d(g, GGML_TYPE_F32, w->ne[1], ids->ne[0], ids->ne[1], 1, args, 3, lh_sliced_mul_mat_id,
+                          GGML_N_TASKS_MAX, ctx);
+}
+
 /* Rows are laid out [X, 1, n] (one row per "token"), or, when every row belongs to one token whose
  * input is shared by all its experts (single-token decode), [X, n, 1] with one input row: the
  * input is then quantized once, as llama does, instead of once per expert. */
@@ -1311,7 +1380,11 @@ static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, cons
         }
         if (node->op == GGML_OP_MUL_MAT_ID) {
             const struct lh_weight_entry * e = lh_lookup_weight(ctx, node->src[0]);
-            c = ggml_mul_mat_id(g, matrices[e->proj], part->b, part->ids);
+            c = on_gpu || !one_token ? ggml_mul_mat_id(g, matrices[e->proj], part->b, part->ids)
+                                     : lh_cpu_mul_mat_id(ctx, g, matrices[e->proj], part->b, part->ids);
+            if (c == NULL) {
+                return false;
+            }
         } else if (node->op == GGML_OP_VIEW) {
             struct ggml_tensor * src = clones[src_index[0]];
             c = ggml_view_3d(g, src, node->ne[0], ne1, ne2, src->nb[1], src->nb[2], node->view_offs);
@@ -1350,7 +1423,11 @@ static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, cons
     if (act < 0) {
         return false;
     }
-    part->out = ggml_mul_mat_id(g, matrices[LH_PROJ_DOWN], clones[act], part->ids);
+    part->out = on_gpu || !one_token ? ggml_mul_mat_id(g, matrices[LH_PROJ_DOWN], clones[act], part->ids)
+                                     : lh_cpu_mul_mat_id(ctx, g, matrices[LH_PROJ_DOWN], clones[act], part->ids);
+    if (part->out == NULL) {
+        return false;
+    }
     ggml_set_output(part->out);
     return true;
 }

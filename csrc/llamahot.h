@@ -47,6 +47,8 @@ enum lh_debug_flags {
     LH_DEBUG_TIMELINE = 16, /* record every callback (lh_timeline) to see where a token's time goes */
     LH_DEBUG_CALL_GRAPHS = 32, /* benchmarks: build the hot part's device graph per call, never the
                                   layer's persistent one (to measure what the persistent graph saves) */
+    LH_DEBUG_GGML_MATMULS = 64, /* benchmarks: ggml's MUL_MAT_ID in single-token CPU graphs, never the
+                                   shim's row-sliced node (to measure what the sliced node saves) */
 };
 
 /* Callbacks timeline mode keeps (a ring of the latest). */
@@ -76,6 +78,7 @@ struct lh_counters {
     int64_t cpu_runs;          /* redirects whose CPU graph ran (each pays the threads' start and barriers) */
     int64_t cpu_rows;          /* (token, k) rows those CPU graphs computed */
     int64_t lone_row_runs;     /* ... of which single rows run on one thread (lh_set_lone_row_idle_ns) */
+    int64_t sliced_matmuls;    /* expert matmuls of single-token CPU graphs built as the shim's row-sliced node */
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
     int64_t shadow_rows;       /* rows compared in shadow mode */
     int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */

@@ -36,6 +36,7 @@ DEBUG_PER_NODE = lib.LH_DEBUG_PER_NODE
 DEBUG_SKIP_COMPUTE = lib.LH_DEBUG_SKIP_COMPUTE
 DEBUG_TIMELINE = lib.LH_DEBUG_TIMELINE
 DEBUG_CALL_GRAPHS = lib.LH_DEBUG_CALL_GRAPHS
+DEBUG_GGML_MATMULS = lib.LH_DEBUG_GGML_MATMULS
 TIMELINE_CAP = lib.LH_TIMELINE_CAP
 SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
@@ -290,17 +291,20 @@ class HotCache:
 
     # -- test and benchmark controls -------------------------------------------------------
     def set_debug(self, *, poison: bool = False, shadow: bool = False, per_node: bool = False,
-                  skip_compute: bool = False, timeline: bool = False, call_graphs: bool = False) -> None:
+                  skip_compute: bool = False, timeline: bool = False, call_graphs: bool = False,
+                  ggml_matmuls: bool = False) -> None:
         """Test-only checks. poison: NaN-fill redirected outputs before writing them; shadow: let
         llama compute, recompute, compare every row; per_node: redirect each expert matmul on its
         own (the fallback path) instead of each layer's FFN in one stop. For benchmarks:
         skip_compute (outputs are garbage): stop as usual but compute nothing, the floor of the
         stops; timeline: record every callback, read with timeline(); call_graphs: build the hot
         part's device graph per call instead of using the layer's persistent one (single-token decode
-        on a device), to measure what the persistent graph saves."""
+        on a device), to measure what the persistent graph saves; ggml_matmuls: ggml's MUL_MAT_ID in
+        single-token CPU graphs instead of the shim's row-sliced node, to measure what that saves."""
         lib.lh_set_debug(self._ctx, (DEBUG_POISON if poison else 0) | (DEBUG_SHADOW if shadow else 0) |
                          (DEBUG_PER_NODE if per_node else 0) | (DEBUG_SKIP_COMPUTE if skip_compute else 0) |
-                         (DEBUG_TIMELINE if timeline else 0) | (DEBUG_CALL_GRAPHS if call_graphs else 0))
+                         (DEBUG_TIMELINE if timeline else 0) | (DEBUG_CALL_GRAPHS if call_graphs else 0) |
+                         (DEBUG_GGML_MATMULS if ggml_matmuls else 0))
 
     def timeline(self) -> list[tuple[int, int, int, str]]:
         """Callbacks recorded in timeline mode since the last call, oldest first: (time ns, kind
@@ -405,6 +409,7 @@ class HotCache:
             "cpu_runs_by_rows": [int(counters.cpu_runs_by_rows[i]) for i in range(9)],
             "cpu_ms_by_rows": [counters.cpu_ns_by_rows[i] / 1e6 for i in range(9)],
             "lone_row_runs": int(counters.lone_row_runs),
+            "sliced_matmuls": int(counters.sliced_matmuls),
             "cold_on_device": self.cold_on_device,
             "redirect_ms": counters.redirect_ns / 1e6,
             "cpu_compute_ms": counters.cpu_compute_ns / 1e6,

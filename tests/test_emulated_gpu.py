@@ -247,3 +247,28 @@ def test_a_lone_cold_row_on_one_thread_stays_exact(all_moe_models):
     with pytest.raises(ValueError, match="idle time"):
         llm.hot_cache.set_lone_row_idle_ms(-1)
     llm.close()
+
+
+def test_single_token_cpu_rows_use_the_sliced_matmul(moe_model):
+    """A single-token stop computes its CPU rows with the shim's row-sliced MUL_MAT_ID node (ggml's
+    from_float and vec_dot; each thread quantizes the input itself and takes one slice of rows of
+    every expert): logits and every row bit-identical to llama's own, and to the shim's graphs with
+    ggml's MUL_MAT_ID (the benchmarks' comparison mode)."""
+    layout = read_moe_layout(moe_model)
+    expected = reference_logits(moe_model)
+    for ggml_matmuls in (False, True):
+        llm = llamahot.Llama(moe_model, hot_experts=max(1, layout.n_expert // 4), rebalance_interval=8,
+                             slot_device="emulated-gpu", logits_all=True, **LLAMA_KW)
+        llm.hot_cache.set_debug(poison=True, ggml_matmuls=ggml_matmuls)
+        assert_bit_identical(expected, greedy(llm, steps=STEPS, after_each=no_open_mutations))
+        stats = llm.hot_cache.stats()
+        assert stats["misses"] > 0 and stats["cpu_runs"] > 0
+        # Every CPU graph here is a single-token stop's cold part (the prompt ran before the slots
+        # existed): one sliced node per expert projection, or none at all in ggml's mode.
+        assert stats["sliced_matmuls"] == (0 if ggml_matmuls else len(layout.projections) * stats["cpu_runs"])
+        if not ggml_matmuls:
+            llm.hot_cache.set_debug(shadow=True, poison=True)  # node level: every row against llama's own
+            greedy(llm, steps=8)
+            stats = llm.hot_cache.stats()
+            assert stats["shadow_rows"] > 0 and stats["shadow_mismatches"] == 0
+        llm.close()

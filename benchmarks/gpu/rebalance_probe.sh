@@ -3,12 +3,17 @@
 #   bash benchmarks/gpu/rebalance_probe.sh OUT_DIR [variant lines file] [probe script]
 # Each variant line: "ENV=... -- probe arguments" (one process, so one model load, each). The probe is
 # rebalance_probe.py unless named (threads_probe.py: stock rows and llamahot side by side).
+# GPU_TESTS=1: run tests/test_gpu.py first.
 set -o pipefail
 out=${1:?usage: bash benchmarks/gpu/rebalance_probe.sh OUT_DIR [VARIANTS_FILE] [PROBE_SCRIPT]}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 bash benchmarks/gpu/setup.sh "$out" > /tmp/setup.log 2>&1 || { tail -40 /tmp/setup.log; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD
+if [ -n "$GPU_TESTS" ]; then   # the GPU tests first (greedy tokens identical to stock), as run.sh does
+    PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 \
+        | tee "$out/pytest_gpu.log" | tail -5
+fi
 lscpu | grep -E "^(Model name|Thread|Core|Socket|CPU\(s\)|L3|NUMA node)" | tee "$out/lscpu.txt"
 model=/tmp/models/qwen3moe-30b-a3b-routed.gguf
 mkdir -p /tmp/models

@@ -4,8 +4,9 @@ runtime reads them once), and llamahot's decode with no prefill between its wind
 
 Rows, interleaved in every repetition over the same teacher-forced window of held-out code: stock
 experts in RAM, stock static offload of as many layers as K slots' VRAM, llamahot at K (default
-policy). Prints per-row medians and the medians of the per-repetition ratios (the machine drifts
-between repetitions).
+policy), and the same llamahot with ggml's MUL_MAT_ID in its stops' CPU graphs instead of the
+shim's row-sliced node. Prints per-row medians and the medians of the per-repetition ratios (the
+machine drifts between repetitions).
 
     python benchmarks/gpu/threads_probe.py MODEL.gguf [--k 51] [--reps 6] [--tokens 64]
 Run through rebalance_probe.sh with a variants file (one process per line, its environment first).
@@ -43,29 +44,34 @@ def main() -> None:
     span = 16 + args.tokens
     windows = [text[i: i + span] for i in range(0, len(text) - span, span)]
     decode_rate(hot, args.tokens, text_tokens=windows[-1])  # first fill of the slots
-    rows = {"stock RAM": ram, f"stock static {static_layers} layers": static, f"llamahot K={args.k}": hot}
+    ggml_row = f"llamahot K={args.k}, ggml's matmuls"
+    rows = {"stock RAM": ram, f"stock static {static_layers} layers": static, f"llamahot K={args.k}": hot, ggml_row: hot}
     rates: dict[str, list[float]] = {name: [] for name in rows}
     cold_ms: dict[str, list[float]] = {name: [] for name in rows}
-    hits: list[float] = []
-    by_rows = [[0, 0.0] for _ in range(9)]  # CPU graphs of the stops by rows: count, ms
+    hits: dict[str, list[float]] = {name: [] for name in rows}
+    # CPU graphs of the stops by rows: count, ms
+    by_rows: dict[str, list[list]] = {name: [[0, 0.0] for _ in range(9)] for name in rows}
     for rep in range(args.reps):
         order = list(rows)[rep % len(rows):] + list(rows)[: rep % len(rows)]
         for name in order:
             llm = rows[name]
+            if llm is hot:
+                hot.hot_cache.set_debug(ggml_matmuls=name == ggml_row)
             reset = (lambda m: m.hot_cache.reset()) if llm is hot else None
             rates[name].append(decode_rate(llm, args.tokens, after_prompt=reset, text_tokens=windows[rep]))
             if llm is hot:
                 s = llm.hot_cache.stats()
                 cold_ms[name].append(s["cpu_compute_ms"] / max(s["decode_tokens"], 1))
-                hits.append(s["hit_rate"])
+                hits[name].append(s["hit_rate"])
                 for size in range(9):
-                    by_rows[size][0] += s["cpu_runs_by_rows"][size]
-                    by_rows[size][1] += s["cpu_ms_by_rows"][size]
+                    by_rows[name][size][0] += s["cpu_runs_by_rows"][size]
+                    by_rows[name][size][1] += s["cpu_ms_by_rows"][size]
+    hot.hot_cache.set_debug()
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND") if k in os.environ)
     print(f"[{env or 'default env'}] K={args.k}, {args.reps} repetitions of {args.tokens} teacher-forced tokens")
     names = list(rows)
     for name in names:
-        cold = (f", cold CPU {statistics.median(cold_ms[name]):.2f} ms/token, hit {statistics.median(hits):.3f}"
+        cold = (f", cold CPU {statistics.median(cold_ms[name]):.2f} ms/token, hit {statistics.median(hits[name]):.3f}"
                 if cold_ms[name] else "")
         print(f"  {name}: {statistics.median(rates[name]):.1f} tok/s "
               f"({' '.join(f'{r:.1f}' for r in rates[name])}){cold}")
@@ -74,10 +80,13 @@ def main() -> None:
         per_rep = [x / y for x, y in zip(rates[a], rates[b])]
         return f"{statistics.median(per_rep):.3f} (min {min(per_rep):.3f}, max {max(per_rep):.3f})"
 
-    print(f"  {names[2]}: vs static {ratio(names[2], names[1])}, vs RAM {ratio(names[2], names[0])}")
+    for name in names[2:]:
+        print(f"  {name}: vs static {ratio(name, names[1])}, vs RAM {ratio(name, names[0])}")
+    print(f"  {names[2]} vs {ggml_row}: {ratio(names[2], ggml_row)}")
     # A graph's fixed cost against what each row adds: the mean time of the stops' CPU graphs by size.
-    print("  CPU graphs by rows: " + ", ".join(f"{size if size < 8 else '8+'}: {n} x {ms / n * 1e3:.0f} us"
-                                                for size, (n, ms) in enumerate(by_rows) if n))
+    for name in names[2:]:
+        print(f"  {name}, CPU graphs by rows: " + ", ".join(f"{size if size < 8 else '8+'}: {n} x {ms / n * 1e3:.0f} us"
+                                                            for size, (n, ms) in enumerate(by_rows[name]) if n))
 
 
 if __name__ == "__main__":
