@@ -7,10 +7,12 @@
  * equal ggml's bit for bit; the probe checks it.
  *
  *   gcc -O2 -std=c11 -Icsrc/vendor/include benchmarks/gpu/graph_cost.c -L$LIB -lggml-base -lggml-cpu \
- *       -Wl,-rpath,$LIB -lm -o /tmp/graph_cost && /tmp/graph_cost [threads] [reps] [gap_us] [pages]
+ *       -Wl,-rpath,$LIB -lm -lpthread -o /tmp/graph_cost && /tmp/graph_cost [threads] [reps] [gap_us] [pages]
  *
  * Between two graphs the main thread spins gap_us (a stop comes after a GPU split of llama's), so
- * the OpenMP team's threads wait as they do in a decode. Weights rotate over 8 layers' experts
+ * the OpenMP team's threads wait as they do in a decode. Last, the same FFN on a pool of plain
+ * threads that spin between tasks (no OpenMP region: one wake-up, one barrier between gate/up and
+ * down, one join); its GLU is scalar, so its rows are timed, not compared. Weights rotate over 8 layers' experts
  * (2.7 GB) so they come from memory, as cold experts do. */
 #define _GNU_SOURCE
 #include "ggml.h"
@@ -19,6 +21,7 @@
 #include "ggml-cpu.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <math.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -119,6 +122,119 @@ static char * map_weights(const char * pages, size_t size) {
     }
     madvise(m, size, strcmp(pages, "huge") == 0 ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
     return m;
+}
+
+/* ---- a pool of plain threads: spin on a generation counter, one barrier primitive ---------- */
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static struct {
+    int n;
+    pthread_t threads[MAX_THREADS];
+    atomic_int generation;   /* bumped to start a task */
+    atomic_int arrived;
+    atomic_int barrier_generation;
+    atomic_int stop;
+    void (*task)(int ith, int nth);
+} pool;
+
+static void pool_barrier(void) {
+    const int g = atomic_load_explicit(&pool.barrier_generation, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&pool.arrived, 1, memory_order_acq_rel) == pool.n - 1) {
+        atomic_store_explicit(&pool.arrived, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&pool.barrier_generation, 1, memory_order_release);
+    } else {
+        while (atomic_load_explicit(&pool.barrier_generation, memory_order_acquire) == g) {
+            cpu_relax();
+        }
+    }
+}
+
+static void * pool_worker(void * arg) {
+    const int ith = (int) (intptr_t) arg;
+    int seen = 0;
+    for (;;) {
+        int g;
+        while ((g = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen) {
+            if (atomic_load_explicit(&pool.stop, memory_order_relaxed)) {
+                return NULL;
+            }
+            cpu_relax();
+        }
+        seen = g;
+        pool.task(ith, pool.n);
+        pool_barrier();
+    }
+}
+
+static void pool_run(void (*task)(int, int)) {
+    pool.task = task;
+    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+    task(0, pool.n);
+    pool_barrier();
+}
+
+static void pool_start(int n) {
+    pool.n = n;
+    atomic_store(&pool.stop, 0);
+    for (int i = 1; i < n; i++) {
+        pthread_create(&pool.threads[i], NULL, pool_worker, (void *) (intptr_t) i);
+    }
+}
+
+static void pool_stop(void) {
+    atomic_store(&pool.stop, 1);
+    for (int i = 1; i < pool.n; i++) {
+        pthread_join(pool.threads[i], NULL);
+    }
+}
+
+/* The pool's FFN: its operands. */
+static struct {
+    const char * gate, * up, * down;  /* the layer's expert matrices */
+    const int32_t * ids;
+    int rows;
+    const float * input;
+} job;
+static float pool_gu[2][MAX_ROWS][N_FF], pool_act[MAX_ROWS][N_FF], pool_out[MAX_ROWS][N_EMBD];
+
+static void pool_nothing(int ith, int nth) {
+    (void) ith, (void) nth;
+}
+
+static void pool_ffn(int ith, int nth) {
+    const struct ggml_type_traits_cpu * tr = ggml_get_type_traits_cpu(GGML_TYPE_Q4_K);
+    const struct ggml_type_traits_cpu * q = ggml_get_type_traits_cpu(tr->vec_dot_type);
+    const size_t in_row = ggml_row_size(GGML_TYPE_Q4_K, N_EMBD), ff_row = ggml_row_size(GGML_TYPE_Q4_K, N_FF);
+    const size_t expert = in_row * N_FF;
+    char * qb = scratch[ith];
+    q->from_float(job.input, qb, N_EMBD);
+    const int64_t r0 = N_FF * ith / nth, r1 = N_FF * (ith + 1) / nth;
+    for (int e = 0; e < job.rows; e++) {
+        const char * g = job.gate + job.ids[e] * expert, * u = job.up + job.ids[e] * expert;
+        for (int64_t r = r0; r < r1; r++) {
+            tr->vec_dot(N_EMBD, &pool_gu[0][e][r], 0, g + r * in_row, 0, qb, 0, 1);
+            tr->vec_dot(N_EMBD, &pool_gu[1][e][r], 0, u + r * in_row, 0, qb, 0, 1);
+            const float x = pool_gu[0][e][r];
+            pool_act[e][r] = x / (1.0f + expf(-x)) * pool_gu[1][e][r];
+        }
+    }
+    pool_barrier();
+    const size_t q_row = ggml_row_size(tr->vec_dot_type, N_FF);
+    for (int e = 0; e < job.rows; e++) {
+        q->from_float(pool_act[e], qb + e * q_row, N_FF);
+    }
+    const int64_t d0 = N_EMBD * ith / nth, d1 = N_EMBD * (ith + 1) / nth;
+    for (int e = 0; e < job.rows; e++) {
+        const char * d = job.down + job.ids[e] * ff_row * N_EMBD;
+        for (int64_t r = d0; r < d1; r++) {
+            tr->vec_dot(N_FF, &pool_out[e][r], 0, d + r * ff_row, 0, qb + e * q_row, 0, 1);
+        }
+    }
 }
 
 struct layer {
@@ -268,6 +384,41 @@ int main(int argc, char ** argv) {
         ggml_gallocr_free(galloc);
         ggml_free(g);
     }
+    /* The pool, started only now: its spinning threads must not take the cores from OpenMP's above. */
+    pool_start(n_threads);
+    static float input[N_EMBD];
+    for (int i = 0; i < N_EMBD; i++) {
+        input[i] = sinf((float) i) * 0.5f;
+    }
+    job.input = input;
+    const int pool_rows[] = { 0, 1, 2, 4, 8 };
+    for (int v = 0; v < 5; v++) {
+        const int rows = pool_rows[v];
+        int32_t ids[MAX_ROWS];
+        for (int r = -50; r < reps; r++) {
+            const int l = (r + 50) % N_LAYERS;
+            job.gate = layers[l].gate->data;
+            job.up = layers[l].up->data;
+            job.down = layers[l].down->data;
+            for (int e = 0; e < rows; e++) {
+                ids[e] = (int32_t) ((r + 50) * 7 + e * 13) % N_EXPERT;
+            }
+            job.ids = ids;
+            job.rows = rows;
+            spin_us(gap_us);
+            const int64_t t0 = now_ns();
+            pool_run(rows == 0 ? pool_nothing : pool_ffn);
+            if (r >= 0) {
+                t[r] = now_ns() - t0;
+            }
+        }
+        qsort(t, reps, sizeof(int64_t), cmp_i64);
+        char name[64];
+        snprintf(name, sizeof(name), rows == 0 ? "pool: wake + join" : "pool FFN, %d row%s", rows, rows > 1 ? "s" : "");
+        printf("%-24s %8.1f %8.1f %8.1f%s\n", name, t[reps / 2] / 1e3, t[reps / 10] / 1e3, t[reps * 9 / 10] / 1e3,
+               rows ? "   (scalar GLU: timed, not compared)" : "");
+    }
+    pool_stop();
     free(t);
     ggml_backend_free(cpu);
     ggml_free(wctx);

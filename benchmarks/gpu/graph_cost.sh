@@ -8,7 +8,7 @@ bash benchmarks/gpu/setup.sh "$out" > /tmp/setup.log 2>&1 || { tail -40 /tmp/set
 lscpu | grep -E "^(Model name|Thread|Core|Socket|CPU\(s\)|L3|NUMA node)" | tee "$out/lscpu.txt"
 lib=/tmp/site/llama_cpp/lib
 gcc -O2 -std=c11 -Icsrc/vendor/include benchmarks/gpu/graph_cost.c -L$lib -lggml-base -lggml-cpu \
-    -Wl,-rpath,$lib -lm -o /tmp/graph_cost || exit 1
+    -Wl,-rpath,$lib -lm -lpthread -o /tmp/graph_cost || exit 1
 cat /sys/kernel/mm/transparent_hugepage/enabled | tee -a "$out/graph_cost.txt"
 # each run: threads,reps,gap_us[,pages] (graph_cost.c)
 for args in ${GRAPH_COST_ARGS:-16,2000,200 16,2000,0 8,2000,200 16,2000,200}; do

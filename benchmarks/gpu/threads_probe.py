@@ -4,8 +4,8 @@ runtime reads them once), and llamahot's decode with no prefill between its wind
 
 Rows, interleaved in every repetition over the same teacher-forced window of held-out code: stock
 experts in RAM, stock static offload of as many layers as K slots' VRAM, llamahot at K (default
-policy), and the same llamahot with ggml's MUL_MAT_ID in its stops' CPU graphs instead of the
-shim's row-sliced node. Prints per-row medians and the medians of the per-repetition ratios (the
+policy), and a second llamahot at K with ggml's MUL_MAT_ID in its stops' CPU graphs instead of
+the shim's row-sliced node (its own instance: slots warmed by one row's window must not serve the other). Prints per-row medians and the medians of the per-repetition ratios (the
 machine drifts between repetitions).
 
     python benchmarks/gpu/threads_probe.py MODEL.gguf [--k 51] [--reps 6] [--tokens 64]
@@ -40,12 +40,16 @@ def main() -> None:
     ram = StockPlaced(args.model, cpu_pattern=EXPERT_TENSOR_PATTERN, **kw)
     static = StockPlaced(args.model, cpu_pattern=static_cpu_pattern(layout.n_moe_layers - static_layers, layout), **kw)
     hot = llamahot.Llama(args.model, hot_experts=args.k, slot_device=args.slot_device, **kw)
+    hot_ggml = llamahot.Llama(args.model, hot_experts=args.k, slot_device=args.slot_device, **kw)
+    hot_ggml.hot_cache.set_debug(ggml_matmuls=True)
     text = hot.tokenize(Path("benchmarks/data/heldout_code.txt").read_text().encode(), add_bos=False)
     span = 16 + args.tokens
     windows = [text[i: i + span] for i in range(0, len(text) - span, span)]
-    decode_rate(hot, args.tokens, text_tokens=windows[-1])  # first fill of the slots
+    for llm in (hot, hot_ggml):
+        decode_rate(llm, args.tokens, text_tokens=windows[-1])  # first fill of the slots
     ggml_row = f"llamahot K={args.k}, ggml's matmuls"
-    rows = {"stock RAM": ram, f"stock static {static_layers} layers": static, f"llamahot K={args.k}": hot, ggml_row: hot}
+    rows = {"stock RAM": ram, f"stock static {static_layers} layers": static, f"llamahot K={args.k}": hot,
+            ggml_row: hot_ggml}
     rates: dict[str, list[float]] = {name: [] for name in rows}
     cold_ms: dict[str, list[float]] = {name: [] for name in rows}
     hits: dict[str, list[float]] = {name: [] for name in rows}
@@ -55,18 +59,16 @@ def main() -> None:
         order = list(rows)[rep % len(rows):] + list(rows)[: rep % len(rows)]
         for name in order:
             llm = rows[name]
-            if llm is hot:
-                hot.hot_cache.set_debug(ggml_matmuls=name == ggml_row)
-            reset = (lambda m: m.hot_cache.reset()) if llm is hot else None
+            managed = llm in (hot, hot_ggml)
+            reset = (lambda m: m.hot_cache.reset()) if managed else None
             rates[name].append(decode_rate(llm, args.tokens, after_prompt=reset, text_tokens=windows[rep]))
-            if llm is hot:
+            if managed:
                 s = llm.hot_cache.stats()
                 cold_ms[name].append(s["cpu_compute_ms"] / max(s["decode_tokens"], 1))
                 hits[name].append(s["hit_rate"])
                 for size in range(9):
                     by_rows[name][size][0] += s["cpu_runs_by_rows"][size]
                     by_rows[name][size][1] += s["cpu_ms_by_rows"][size]
-    hot.hot_cache.set_debug()
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND") if k in os.environ)
     print(f"[{env or 'default env'}] K={args.k}, {args.reps} repetitions of {args.tokens} teacher-forced tokens")
     names = list(rows)
