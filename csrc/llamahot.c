@@ -1337,15 +1337,14 @@ static struct ggml_tensor * lh_cpu_mul_mat_id(struct lh_ctx * ctx, struct ggml_c
     if (!sliceable) {
         return ggml_mul_mat_id(g, w, b, ids);
     }
-    /* Each thread's quantized rows, a cache line apart. */
-    const size_t stride = lh_pad(ggml_row_size(traits->vec_dot_type, b->ne[0]) * (size_t) (b->ne[1] * b->ne[2]));
-    if (stride > ctx->sliced_stride || (size_t) ctx->n_threads * stride > ctx->sliced_scratch_size) {
-        const size_t need = (size_t) ctx->n_threads * (stride > ctx->sliced_stride ? stride : ctx->sliced_stride);
-        if (!lh_grow(&ctx->sliced_scratch, &ctx->sliced_scratch_size, need, 1)) {
-            return NULL;
-        }
-        ctx->sliced_stride = stride > ctx->sliced_stride ? stride : ctx->sliced_stride;
+    /* Each thread's quantized rows, a cache line apart; one stride for every node (the widest), for
+     * as many threads as the stop may use (set_threads may have raised them since the last graph). */
+    const size_t row_bytes = lh_pad(ggml_row_size(traits->vec_dot_type, b->ne[0]) * (size_t) (b->ne[1] * b->ne[2]));
+    const size_t stride = row_bytes > ctx->sliced_stride ? row_bytes : ctx->sliced_stride;
+    if (!lh_grow(&ctx->sliced_scratch, &ctx->sliced_scratch_size, (size_t) ctx->n_threads * stride, 1)) {
+        return NULL;
     }
+    ctx->sliced_stride = stride;
     struct ggml_tensor * args[3] = { w, b, ids };
     ctx->counters.sliced_matmuls++;
     return ggml_custom_4d(g, GGML_TYPE_F32, w->ne[1], ids->ne[0], ids->ne[1], 1, args, 3, lh_sliced_mul_mat_id,

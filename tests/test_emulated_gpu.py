@@ -260,6 +260,7 @@ def test_single_token_cpu_rows_use_the_sliced_matmul(moe_model):
         llm = llamahot.Llama(moe_model, hot_experts=max(1, layout.n_expert // 4), rebalance_interval=8,
                              slot_device="emulated-gpu", logits_all=True, **LLAMA_KW)
         llm.hot_cache.set_debug(poison=True, ggml_matmuls=ggml_matmuls)
+        llm.hot_cache.set_threads(1 if not ggml_matmuls else LLAMA_KW["n_threads"])
         assert_bit_identical(expected, greedy(llm, steps=STEPS, after_each=no_open_mutations))
         stats = llm.hot_cache.stats()
         assert stats["misses"] > 0 and stats["cpu_runs"] > 0
@@ -267,6 +268,9 @@ def test_single_token_cpu_rows_use_the_sliced_matmul(moe_model):
         # existed): one sliced node per expert projection, or none at all in ggml's mode.
         assert stats["sliced_matmuls"] == (0 if ggml_matmuls else len(layout.projections) * stats["cpu_runs"])
         if not ggml_matmuls:
+            # More threads than the graphs so far were built for: each needs its own quantized rows.
+            llm.hot_cache.set_threads(LLAMA_KW["n_threads"])
+            assert_bit_identical(expected[: len(llm.tokenize(PROMPT)) + 16], greedy(llm, steps=16))
             llm.hot_cache.set_debug(shadow=True, poison=True)  # node level: every row against llama's own
             greedy(llm, steps=8)
             stats = llm.hot_cache.stats()
