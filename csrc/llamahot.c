@@ -26,6 +26,7 @@
 #endif
 
 #define LH_ALIGN 64
+#define LH_MAX_TIMED_THREADS 256
 /* Weight bytes a CPU part must read before it is worth splitting over threads (~100 us on one core). */
 #define LH_PARALLEL_MIN_BYTES ((size_t) 1 << 20)
 
@@ -174,6 +175,10 @@ struct lh_ctx {
     void * sliced_scratch;         /* lh_sliced_mul_mat_id: each thread's quantized input rows */
     size_t sliced_scratch_size;
     size_t sliced_stride;          /* bytes per thread in it */
+    /* When each thread first entered a sliced node of the graph now computing (a cache line each):
+     * how long the team takes to start a stop's graph. */
+    int64_t graph_seq, graph_t0_ns;
+    struct { int64_t seq, ns; char pad[LH_ALIGN - 2 * sizeof(int64_t)]; } thread_in[LH_MAX_TIMED_THREADS];
 
     /* Layer FFN fast path: per layer, whether llama's FFN was recognised (1), not (-1) or not yet
      * tried (0); the FFN whose nodes are skipped right now; allocators for the compact graphs. */
@@ -1017,7 +1022,21 @@ static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct 
     if (ok && ggml_graph_n_nodes(cpu_graph) > 0) {
         const int32_t n_threads = lh_stop_threads(ctx, cpu_rows, cpu_weight_bytes, t0);
         ggml_backend_cpu_set_n_threads(ctx->cpu, n_threads);
+        ctx->graph_seq++;
+        ctx->graph_t0_ns = lh_now_ns();
         ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
+        if (ctx->thread_in[0].seq == ctx->graph_seq) {  /* a graph of sliced nodes: its team's start */
+            int64_t first = INT64_MAX, last = 0;
+            for (int32_t i = 0; i < n_threads && i < LH_MAX_TIMED_THREADS; i++) {
+                if (ctx->thread_in[i].seq == ctx->graph_seq) {
+                    first = ctx->thread_in[i].ns < first ? ctx->thread_in[i].ns : first;
+                    last = ctx->thread_in[i].ns > last ? ctx->thread_in[i].ns : last;
+                }
+            }
+            ctx->counters.sliced_graphs++;
+            ctx->counters.first_thread_in_ns += first;
+            ctx->counters.last_thread_in_ns += last;
+        }
         ctx->counters.cpu_runs++;
         ctx->counters.cpu_rows += cpu_rows;
         ctx->counters.lone_row_runs += n_threads < ctx->n_threads && cpu_weight_bytes >= LH_PARALLEL_MIN_BYTES;
@@ -1295,7 +1314,11 @@ static struct ggml_tensor * lh_dev_copy(struct lh_ctx * ctx, const struct ggml_t
  * saves a few microseconds of every stop's CPU graph. Same kernels on the same operands: the same
  * floats, bit for bit. dst is [rows of w, ids->ne[0], ids->ne[1]] as ggml_mul_mat_id's. */
 static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
-    const struct lh_ctx * ctx = (const struct lh_ctx *) userdata;
+    struct lh_ctx * ctx = (struct lh_ctx *) userdata;
+    if (ith < LH_MAX_TIMED_THREADS && ctx->thread_in[ith].seq != ctx->graph_seq) {
+        ctx->thread_in[ith].seq = ctx->graph_seq;
+        ctx->thread_in[ith].ns = lh_now_ns() - ctx->graph_t0_ns;
+    }
     const struct ggml_tensor * w = dst->src[0], * b = dst->src[1], * ids = dst->src[2];
     const struct ggml_type_traits_cpu * traits = ggml_get_type_traits_cpu(w->type);
     const enum ggml_type q_type = traits->vec_dot_type;

@@ -79,6 +79,10 @@ struct lh_counters {
     int64_t cpu_rows;          /* (token, k) rows those CPU graphs computed */
     int64_t lone_row_runs;     /* ... of which single rows run on one thread (lh_set_lone_row_idle_ns) */
     int64_t sliced_matmuls;    /* expert matmuls of single-token CPU graphs built as the shim's row-sliced node */
+    int64_t sliced_graphs;     /* CPU graphs that ran sliced nodes, and when their threads first entered one,
+                                  summed (ns after the graph's compute began): the first and the last thread */
+    int64_t first_thread_in_ns;
+    int64_t last_thread_in_ns;
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
     int64_t shadow_rows;       /* rows compared in shadow mode */
     int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */

@@ -410,6 +410,10 @@ class HotCache:
             "cpu_ms_by_rows": [counters.cpu_ns_by_rows[i] / 1e6 for i in range(9)],
             "lone_row_runs": int(counters.lone_row_runs),
             "sliced_matmuls": int(counters.sliced_matmuls),
+            # Graphs of sliced nodes: when their first and last threads started (ms, summed).
+            "sliced_graphs": int(counters.sliced_graphs),
+            "first_thread_in_ms": counters.first_thread_in_ns / 1e6,
+            "last_thread_in_ms": counters.last_thread_in_ns / 1e6,
             "cold_on_device": self.cold_on_device,
             "redirect_ms": counters.redirect_ns / 1e6,
             "cpu_compute_ms": counters.cpu_compute_ns / 1e6,

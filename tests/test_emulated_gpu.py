@@ -267,6 +267,9 @@ def test_single_token_cpu_rows_use_the_sliced_matmul(moe_model):
         # Every CPU graph here is a single-token stop's cold part (the prompt ran before the slots
         # existed): one sliced node per expert projection, or none at all in ggml's mode.
         assert stats["sliced_matmuls"] == (0 if ggml_matmuls else len(layout.projections) * stats["cpu_runs"])
+        # When the threads of those graphs first entered a sliced node: timed for every one of them.
+        assert stats["sliced_graphs"] == (0 if ggml_matmuls else stats["cpu_runs"])
+        assert 0 <= stats["first_thread_in_ms"] <= stats["last_thread_in_ms"] <= stats["cpu_compute_ms"]
         if not ggml_matmuls:
             # More threads than the graphs so far were built for: each needs its own quantized rows.
             llm.hot_cache.set_threads(LLAMA_KW["n_threads"])

@@ -54,8 +54,13 @@ static int cmp_i64(const void * a, const void * b) {
 /* Per-thread scratch of the custom nodes: the input quantized to vec_dot_type, one row per expert. */
 static char scratch[MAX_THREADS][MAX_ROWS * 4096];
 
+/* When each thread entered the custom FFN's first node, after the graph's compute began. */
+static int64_t graph_t0;
+static struct { int64_t ns; char pad[56]; } thread_in[MAX_THREADS];
+
 /* gate and up rows [r0, r1) of every expert in ids, into dst [N_FF, n, 2] (gate at 0, up at 1). */
 static void gate_up_rows(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    thread_in[ith].ns = now_ns() - graph_t0;
     const struct ggml_tensor * gate = dst->src[0], * up = dst->src[1], * b = dst->src[2], * ids = dst->src[3];
     const struct ggml_type_traits_cpu * tr = ggml_get_type_traits_cpu(gate->type);
     const struct ggml_type_traits_cpu * q = ggml_get_type_traits_cpu(tr->vec_dot_type);
@@ -296,6 +301,7 @@ int main(int argc, char ** argv) {
            n_threads, reps, gap_us, pages);
     static float ref[MAX_ROWS][MAX_ROWS * N_EMBD];  /* the ggml FFN's rows, per rows count */
     int64_t * t = malloc(sizeof(int64_t) * reps);
+    int64_t * first_in = malloc(sizeof(int64_t) * reps), * last_in = malloc(sizeof(int64_t) * reps);
     for (int v = 0; v < n_variants; v++) {
         const struct variant * var = &variants[v];
         struct ggml_init_params gp = { 64 * ggml_tensor_overhead() + ggml_graph_overhead(), NULL, true };
@@ -361,10 +367,20 @@ int main(int argc, char ** argv) {
             }
             spin_us(gap_us);
             const int64_t t0 = now_ns();
+            graph_t0 = t0;
             ggml_backend_graph_compute(cpu, graph);
             const int64_t dt = now_ns() - t0;
             if (r >= 0) {
                 t[r] = dt;
+                if (var->kind == 4) {
+                    int64_t first = INT64_MAX, last = 0;
+                    for (int i = 0; i < n_threads; i++) {
+                        first = thread_in[i].ns < first ? thread_in[i].ns : first;
+                        last = thread_in[i].ns > last ? thread_in[i].ns : last;
+                    }
+                    first_in[r] = first;
+                    last_in[r] = last;
+                }
             }
             /* Same weights in every expert and layer: one reference per rows count. */
             if (var->kind >= 3 && r == -50 && var->kind == 3) {
@@ -379,6 +395,9 @@ int main(int argc, char ** argv) {
         if (var->kind == 4) {
             printf("   bit-identical to ggml's: %s (%llu of %llu runs differ)", diff_rows == 0 ? "yes" : "NO",
                    (unsigned long long) diff_rows, (unsigned long long) compared);
+            qsort(first_in, reps, sizeof(int64_t), cmp_i64);
+            qsort(last_in, reps, sizeof(int64_t), cmp_i64);
+            printf("; threads in after %.1f / %.1f us (first / last, median)", first_in[reps / 2] / 1e3, last_in[reps / 2] / 1e3);
         }
         printf("\n");
         ggml_gallocr_free(galloc);
@@ -420,6 +439,8 @@ int main(int argc, char ** argv) {
     }
     pool_stop();
     free(t);
+    free(first_in);
+    free(last_in);
     ggml_backend_free(cpu);
     ggml_free(wctx);
     if (strcmp(pages, "file") == 0) {

@@ -55,6 +55,7 @@ def main() -> None:
     hits: dict[str, list[float]] = {name: [] for name in rows}
     # CPU graphs of the stops by rows: count, ms
     by_rows: dict[str, list[list]] = {name: [[0, 0.0] for _ in range(9)] for name in rows}
+    team_start = {name: [0, 0.0, 0.0] for name in rows}  # sliced graphs, first and last thread in (ms)
     for rep in range(args.reps):
         order = list(rows)[rep % len(rows):] + list(rows)[: rep % len(rows)]
         for name in order:
@@ -66,6 +67,8 @@ def main() -> None:
                 s = llm.hot_cache.stats()
                 cold_ms[name].append(s["cpu_compute_ms"] / max(s["decode_tokens"], 1))
                 hits[name].append(s["hit_rate"])
+                for i, key in enumerate(("sliced_graphs", "first_thread_in_ms", "last_thread_in_ms")):
+                    team_start[name][i] += s[key]
                 for size in range(9):
                     by_rows[name][size][0] += s["cpu_runs_by_rows"][size]
                     by_rows[name][size][1] += s["cpu_ms_by_rows"][size]
@@ -87,6 +90,9 @@ def main() -> None:
     print(f"  {names[2]} vs {ggml_row}: {ratio(names[2], ggml_row)}")
     # A graph's fixed cost against what each row adds: the mean time of the stops' CPU graphs by size.
     for name in names[2:]:
+        n, first, last = team_start[name]
+        if n:  # how long the OpenMP team took to start a stop's graph (its sliced nodes' threads)
+            print(f"  {name}: first thread in a graph after {first / n * 1e3:.1f} us, last after {last / n * 1e3:.1f} us (mean)")
         print(f"  {name}, CPU graphs by rows: " + ", ".join(f"{size if size < 8 else '8+'}: {n} x {ms / n * 1e3:.0f} us"
                                                             for size, (n, ms) in enumerate(by_rows[name]) if n))
 
