@@ -1310,9 +1310,11 @@ static struct ggml_tensor * lh_dev_copy(struct lh_ctx * ctx, const struct ggml_t
  * output element with one vec_dot of the input row quantized by from_float (its tiled kernels start
  * at 8 rows per expert). This node computes the same elements with the same two functions, but each
  * thread quantizes the input rows itself and takes one slice of rows of every expert: no barrier
- * inside the node (ggml's threads quantize the input together, then wait for each other), which
- * saves a few microseconds of every stop's CPU graph. Same kernels on the same operands: the same
- * floats, bit for bit. dst is [rows of w, ids->ne[0], ids->ne[1]] as ggml_mul_mat_id's. */
+ * inside the node (ggml's threads quantize the input together, then wait for each other). Same
+ * kernels on the same operands: the same floats, bit for bit. Alone it saves 4-25 us of a 1-row
+ * graph on the H100 machine; in the decode the gain is within noise (docs/NOTES.md, session 10).
+ * dst is [rows of w, ids->ne[0], ids->ne[1]] as ggml_mul_mat_id's. Each thread also stamps its
+ * first entry into a sliced node of the graph (thread_in): how long the team took to start. */
 static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     struct lh_ctx * ctx = (struct lh_ctx *) userdata;
     if (ith < LH_MAX_TIMED_THREADS && ctx->thread_in[ith].seq != ctx->graph_seq) {
