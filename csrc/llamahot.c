@@ -27,6 +27,9 @@
 
 #define LH_ALIGN 64
 #define LH_MAX_TIMED_THREADS 256
+#define LH_TIMED_NODES 4   /* sliced nodes timed per graph: gate, up, down (+1) */
+_Static_assert(sizeof(((struct lh_counters *) 0)->sliced_node_last_in_ns) == LH_TIMED_NODES * sizeof(int64_t),
+               "lh_counters' per-node arrays hold LH_TIMED_NODES");
 /* Weight bytes a CPU part must read before it is worth splitting over threads (~100 us on one core). */
 #define LH_PARALLEL_MIN_BYTES ((size_t) 1 << 20)
 
@@ -175,10 +178,14 @@ struct lh_ctx {
     void * sliced_scratch;         /* lh_sliced_mul_mat_id: each thread's quantized input rows */
     size_t sliced_scratch_size;
     size_t sliced_stride;          /* bytes per thread in it */
-    /* When each thread first entered a sliced node of the graph now computing (a cache line each):
-     * how long the team takes to start a stop's graph. */
+    /* When each thread entered and left each sliced node of the graph now computing (two cache lines
+     * each): how long the team takes to start a stop's graph, and where the rest of it goes. */
     int64_t graph_seq, graph_t0_ns;
-    struct { int64_t seq, ns; char pad[LH_ALIGN - 2 * sizeof(int64_t)]; } thread_in[LH_MAX_TIMED_THREADS];
+    struct {
+        int64_t seq, n;                     /* the graph's seq, sliced nodes run in it so far */
+        int64_t in[LH_TIMED_NODES], out[LH_TIMED_NODES]; /* ns after graph_t0_ns */
+        char pad[2 * LH_ALIGN - (2 + 2 * LH_TIMED_NODES) * sizeof(int64_t)];
+    } thread_in[LH_MAX_TIMED_THREADS];
 
     /* Layer FFN fast path: per layer, whether llama's FFN was recognised (1), not (-1) or not yet
      * tried (0); the FFN whose nodes are skipped right now; allocators for the compact graphs. */
@@ -1026,16 +1033,24 @@ static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct 
         ctx->graph_t0_ns = lh_now_ns();
         ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
         if (ctx->thread_in[0].seq == ctx->graph_seq) {  /* a graph of sliced nodes: its team's start */
-            int64_t first = INT64_MAX, last = 0;
+            int64_t first = INT64_MAX, last_in[LH_TIMED_NODES] = {0}, last_out[LH_TIMED_NODES] = {0};
             for (int32_t i = 0; i < n_threads && i < LH_MAX_TIMED_THREADS; i++) {
-                if (ctx->thread_in[i].seq == ctx->graph_seq) {
-                    first = ctx->thread_in[i].ns < first ? ctx->thread_in[i].ns : first;
-                    last = ctx->thread_in[i].ns > last ? ctx->thread_in[i].ns : last;
+                if (ctx->thread_in[i].seq != ctx->graph_seq) {
+                    continue;
+                }
+                first = ctx->thread_in[i].in[0] < first ? ctx->thread_in[i].in[0] : first;
+                for (int64_t k = 0; k < ctx->thread_in[i].n && k < LH_TIMED_NODES; k++) {
+                    last_in[k] = ctx->thread_in[i].in[k] > last_in[k] ? ctx->thread_in[i].in[k] : last_in[k];
+                    last_out[k] = ctx->thread_in[i].out[k] > last_out[k] ? ctx->thread_in[i].out[k] : last_out[k];
                 }
             }
             ctx->counters.sliced_graphs++;
             ctx->counters.first_thread_in_ns += first;
-            ctx->counters.last_thread_in_ns += last;
+            ctx->counters.last_thread_in_ns += last_in[0];
+            for (int k = 0; k < LH_TIMED_NODES; k++) {
+                ctx->counters.sliced_node_last_in_ns[k] += last_in[k];
+                ctx->counters.sliced_node_last_out_ns[k] += last_out[k];
+            }
         }
         ctx->counters.cpu_runs++;
         ctx->counters.cpu_rows += cpu_rows;
@@ -1317,9 +1332,17 @@ static struct ggml_tensor * lh_dev_copy(struct lh_ctx * ctx, const struct ggml_t
  * first entry into a sliced node of the graph (thread_in): how long the team took to start. */
 static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     struct lh_ctx * ctx = (struct lh_ctx *) userdata;
-    if (ith < LH_MAX_TIMED_THREADS && ctx->thread_in[ith].seq != ctx->graph_seq) {
-        ctx->thread_in[ith].seq = ctx->graph_seq;
-        ctx->thread_in[ith].ns = lh_now_ns() - ctx->graph_t0_ns;
+    const bool timed = ith < LH_MAX_TIMED_THREADS;
+    int64_t node = 0;
+    if (timed) {
+        if (ctx->thread_in[ith].seq != ctx->graph_seq) {
+            ctx->thread_in[ith].seq = ctx->graph_seq;
+            ctx->thread_in[ith].n = 0;
+        }
+        node = ctx->thread_in[ith].n++;
+        if (node < LH_TIMED_NODES) {
+            ctx->thread_in[ith].in[node] = lh_now_ns() - ctx->graph_t0_ns;
+        }
     }
     const struct ggml_tensor * w = dst->src[0], * b = dst->src[1], * ids = dst->src[2];
     const struct ggml_type_traits_cpu * traits = ggml_get_type_traits_cpu(w->type);
@@ -1348,6 +1371,9 @@ static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, voi
                 traits->vec_dot((int) w->ne[0], out + r, 0, m + r * w->nb[1], 0, x, 0, 1);
             }
         }
+    }
+    if (timed && node < LH_TIMED_NODES) {
+        ctx->thread_in[ith].out[node] = lh_now_ns() - ctx->graph_t0_ns;
     }
 }
 

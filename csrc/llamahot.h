@@ -83,6 +83,9 @@ struct lh_counters {
                                   summed (ns after the graph's compute began): the first and the last thread */
     int64_t first_thread_in_ns;
     int64_t last_thread_in_ns;
+    /* ... and for their k-th sliced node (gate, up, down), when the last thread entered and left it. */
+    int64_t sliced_node_last_in_ns[4];
+    int64_t sliced_node_last_out_ns[4];
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
     int64_t shadow_rows;       /* rows compared in shadow mode */
     int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */

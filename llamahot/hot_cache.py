@@ -414,6 +414,9 @@ class HotCache:
             "sliced_graphs": int(counters.sliced_graphs),
             "first_thread_in_ms": counters.first_thread_in_ns / 1e6,
             "last_thread_in_ms": counters.last_thread_in_ns / 1e6,
+            # ... their k-th sliced node (gate, up, down): when the last thread entered / left it.
+            "sliced_node_last_in_ms": [counters.sliced_node_last_in_ns[k] / 1e6 for k in range(4)],
+            "sliced_node_last_out_ms": [counters.sliced_node_last_out_ns[k] / 1e6 for k in range(4)],
             "cold_on_device": self.cold_on_device,
             "redirect_ms": counters.redirect_ns / 1e6,
             "cpu_compute_ms": counters.cpu_compute_ns / 1e6,

@@ -270,6 +270,13 @@ def test_single_token_cpu_rows_use_the_sliced_matmul(moe_model):
         # When the threads of those graphs first entered a sliced node: timed for every one of them.
         assert stats["sliced_graphs"] == (0 if ggml_matmuls else stats["cpu_runs"])
         assert 0 <= stats["first_thread_in_ms"] <= stats["last_thread_in_ms"] <= stats["cpu_compute_ms"]
+        # ... and each sliced node of them (gate, up, down), when its last thread entered and left it.
+        n_proj = len(layout.projections)
+        ins, outs = stats["sliced_node_last_in_ms"], stats["sliced_node_last_out_ms"]
+        if not ggml_matmuls:
+            assert ins[0] == stats["last_thread_in_ms"] and ins[n_proj:] == outs[n_proj:] == [0.0] * (4 - n_proj)
+            assert all(0 < ins[k] <= outs[k] for k in range(n_proj))
+            assert outs[n_proj - 1] <= stats["cpu_compute_ms"]
         if not ggml_matmuls:
             # More threads than the graphs so far were built for: each needs its own quantized rows.
             llm.hot_cache.set_threads(LLAMA_KW["n_threads"])

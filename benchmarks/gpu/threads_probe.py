@@ -56,6 +56,7 @@ def main() -> None:
     # CPU graphs of the stops by rows: count, ms
     by_rows: dict[str, list[list]] = {name: [[0, 0.0] for _ in range(9)] for name in rows}
     team_start = {name: [0, 0.0, 0.0] for name in rows}  # sliced graphs, first and last thread in (ms)
+    node_times = {name: [[0.0, 0.0] for _ in range(4)] for name in rows}  # per sliced node: last in, last out (ms)
     for rep in range(args.reps):
         order = list(rows)[rep % len(rows):] + list(rows)[: rep % len(rows)]
         for name in order:
@@ -69,6 +70,9 @@ def main() -> None:
                 hits[name].append(s["hit_rate"])
                 for i, key in enumerate(("sliced_graphs", "first_thread_in_ms", "last_thread_in_ms")):
                     team_start[name][i] += s[key]
+                for k in range(4):
+                    node_times[name][k][0] += s["sliced_node_last_in_ms"][k]
+                    node_times[name][k][1] += s["sliced_node_last_out_ms"][k]
                 for size in range(9):
                     by_rows[name][size][0] += s["cpu_runs_by_rows"][size]
                     by_rows[name][size][1] += s["cpu_ms_by_rows"][size]
@@ -93,6 +97,8 @@ def main() -> None:
         n, first, last = team_start[name]
         if n:  # how long the OpenMP team took to start a stop's graph (its sliced nodes' threads)
             print(f"  {name}: first thread in a graph after {first / n * 1e3:.1f} us, last after {last / n * 1e3:.1f} us (mean)")
+            print(f"  {name}: sliced nodes, last thread in / out (us after the graph began, mean): " +
+                  ", ".join(f"{k}: {t_in / n * 1e3:.1f} / {t_out / n * 1e3:.1f}" for k, (t_in, t_out) in enumerate(node_times[name]) if t_in))
         print(f"  {name}, CPU graphs by rows: " + ", ".join(f"{size if size < 8 else '8+'}: {n} x {ms / n * 1e3:.0f} us"
                                                             for size, (n, ms) in enumerate(by_rows[name]) if n))
 
