@@ -1021,6 +1021,32 @@ static int32_t lh_stop_threads(const struct lh_ctx * ctx, int64_t rows, size_t w
     return ctx->n_threads;
 }
 
+/* After a stop's CPU graph: if it ran sliced nodes, add when its threads entered and left them (the
+ * first thread's entry, and per node the last thread's entry and exit) to the counters. */
+static void lh_count_sliced_graph(struct lh_ctx * ctx, int32_t n_threads) {
+    if (ctx->thread_in[0].seq != ctx->graph_seq) {
+        return;  /* no sliced node ran in this graph */
+    }
+    int64_t first = INT64_MAX, last_in[LH_TIMED_NODES] = {0}, last_out[LH_TIMED_NODES] = {0};
+    for (int32_t i = 0; i < n_threads && i < LH_MAX_TIMED_THREADS; i++) {
+        if (ctx->thread_in[i].seq != ctx->graph_seq) {
+            continue;
+        }
+        first = ctx->thread_in[i].in[0] < first ? ctx->thread_in[i].in[0] : first;
+        for (int64_t k = 0; k < ctx->thread_in[i].n && k < LH_TIMED_NODES; k++) {
+            last_in[k] = ctx->thread_in[i].in[k] > last_in[k] ? ctx->thread_in[i].in[k] : last_in[k];
+            last_out[k] = ctx->thread_in[i].out[k] > last_out[k] ? ctx->thread_in[i].out[k] : last_out[k];
+        }
+    }
+    ctx->counters.sliced_graphs++;
+    ctx->counters.first_thread_in_ns += first;
+    ctx->counters.last_thread_in_ns += last_in[0];
+    for (int k = 0; k < LH_TIMED_NODES; k++) {
+        ctx->counters.sliced_node_last_in_ns[k] += last_in[k];
+        ctx->counters.sliced_node_last_out_ns[k] += last_out[k];
+    }
+}
+
 /* The end of a redirect: the CPU part (while the GPU part, launched before, runs), the wait for
  * the GPU, then every row scattered into dst in t's layout. */
 static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct ggml_cgraph * cpu_graph, bool gpu_used,
@@ -1032,26 +1058,7 @@ static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct 
         ctx->graph_seq++;
         ctx->graph_t0_ns = lh_now_ns();
         ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
-        if (ctx->thread_in[0].seq == ctx->graph_seq) {  /* a graph of sliced nodes: its team's start */
-            int64_t first = INT64_MAX, last_in[LH_TIMED_NODES] = {0}, last_out[LH_TIMED_NODES] = {0};
-            for (int32_t i = 0; i < n_threads && i < LH_MAX_TIMED_THREADS; i++) {
-                if (ctx->thread_in[i].seq != ctx->graph_seq) {
-                    continue;
-                }
-                first = ctx->thread_in[i].in[0] < first ? ctx->thread_in[i].in[0] : first;
-                for (int64_t k = 0; k < ctx->thread_in[i].n && k < LH_TIMED_NODES; k++) {
-                    last_in[k] = ctx->thread_in[i].in[k] > last_in[k] ? ctx->thread_in[i].in[k] : last_in[k];
-                    last_out[k] = ctx->thread_in[i].out[k] > last_out[k] ? ctx->thread_in[i].out[k] : last_out[k];
-                }
-            }
-            ctx->counters.sliced_graphs++;
-            ctx->counters.first_thread_in_ns += first;
-            ctx->counters.last_thread_in_ns += last_in[0];
-            for (int k = 0; k < LH_TIMED_NODES; k++) {
-                ctx->counters.sliced_node_last_in_ns[k] += last_in[k];
-                ctx->counters.sliced_node_last_out_ns[k] += last_out[k];
-            }
-        }
+        lh_count_sliced_graph(ctx, n_threads);
         ctx->counters.cpu_runs++;
         ctx->counters.cpu_rows += cpu_rows;
         ctx->counters.lone_row_runs += n_threads < ctx->n_threads && cpu_weight_bytes >= LH_PARALLEL_MIN_BYTES;
@@ -1377,12 +1384,13 @@ static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, voi
     }
 }
 
-/* w @ b by lh_sliced_mul_mat_id where it gives ggml's floats (a plain host matrix whose type has a
- * vec_dot; a repacked one keeps ggml's own kernels), else ggml_mul_mat_id. */
-static struct ggml_tensor * lh_cpu_mul_mat_id(struct lh_ctx * ctx, struct ggml_context * g, struct ggml_tensor * w,
-                                              struct ggml_tensor * b, struct ggml_tensor * ids) {
+/* A part's expert matmul w @ b: by lh_sliced_mul_mat_id where it gives ggml's floats (a single-token
+ * part on the CPU over a plain host matrix whose type has a vec_dot; a repacked one keeps ggml's own
+ * kernels), else ggml_mul_mat_id. */
+static struct ggml_tensor * lh_part_mul_mat_id(struct lh_ctx * ctx, struct ggml_context * g, struct ggml_tensor * w,
+                                               struct ggml_tensor * b, struct ggml_tensor * ids, bool cpu_one_token) {
     const struct ggml_type_traits_cpu * traits = ggml_get_type_traits_cpu(w->type);
-    const bool sliceable = w->extra == NULL && w->buffer != NULL && ggml_backend_buffer_is_host(w->buffer) &&
+    const bool sliceable = cpu_one_token && w->extra == NULL && w->buffer != NULL && ggml_backend_buffer_is_host(w->buffer) &&
         traits->vec_dot != NULL && (traits->vec_dot_type == b->type || ggml_get_type_traits_cpu(traits->vec_dot_type)->from_float != NULL) &&
         ggml_is_contiguous(b) && w->nb[0] == ggml_type_size(w->type) && !(ctx->debug_flags & LH_DEBUG_GGML_MATMULS);
     if (!sliceable) {
@@ -1430,8 +1438,7 @@ static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, cons
         }
         if (node->op == GGML_OP_MUL_MAT_ID) {
             const struct lh_weight_entry * e = lh_lookup_weight(ctx, node->src[0]);
-            c = on_gpu || !one_token ? ggml_mul_mat_id(g, matrices[e->proj], part->b, part->ids)
-                                     : lh_cpu_mul_mat_id(ctx, g, matrices[e->proj], part->b, part->ids);
+            c = lh_part_mul_mat_id(ctx, g, matrices[e->proj], part->b, part->ids, !on_gpu && one_token);
             if (c == NULL) {
                 return false;
             }
@@ -1473,8 +1480,7 @@ static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, cons
     if (act < 0) {
         return false;
     }
-    part->out = on_gpu || !one_token ? ggml_mul_mat_id(g, matrices[LH_PROJ_DOWN], clones[act], part->ids)
-                                     : lh_cpu_mul_mat_id(ctx, g, matrices[LH_PROJ_DOWN], clones[act], part->ids);
+    part->out = lh_part_mul_mat_id(ctx, g, matrices[LH_PROJ_DOWN], clones[act], part->ids, !on_gpu && one_token);
     if (part->out == NULL) {
         return false;
     }

@@ -278,10 +278,6 @@ class SlotManager:
     def occupied(self) -> int:
         return int((self.expert_of_slot >= 0).sum())
 
-    def apply(self, desired: np.ndarray) -> None:
-        """Issue the copies that make the slots hold `desired`; returns without waiting for them."""
-        self.load(*self.plan(desired))
-
     def plan(self, desired: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The loads (layers, slots, experts) that make the slots hold `desired`; changes nothing."""
         if self.n_slots == 0:

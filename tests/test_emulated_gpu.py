@@ -266,18 +266,17 @@ def test_single_token_cpu_rows_use_the_sliced_matmul(moe_model):
         assert stats["misses"] > 0 and stats["cpu_runs"] > 0
         # Every CPU graph here is a single-token stop's cold part (the prompt ran before the slots
         # existed): one sliced node per expert projection, or none at all in ggml's mode.
-        assert stats["sliced_matmuls"] == (0 if ggml_matmuls else len(layout.projections) * stats["cpu_runs"])
+        n_proj = len(layout.projections)
+        assert stats["sliced_matmuls"] == (0 if ggml_matmuls else n_proj * stats["cpu_runs"])
         # When the threads of those graphs first entered a sliced node: timed for every one of them.
         assert stats["sliced_graphs"] == (0 if ggml_matmuls else stats["cpu_runs"])
         assert 0 <= stats["first_thread_in_ms"] <= stats["last_thread_in_ms"] <= stats["cpu_compute_ms"]
-        # ... and each sliced node of them (gate, up, down), when its last thread entered and left it.
-        n_proj = len(layout.projections)
-        ins, outs = stats["sliced_node_last_in_ms"], stats["sliced_node_last_out_ms"]
         if not ggml_matmuls:
+            # ... and each sliced node of them (gate, up, down), when its last thread entered and left it.
+            ins, outs = stats["sliced_node_last_in_ms"], stats["sliced_node_last_out_ms"]
             assert ins[0] == stats["last_thread_in_ms"] and ins[n_proj:] == outs[n_proj:] == [0.0] * (4 - n_proj)
             assert all(0 < ins[k] <= outs[k] for k in range(n_proj))
             assert outs[n_proj - 1] <= stats["cpu_compute_ms"]
-        if not ggml_matmuls:
             # More threads than the graphs so far were built for: each needs its own quantized rows.
             llm.hot_cache.set_threads(LLAMA_KW["n_threads"])
             assert_bit_identical(expected[: len(llm.tokenize(PROMPT)) + 16], greedy(llm, steps=16))
