@@ -15,6 +15,8 @@
 #include "ggml-cpu.h"
 
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -177,6 +179,8 @@ struct lh_ctx {
     size_t shadow_cap;
     void * graph_mem;              /* metadata of the per-node compact graphs */
     size_t graph_mem_size;
+    struct lh_pool * pool;         /* the stops' own threads (lh_set_pool), started on first use */
+    int64_t pool_spin_ns;          /* < 0: off, ggml's graph compute */
     void * sliced_scratch;         /* lh_sliced_mul_mat_id: each thread's quantized input rows */
     size_t sliced_scratch_size;
     size_t sliced_stride;          /* bytes per thread in it */
@@ -282,6 +286,7 @@ struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t
     ctx->n_moe_layers = n_moe_layers;
     ctx->n_expert = n_expert;
     ctx->observing = true;
+    ctx->pool_spin_ns = -1;
     ctx->blk_to_moe = malloc(sizeof(int32_t) * (size_t) n_blocks);
     uint32_t cap = 64;
     while (cap < (uint32_t) n_blocks * LH_PROJ_COUNT * 4u) {
@@ -310,6 +315,7 @@ struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t
 }
 
 static void lh_slots_free(struct lh_ctx * ctx);
+static void lh_pool_free(struct lh_pool * p);
 static void lh_miss_scratch_free(struct lh_miss_scratch * m);
 
 static void lh_scratch_free(struct lh_scratch * s) {
@@ -369,6 +375,7 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     free(ctx->shadow_out);
     free(ctx->events);
     free(ctx->shadow_input);
+    lh_pool_free(ctx->pool);
     free(ctx->graph_mem);
     free(ctx->sliced_scratch);
     if (ctx->one_thread) {
@@ -410,6 +417,14 @@ void lh_set_n_threads(struct lh_ctx * ctx, int32_t n_threads) {
 
 void lh_set_lone_row_idle_ns(struct lh_ctx * ctx, int64_t idle_ns) {
     ctx->lone_row_idle_ns = idle_ns > 0 ? idle_ns : 0;
+}
+
+void lh_set_pool(struct lh_ctx * ctx, int64_t spin_ns) {
+    ctx->pool_spin_ns = spin_ns < 0 ? -1 : spin_ns;
+    if (spin_ns < 0) {
+        lh_pool_free(ctx->pool);
+        ctx->pool = NULL;
+    }
 }
 
 void lh_set_expert_sum(struct lh_ctx * ctx, bool enabled) {
@@ -1042,6 +1057,9 @@ static bool lh_split_entries(struct lh_ctx * ctx, const struct ggml_tensor * ids
  * runs on one thread too (the pool's threads may have gone to sleep; waking them looked like ~3 ms
  * per rare stop on the H100 machine's VM). */
 static int32_t lh_stop_threads(const struct lh_ctx * ctx, int64_t rows, size_t weight_bytes, int64_t now) {
+    if (ctx->debug_flags & LH_DEBUG_ALL_THREADS) {
+        return ctx->n_threads;
+    }
     if (weight_bytes < LH_PARALLEL_MIN_BYTES) {
         return 1;
     }
@@ -1077,6 +1095,258 @@ static void lh_count_sliced_graph(struct lh_ctx * ctx, int32_t n_threads) {
     }
 }
 
+/* ---- The stops' own threads (lh_set_pool) --------------------------------------------------- */
+/* A single-token stop's CPU graph (sliced expert matmuls and the element-wise nodes between them)
+ * can run on threads of the shim's own instead of an OpenMP region of ggml's: they wait for work
+ * spinning on a counter, then sleep, so a stop reaches them in a few microseconds (an OpenMP region
+ * took ~10 us alone and 15-20 us in the decode on the H100 machine; docs/NOTES.md, session 10).
+ * Sliced nodes run on every thread, each its slice of rows as in ggml's team; the other nodes on the
+ * caller with ggml's code (lh_compute_here); a barrier wherever a node's memory meets memory another
+ * node touched since the last one. */
+struct lh_pool_arg {
+    struct lh_pool * pool;
+    int32_t ith;
+};
+
+struct lh_pool {
+    int32_t n;                        /* threads, the caller (ith 0) included */
+    pthread_t * threads;              /* [n - 1] */
+    struct lh_pool_arg * args;        /* [n - 1] */
+    struct lh_ctx * ctx;
+    struct ggml_cgraph * graph;       /* the job: set before generation moves */
+    int64_t spin_ns;                  /* how long an idle thread spins before it sleeps */
+    atomic_llong generation;          /* one more per job */
+    atomic_int arrived;
+    atomic_llong barrier_generation;
+    atomic_int sleepers;
+    atomic_bool stop;
+    atomic_bool failed;
+    pthread_mutex_t mutex;
+    pthread_cond_t wake;
+};
+
+static inline void lh_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static void lh_pool_barrier(struct lh_pool * p, int32_t nth) {
+    if (nth == 1) {
+        return;
+    }
+    const long long g = atomic_load(&p->barrier_generation);
+    if (atomic_fetch_add(&p->arrived, 1) == nth - 1) {
+        atomic_store(&p->arrived, 0);
+        atomic_fetch_add(&p->barrier_generation, 1);
+    } else {
+        while (atomic_load(&p->barrier_generation) == g) {
+            lh_cpu_relax();
+        }
+    }
+}
+
+static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, void * userdata);
+static bool lh_compute_here(struct lh_ctx * ctx, struct ggml_tensor * n);
+static bool lh_computes_nothing(const struct ggml_tensor * t);
+
+/* A node of the shim's row-sliced MUL_MAT_ID (ggml_custom_4d keeps the function first in op_params). */
+static bool lh_is_sliced(const struct ggml_tensor * t) {
+    ggml_custom_op_t fun = NULL;
+    if (t->op == GGML_OP_CUSTOM) {
+        memcpy(&fun, t->op_params, sizeof fun);
+    }
+    return fun == lh_sliced_mul_mat_id;
+}
+
+/* Whether a graph can run on the pool: every node computing something is sliced, or element-wise
+ * (the same floats on one thread as on many). */
+static bool lh_poolable(struct ggml_cgraph * g) {
+    for (int i = 0; i < ggml_graph_n_nodes(g); i++) {
+        const struct ggml_tensor * t = ggml_graph_node(g, i);
+        switch (t->op) {
+            case GGML_OP_GLU: case GGML_OP_UNARY: case GGML_OP_CLAMP: case GGML_OP_SCALE:
+            case GGML_OP_MUL: case GGML_OP_ADD: case GGML_OP_ADD_ID:
+                break;
+            default:
+                if (!lh_is_sliced(t) && !lh_computes_nothing(t)) {
+                    return false;
+                }
+        }
+    }
+    return true;
+}
+
+/* Memory a graph's nodes read and wrote since the last barrier: [begin, end) ranges. */
+#define LH_POOL_RANGES 64
+struct lh_ranges {
+    int32_t n;
+    const char * begin[LH_POOL_RANGES];
+    const char * end[LH_POOL_RANGES];
+};
+
+static bool lh_ranges_meet(const struct lh_ranges * r, const struct ggml_tensor * t) {
+    const char * b = (const char *) t->data, * e = b + ggml_nbytes(t);
+    for (int32_t i = 0; i < r->n; i++) {
+        if (b < r->end[i] && r->begin[i] < e) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static void lh_ranges_add(struct lh_ranges * r, const struct ggml_tensor * t) {
+    r->begin[r->n] = (const char *) t->data;
+    r->end[r->n] = (const char *) t->data + ggml_nbytes(t);
+    r->n++;
+}
+
+/* One thread's share of graph g (nth threads; every thread decides the same barriers). */
+static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgraph * g, int32_t ith, int32_t nth) {
+    struct lh_ranges read = { 0 }, written = { 0 };
+    for (int i = 0; i < ggml_graph_n_nodes(g); i++) {
+        struct ggml_tensor * t = ggml_graph_node(g, i);
+        if (lh_computes_nothing(t)) {
+            continue;
+        }
+        /* It reads what was written, or writes what was read or written, since the last barrier:
+         * wait for the others (also when the lists are full). */
+        bool meet = read.n + GGML_MAX_SRC >= LH_POOL_RANGES || written.n + 1 >= LH_POOL_RANGES ||
+                    lh_ranges_meet(&read, t) || lh_ranges_meet(&written, t);
+        for (int s = 0; s < GGML_MAX_SRC && !meet; s++) {
+            meet = t->src[s] != NULL && lh_ranges_meet(&written, t->src[s]);
+        }
+        if (meet) {
+            lh_pool_barrier(p, nth);
+            read.n = written.n = 0;
+        }
+        if (lh_is_sliced(t)) {
+            lh_sliced_mul_mat_id(t, ith, nth, ctx);
+        } else if (ith == 0 && !lh_compute_here(ctx, t)) {
+            atomic_store(&p->failed, true);
+        }
+        for (int s = 0; s < GGML_MAX_SRC; s++) {
+            if (t->src[s] != NULL) {
+                lh_ranges_add(&read, t->src[s]);
+            }
+        }
+        lh_ranges_add(&written, t);
+    }
+    lh_pool_barrier(p, nth);  /* the caller returns with every row written */
+}
+
+static void * lh_pool_worker(void * arg) {
+    struct lh_pool * p = ((struct lh_pool_arg *) arg)->pool;
+    const int32_t ith = ((struct lh_pool_arg *) arg)->ith;
+    long long seen = 0;
+    for (;;) {
+        int64_t spin_start = 0;
+        long long g;
+        for (int32_t spins = 0; (g = atomic_load(&p->generation)) == seen; spins++) {
+            if (atomic_load(&p->stop)) {
+                return NULL;
+            }
+            lh_cpu_relax();
+            if ((spins & 255) == 255) {
+                const int64_t now = lh_now_ns();
+                spin_start = spin_start ? spin_start : now;
+                if (now - spin_start >= p->spin_ns) {
+                    /* Sleep. The caller moves generation, then wakes sleepers under the mutex. */
+                    pthread_mutex_lock(&p->mutex);
+                    atomic_fetch_add(&p->sleepers, 1);
+                    while (atomic_load(&p->generation) == seen && !atomic_load(&p->stop)) {
+                        pthread_cond_wait(&p->wake, &p->mutex);
+                    }
+                    atomic_fetch_sub(&p->sleepers, 1);
+                    pthread_mutex_unlock(&p->mutex);
+                    spin_start = 0;
+                }
+            }
+        }
+        seen = g;
+        lh_pool_run(p->ctx, p, p->graph, ith, p->n);
+    }
+}
+
+static void lh_pool_free(struct lh_pool * p) {
+    if (p == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&p->mutex);
+    atomic_store(&p->stop, true);
+    pthread_cond_broadcast(&p->wake);
+    pthread_mutex_unlock(&p->mutex);
+    for (int32_t i = 0; i < p->n - 1; i++) {
+        pthread_join(p->threads[i], NULL);
+    }
+    pthread_mutex_destroy(&p->mutex);
+    pthread_cond_destroy(&p->wake);
+    free(p->threads);
+    free(p->args);
+    free(p);
+}
+
+static struct lh_pool * lh_pool_new(struct lh_ctx * ctx, int32_t n, int64_t spin_ns) {
+    struct lh_pool * p = calloc(1, sizeof *p);
+    if (p == NULL) {
+        return NULL;
+    }
+    p->n = n;
+    p->ctx = ctx;
+    p->spin_ns = spin_ns;
+    pthread_mutex_init(&p->mutex, NULL);
+    pthread_cond_init(&p->wake, NULL);
+    p->threads = calloc((size_t) n, sizeof *p->threads);
+    p->args = calloc((size_t) n, sizeof *p->args);
+    int32_t started = 0;
+    while (p->threads && p->args && started < n - 1) {
+        p->args[started] = (struct lh_pool_arg) { p, started + 1 };
+        if (pthread_create(&p->threads[started], NULL, lh_pool_worker, &p->args[started]) != 0) {
+            break;
+        }
+        started++;
+    }
+    if (started < n - 1) {
+        p->n = started + 1;  /* join the ones that started */
+        lh_pool_free(p);
+        return NULL;
+    }
+    return p;
+}
+
+/* Run graph g on the pool with nth threads (1: on the caller alone, no thread woken). */
+static bool lh_pool_compute(struct lh_ctx * ctx, struct ggml_cgraph * g, int32_t nth) {
+    if (nth > 1 && (ctx->pool == NULL || ctx->pool->n != nth)) {
+        lh_pool_free(ctx->pool);
+        ctx->pool = lh_pool_new(ctx, nth, ctx->pool_spin_ns);
+        if (ctx->pool == NULL) {
+            lh_error(ctx, "could not start %d threads for the stops' CPU graphs", nth);
+            return false;
+        }
+    }
+    struct lh_pool * p = ctx->pool;
+    if (nth == 1) {
+        struct lh_pool one = { .n = 1 };
+        atomic_init(&one.failed, false);
+        lh_pool_run(ctx, &one, g, 0, 1);
+        return !atomic_load(&one.failed);
+    }
+    p->spin_ns = ctx->pool_spin_ns;
+    p->graph = g;
+    atomic_store(&p->failed, false);
+    atomic_fetch_add(&p->generation, 1);
+    if (atomic_load(&p->sleepers) > 0) {
+        pthread_mutex_lock(&p->mutex);
+        pthread_cond_broadcast(&p->wake);
+        pthread_mutex_unlock(&p->mutex);
+    }
+    lh_pool_run(ctx, p, g, 0, nth);
+    ctx->counters.pool_graphs++;
+    return !atomic_load(&p->failed);
+}
+
 /* The end of a redirect: the CPU part (while the GPU part, launched before, runs), the wait for
  * the GPU, then every row scattered into dst in t's layout. */
 static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct ggml_cgraph * cpu_graph, bool gpu_used,
@@ -1087,7 +1357,11 @@ static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct 
         ggml_backend_cpu_set_n_threads(ctx->cpu, n_threads);
         ctx->graph_seq++;
         ctx->graph_t0_ns = lh_now_ns();
-        ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
+        if (ctx->pool_spin_ns >= 0 && lh_poolable(cpu_graph)) {
+            ok = lh_pool_compute(ctx, cpu_graph, n_threads);
+        } else {
+            ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
+        }
         lh_count_sliced_graph(ctx, n_threads);
         ctx->counters.cpu_runs++;
         ctx->counters.cpu_rows += cpu_rows;

@@ -49,6 +49,8 @@ enum lh_debug_flags {
                                   layer's persistent one (to measure what the persistent graph saves) */
     LH_DEBUG_GGML_MATMULS = 64, /* benchmarks: ggml's MUL_MAT_ID in single-token CPU graphs, never the
                                    shim's row-sliced node (to measure what the sliced node saves) */
+    LH_DEBUG_ALL_THREADS = 128, /* tests: every stop's CPU graph on all threads, however little it reads
+                                   (small fixtures would otherwise run on one) */
 };
 
 /* Callbacks timeline mode keeps (a ring of the latest). */
@@ -86,6 +88,7 @@ struct lh_counters {
     /* ... and for their k-th sliced node (gate, up, down), when the last thread entered and left it. */
     int64_t sliced_node_last_in_ns[4];
     int64_t sliced_node_last_out_ns[4];
+    int64_t pool_graphs;       /* stops' CPU graphs run on the shim's own threads (lh_set_pool) */
     int64_t sum_nodes;         /* nodes of the expert sums after stops computed by the shim (lh_set_expert_sum) */
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
     int64_t shadow_rows;       /* rows compared in shadow mode */
@@ -175,6 +178,12 @@ void lh_set_lone_row_idle_ns(struct lh_ctx * ctx, int64_t idle_ns);
  * ggml's own code, and skip them in llama's run, whose rest on a GPU machine then needs no threads.
  * Bit-exact (element-wise ops: the same floats on any number of threads). Off by default. */
 void lh_set_expert_sum(struct lh_ctx * ctx, bool enabled);
+
+/* Run single-token stops' CPU graphs (sliced expert matmuls and element-wise nodes) on threads of the
+ * shim's own, started on first use (as many as the stop's threads, the caller included), instead of
+ * ggml's graph compute: idle threads spin for spin_ns, then sleep until the next stop. spin_ns < 0
+ * (default): off, and the threads are joined. Bit-exact (the same kernels on the same rows). */
+void lh_set_pool(struct lh_ctx * ctx, int64_t spin_ns);
 
 /* Single-token decode with device slots: this share (0..1, default 0) of a stop's cold experts is
  * copied to the device and computed there while the CPU computes the rest. Returns -1 (see

@@ -44,7 +44,8 @@ ffibuilder.set_source(
     sources=[str((CSRC / "llamahot.c").relative_to(ROOT))],
     include_dirs=[str(CSRC), str(VENDOR / "include")],
     define_macros=[("LH_GGML_VERSION", f'"{GGML_VERSION}"')],
-    extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    extra_compile_args=["-O2", "-std=c11", "-pthread", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    extra_link_args=["-pthread"],
 )
 
 if __name__ == "__main__":

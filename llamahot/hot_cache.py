@@ -37,6 +37,7 @@ DEBUG_SKIP_COMPUTE = lib.LH_DEBUG_SKIP_COMPUTE
 DEBUG_TIMELINE = lib.LH_DEBUG_TIMELINE
 DEBUG_CALL_GRAPHS = lib.LH_DEBUG_CALL_GRAPHS
 DEBUG_GGML_MATMULS = lib.LH_DEBUG_GGML_MATMULS
+DEBUG_ALL_THREADS = lib.LH_DEBUG_ALL_THREADS
 TIMELINE_CAP = lib.LH_TIMELINE_CAP
 SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
@@ -126,6 +127,7 @@ class HotCache:
         # token (ctypes releases the GIL); after that eval only the copies are issued.
         self.plan_ahead = plan_ahead
         self.expert_sum = True   # set_expert_sum
+        self.thread_pool_spin_ms: Optional[float] = None   # set_thread_pool
         self._snapshot_time = 0.0
         self._decode_tokens = 0
         self._decode_seconds = 0.0
@@ -187,6 +189,7 @@ class HotCache:
                                  self.hot_experts, projections)
         self.set_cold_on_device(self.cold_on_device)
         self.set_expert_sum(self.expert_sum)
+        self.set_thread_pool(self.thread_pool_spin_ms)
         lib.lh_reset_counters(self._ctx)
         if self._user_callback is not None:
             callback, user_data = self._user_callback
@@ -294,7 +297,7 @@ class HotCache:
     # -- test and benchmark controls -------------------------------------------------------
     def set_debug(self, *, poison: bool = False, shadow: bool = False, per_node: bool = False,
                   skip_compute: bool = False, timeline: bool = False, call_graphs: bool = False,
-                  ggml_matmuls: bool = False) -> None:
+                  ggml_matmuls: bool = False, all_threads: bool = False) -> None:
         """Test-only checks. poison: NaN-fill redirected outputs before writing them; shadow: let
         llama compute, recompute, compare every row; per_node: redirect each expert matmul on its
         own (the fallback path) instead of each layer's FFN in one stop. For benchmarks:
@@ -302,11 +305,12 @@ class HotCache:
         stops; timeline: record every callback, read with timeline(); call_graphs: build the hot
         part's device graph per call instead of using the layer's persistent one (single-token decode
         on a device), to measure what the persistent graph saves; ggml_matmuls: ggml's MUL_MAT_ID in
-        single-token CPU graphs instead of the shim's row-sliced node, to measure what that saves."""
+        single-token CPU graphs instead of the shim's row-sliced node, to measure what that saves;
+        all_threads (tests): every stop's CPU graph on all threads, however little it reads."""
         lib.lh_set_debug(self._ctx, (DEBUG_POISON if poison else 0) | (DEBUG_SHADOW if shadow else 0) |
                          (DEBUG_PER_NODE if per_node else 0) | (DEBUG_SKIP_COMPUTE if skip_compute else 0) |
                          (DEBUG_TIMELINE if timeline else 0) | (DEBUG_CALL_GRAPHS if call_graphs else 0) |
-                         (DEBUG_GGML_MATMULS if ggml_matmuls else 0))
+                         (DEBUG_GGML_MATMULS if ggml_matmuls else 0) | (DEBUG_ALL_THREADS if all_threads else 0))
 
     def timeline(self) -> list[tuple[int, int, int, str]]:
         """Callbacks recorded in timeline mode since the last call, oldest first: (time ns, kind
@@ -333,6 +337,19 @@ class HotCache:
         self.expert_sum = enabled
         if self._ctx is not None:
             lib.lh_set_expert_sum(self._ctx, enabled)
+
+    def set_thread_pool(self, spin_ms: Optional[float]) -> None:
+        """Single-token stops compute their CPU rows on threads of the shim's own, which spin
+        `spin_ms` milliseconds after each stop before they sleep (a stop reaches spinning threads in
+        a few microseconds, an OpenMP region in 10-20); None: ggml's graph compute on llama's
+        OpenMP team. Bit-exact either way."""
+        if spin_ms is not None and (isinstance(spin_ms, bool) or not isinstance(spin_ms, (int, float))
+                                    or not 0 <= spin_ms <= 1000):
+            raise ValueError(f"set_thread_pool takes None (off) or the milliseconds idle threads spin "
+                             f"before they sleep, 0..1000; got {spin_ms!r}")
+        self.thread_pool_spin_ms = spin_ms
+        if self._ctx is not None:
+            lib.lh_set_pool(self._ctx, -1 if spin_ms is None else int(spin_ms * 1e6))
 
     def set_threads(self, n_threads: int) -> None:
         """CPU threads for the cold experts' graphs (llama's n_threads at load; call it again after
@@ -432,6 +449,8 @@ class HotCache:
             "cold_on_device": self.cold_on_device,
             # Nodes of the experts' sums after single-token stops computed by the shim (set_expert_sum).
             "sum_nodes": int(counters.sum_nodes),
+            # Stops' CPU graphs run on the shim's own threads (set_thread_pool).
+            "pool_graphs": int(counters.pool_graphs),
             "redirect_ms": counters.redirect_ns / 1e6,
             "cpu_compute_ms": counters.cpu_compute_ns / 1e6,
             "gpu_submit_ms": counters.gpu_submit_ns / 1e6,

@@ -288,3 +288,40 @@ def test_single_token_cpu_rows_use_the_sliced_matmul(moe_model):
             stats = llm.hot_cache.stats()
             assert stats["shadow_rows"] > 0 and stats["shadow_mismatches"] == 0
         llm.close()
+
+
+@pytest.mark.parametrize("spin_ms", [0.0, 5.0], ids=["sleep-at-once", "spin"])
+def test_single_token_stops_on_the_shims_own_threads(moe_model, spin_ms):
+    """set_thread_pool: single-token stops run their CPU graphs (sliced matmuls, then the GLU and other
+    element-wise nodes on the caller with ggml's code) on the shim's own threads: logits bit-identical
+    with poison, every row identical to llama's at node level, on 1 and 2 threads; off again, ggml's
+    graph compute takes over."""
+    layout = read_moe_layout(moe_model)
+    expected = reference_logits(moe_model)
+    llm = llamahot.Llama(moe_model, hot_experts=max(1, layout.n_expert // 4), rebalance_interval=8,
+                         slot_device="emulated-gpu", logits_all=True, **LLAMA_KW)
+    llm.hot_cache.set_debug(poison=True, all_threads=True)   # the small fixtures' stops too
+    llm.hot_cache.set_thread_pool(spin_ms)
+    assert_bit_identical(expected, greedy(llm, steps=STEPS, after_each=no_open_mutations))
+    stats = llm.hot_cache.stats()
+    # Every CPU graph here is a single-token stop's cold part (the prompt ran before the slots existed).
+    assert stats["cpu_runs"] > 0 and stats["pool_graphs"] == stats["cpu_runs"]
+    assert stats["sliced_graphs"] == stats["cpu_runs"]
+    llm.hot_cache.set_threads(1)   # on the caller alone: no thread woken
+    llm.hot_cache.reset()
+    assert_bit_identical(expected[: len(llm.tokenize(PROMPT)) + 16], greedy(llm, steps=16))
+    assert llm.hot_cache.stats()["pool_graphs"] == 0, "one thread: the caller alone"
+    llm.hot_cache.set_threads(LLAMA_KW["n_threads"])
+    llm.hot_cache.set_debug(shadow=True, poison=True, all_threads=True)  # every row against llama's own
+    llm.hot_cache.reset()
+    greedy(llm, steps=8)
+    stats = llm.hot_cache.stats()
+    assert stats["shadow_rows"] > 0 and stats["shadow_mismatches"] == 0 and stats["pool_graphs"] > 0
+    llm.hot_cache.set_debug()
+    llm.hot_cache.set_thread_pool(None)
+    llm.hot_cache.reset()
+    greedy(llm, steps=4)
+    assert llm.hot_cache.stats()["pool_graphs"] == 0 and llm.hot_cache.stats()["cpu_runs"] > 0
+    with pytest.raises(ValueError, match="milliseconds"):
+        llm.hot_cache.set_thread_pool(-1)
+    llm.close()

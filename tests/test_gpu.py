@@ -31,11 +31,13 @@ def stock_in_ram(path: str) -> StockPlaced:
 
 
 # interval 1: a rebalance after every token, so copies and their fences are in flight at almost every stop;
-# plan_ahead: the policy in a worker thread while llama decodes.
-@pytest.mark.parametrize("resident,cold_on_device,interval,plan_ahead",
-                         [(0, 0.0, 4, False), (2, 0.0, 4, False), (0, 0.5, 4, False), (0, 0.0, 1, False), (0, 0.0, 1, True)])
+# plan_ahead: the policy in a worker thread while llama decodes; pool: the stops' CPU graphs on the shim's
+# own threads (set_thread_pool, spinning that many ms).
+@pytest.mark.parametrize("resident,cold_on_device,interval,plan_ahead,pool",
+                         [(0, 0.0, 4, False, None), (2, 0.0, 4, False, None), (0, 0.5, 4, False, None),
+                          (0, 0.0, 1, False, None), (0, 0.0, 1, True, None), (0, 0.0, 4, False, 1.0)])
 def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_moe_models, resident, cold_on_device,
-                                                                            interval, plan_ahead):
+                                                                            interval, plan_ahead, pool):
     path = all_moe_models[TRAINED_MODEL]
     layout = read_moe_layout(path)
     stock = stock_in_ram(path)
@@ -45,11 +47,16 @@ def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_
     assert (top2[:, 1] - top2[:, 0]).min() > 0.1, "the prompt no longer gives confident predictions"
     for k in (layout.n_expert_used, layout.n_expert // 2, layout.n_expert):
         llm = llamahot.Llama(path, hot_experts=k, resident_layers=resident, rebalance_interval=interval,
-                             slot_device="cuda", cold_on_device=cold_on_device, **LLAMA_KW)
-        llm.hot_cache.plan_ahead = plan_ahead
+                             slot_device="cuda", cold_on_device=cold_on_device, plan_ahead=plan_ahead, **LLAMA_KW)
+        llm.hot_cache.set_debug(all_threads=pool is not None)   # the small model's stops on the pool's threads too
+        llm.hot_cache.set_thread_pool(pool)
         tokens, logits = greedy_run(llm, STEPS, prompt=CONFIDENT_PROMPT)
         stats = llm.hot_cache.stats()
         assert stats["hits"] > 0 and stats["ffn_redirects"] > 0
+        # The experts' sums after single-token stops were computed by the shim (set_expert_sum, default).
+        assert stats["sum_nodes"] > 0
+        if pool is not None and k < layout.n_expert:
+            assert stats["pool_graphs"] > 0
         # Single-token steps ran the layers' persistent hot graphs (K >= n_expert_used here).
         assert stats["persistent_gpu_runs"] > 0
         if cold_on_device == 0:

@@ -3,12 +3,14 @@ to compare settings that must be fixed per process (OMP_WAIT_POLICY, GOMP_SPINCO
 runtime reads them once), and llamahot's decode with no prefill between its windows.
 
 Rows, interleaved in every repetition over the same teacher-forced window of held-out code: stock
-experts in RAM, stock static offload of as many layers as K slots' VRAM, llamahot at K (default
-policy), and a second llamahot at K with ggml's MUL_MAT_ID in its stops' CPU graphs instead of
-the shim's row-sliced node (its own instance: slots warmed by one row's window must not serve the other). Prints per-row medians and the medians of the per-repetition ratios (the
-machine drifts between repetitions).
+experts in RAM, stock static offload of as many layers as K slots' VRAM, and one llamahot instance at
+K (default policy) per variant (its own instance: slots warmed by one row's window must not serve
+another): `default`; `ggml` (ggml's MUL_MAT_ID in the stops' CPU graphs instead of the shim's
+row-sliced node); `no-sum` (llama computes the experts' sum after each stop); `pool:MS` (the stops'
+CPU graphs on the shim's own threads, spinning MS ms). Prints per-row medians and the medians of the
+per-repetition ratios (the machine drifts between repetitions).
 
-    python benchmarks/gpu/threads_probe.py MODEL.gguf [--k 51] [--reps 6] [--tokens 64]
+    python benchmarks/gpu/threads_probe.py MODEL.gguf [--k 51] [--reps 6] [--tokens 64] [--variants default,ggml]
 Run through rebalance_probe.sh with a variants file (one process per line, its environment first).
 """
 from __future__ import annotations
@@ -33,26 +35,36 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--slot-device", default="cuda", help="host: a dry run on a machine without a GPU")
+    parser.add_argument("--variants", default="default,ggml", help="llamahot rows: default, ggml, no-sum, pool:MS")
     args = parser.parse_args()
     layout = read_moe_layout(args.model)
     kw = dict(n_gpu_layers=-1, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     static_layers = static_layers_for(args.k, layout)
     ram = StockPlaced(args.model, cpu_pattern=EXPERT_TENSOR_PATTERN, **kw)
     static = StockPlaced(args.model, cpu_pattern=static_cpu_pattern(layout.n_moe_layers - static_layers, layout), **kw)
-    hot = llamahot.Llama(args.model, hot_experts=args.k, slot_device=args.slot_device, **kw)
-    hot_ggml = llamahot.Llama(args.model, hot_experts=args.k, slot_device=args.slot_device, **kw)
-    hot_ggml.hot_cache.set_debug(ggml_matmuls=True)
-    text = hot.tokenize(Path("benchmarks/data/heldout_code.txt").read_text().encode(), add_bos=False)
+    rows = {"stock RAM": ram, f"stock static {static_layers} layers": static}
+    hots = []
+    for variant in args.variants.split(","):
+        llm = llamahot.Llama(args.model, hot_experts=args.k, slot_device=args.slot_device, **kw)
+        if variant == "ggml":
+            llm.hot_cache.set_debug(ggml_matmuls=True)
+        elif variant == "no-sum":
+            llm.hot_cache.set_expert_sum(False)
+        elif variant.startswith("pool:"):
+            llm.hot_cache.set_thread_pool(float(variant[5:]))
+        elif variant != "default":
+            raise SystemExit(f"unknown variant {variant!r}: default, ggml, no-sum or pool:MS")
+        rows[f"llamahot K={args.k} {variant}"] = llm
+        hots.append(llm)
+    text = hots[0].tokenize(Path("benchmarks/data/heldout_code.txt").read_text().encode(), add_bos=False)
     span = 16 + args.tokens
     windows = [text[i: i + span] for i in range(0, len(text) - span, span)]
-    for llm in (hot, hot_ggml):
+    for llm in hots:
         decode_rate(llm, args.tokens, text_tokens=windows[-1])  # first fill of the slots
-    ggml_row = f"llamahot K={args.k}, ggml's matmuls"
-    rows = {"stock RAM": ram, f"stock static {static_layers} layers": static, f"llamahot K={args.k}": hot,
-            ggml_row: hot_ggml}
     rates: dict[str, list[float]] = {name: [] for name in rows}
     cold_ms: dict[str, list[float]] = {name: [] for name in rows}
     hits: dict[str, list[float]] = {name: [] for name in rows}
+    sums: dict[str, list[float]] = {name: [] for name in rows}   # expert-sum nodes the shim took per stop
     # CPU graphs of the stops by rows: count, ms
     by_rows: dict[str, list[list]] = {name: [[0, 0.0] for _ in range(9)] for name in rows}
     team_start = {name: [0, 0.0, 0.0] for name in rows}  # sliced graphs, first and last thread in (ms)
@@ -61,12 +73,13 @@ def main() -> None:
         order = list(rows)[rep % len(rows):] + list(rows)[: rep % len(rows)]
         for name in order:
             llm = rows[name]
-            managed = llm in (hot, hot_ggml)
+            managed = llm in hots
             reset = (lambda m: m.hot_cache.reset()) if managed else None
             rates[name].append(decode_rate(llm, args.tokens, after_prompt=reset, text_tokens=windows[rep]))
             if managed:
                 s = llm.hot_cache.stats()
                 cold_ms[name].append(s["cpu_compute_ms"] / max(s["decode_tokens"], 1))
+                sums[name].append(s["sum_nodes"] / max(s["ffn_redirects"], 1))
                 hits[name].append(s["hit_rate"])
                 for i, key in enumerate(("sliced_graphs", "first_thread_in_ms", "last_thread_in_ms")):
                     team_start[name][i] += s[key]
@@ -80,8 +93,8 @@ def main() -> None:
     print(f"[{env or 'default env'}] K={args.k}, {args.reps} repetitions of {args.tokens} teacher-forced tokens")
     names = list(rows)
     for name in names:
-        cold = (f", cold CPU {statistics.median(cold_ms[name]):.2f} ms/token, hit {statistics.median(hits[name]):.3f}"
-                if cold_ms[name] else "")
+        cold = (f", cold CPU {statistics.median(cold_ms[name]):.2f} ms/token, hit {statistics.median(hits[name]):.3f}, "
+                f"sum nodes per stop {statistics.median(sums[name]):.2f}" if cold_ms[name] else "")
         print(f"  {name}: {statistics.median(rates[name]):.1f} tok/s "
               f"({' '.join(f'{r:.1f}' for r in rates[name])}){cold}")
 
@@ -91,7 +104,8 @@ def main() -> None:
 
     for name in names[2:]:
         print(f"  {name}: vs static {ratio(name, names[1])}, vs RAM {ratio(name, names[0])}")
-    print(f"  {names[2]} vs {ggml_row}: {ratio(names[2], ggml_row)}")
+    for name in names[3:]:
+        print(f"  {name} vs {names[2]}: {ratio(name, names[2])}")
     # A graph's fixed cost against what each row adds: the mean time of the stops' CPU graphs by size.
     for name in names[2:]:
         n, first, last = team_start[name]
