@@ -34,8 +34,6 @@ _Static_assert(sizeof(((struct lh_counters *) 0)->sliced_node_last_in_ns) == LH_
                "lh_counters' per-node arrays hold LH_TIMED_NODES");
 /* Weight bytes a CPU part must read before it is worth splitting over threads (~100 us on one core). */
 #define LH_PARALLEL_MIN_BYTES ((size_t) 1 << 20)
-/* Nodes of an expert sum the shim computes after one stop (n_expert_used ADDs, the MUL, a bias). */
-#define LH_SUM_MAX_NODES 64
 
 static int64_t lh_now_ns(void) {
     struct timespec ts;
@@ -220,19 +218,7 @@ struct lh_ctx {
     int32_t * dev_expert_of;           /* scratch row -> expert (like expert_of_slot for slots) */
     size_t dev_cold_cap;
 
-    /* The expert sum (lh_set_expert_sum): after a single-token stop, the element-wise nodes that
-     * follow the down node in llama's run (the MUL by the routing weights, the ADDs of the experts'
-     * rows, a bias) are computed by the shim at their ask on this thread and skipped in llama's run.
-     * On a GPU machine that run is then the rest of a CPU split with nothing to compute, so it needs
-     * no OpenMP region (~15-20 us per layer on the H100 machine). Their ops are restored once the
-     * run holding them has been computed. */
-    bool expert_sum;
-    bool sum_open;                 /* the asks now follow a stop's answer, and every node computing
-                                      something since was taken */
-    int32_t n_sum;
-    struct ggml_tensor * sum_nodes[LH_SUM_MAX_NODES];
-    enum ggml_op sum_ops[LH_SUM_MAX_NODES];
-    const struct ggml_tensor * sum_src0[LH_SUM_MAX_NODES];  /* to recognise them when restoring */
+    /* lh_compute_here: a one-node graph on the calling thread. */
     struct ggml_threadpool * one_thread;   /* ggml's, for nodes the shim computes on its own thread */
     void * one_graph_mem;
     size_t one_graph_mem_size;
@@ -425,10 +411,6 @@ void lh_set_pool(struct lh_ctx * ctx, int64_t spin_ns) {
         lh_pool_free(ctx->pool);
         ctx->pool = NULL;
     }
-}
-
-void lh_set_expert_sum(struct lh_ctx * ctx, bool enabled) {
-    ctx->expert_sum = enabled;
 }
 
 void lh_set_debug(struct lh_ctx * ctx, int32_t flags) {
@@ -1149,8 +1131,43 @@ static void lh_pool_barrier(struct lh_pool * p, int32_t nth) {
 }
 
 static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, void * userdata);
-static bool lh_compute_here(struct lh_ctx * ctx, struct ggml_tensor * n);
-static bool lh_computes_nothing(const struct ggml_tensor * t);
+
+static bool lh_computes_nothing(const struct ggml_tensor * t) {
+    return t->op == GGML_OP_NONE || t->op == GGML_OP_VIEW || t->op == GGML_OP_RESHAPE ||
+           t->op == GGML_OP_PERMUTE || t->op == GGML_OP_TRANSPOSE;
+}
+
+/* Compute node n with ggml's own CPU code on the calling thread (a one-node graph, one thread):
+ * for the element-wise nodes of a pool's graph: the same floats as on any number of threads. */
+static bool lh_compute_here(struct lh_ctx * ctx, struct ggml_tensor * n) {
+    if (ctx->one_thread == NULL) {
+        struct ggml_threadpool_params params = ggml_threadpool_params_default(1);
+        ctx->one_thread = ggml_threadpool_new(&params);
+        if (ctx->one_thread == NULL) {
+            return false;
+        }
+    }
+    const size_t mem = ggml_graph_overhead_custom(1, false);
+    if (!lh_grow(&ctx->one_graph_mem, &ctx->one_graph_mem_size, mem, 1)) {
+        return false;
+    }
+    struct ggml_init_params params = { mem, ctx->one_graph_mem, true };
+    struct ggml_context * g = ggml_init(params);
+    if (g == NULL) {
+        return false;
+    }
+    struct ggml_cgraph * graph = ggml_new_graph_custom(g, 1, false);
+    ggml_graph_add_node(graph, n);
+    struct ggml_cplan plan = ggml_graph_plan(graph, 1, ctx->one_thread);
+    bool ok = true;
+    if (plan.work_size > 0) {
+        ok = lh_grow(&ctx->one_work, &ctx->one_work_size, plan.work_size, 1);
+        plan.work_data = ctx->one_work;
+    }
+    ok = ok && ggml_graph_compute(graph, &plan) == GGML_STATUS_SUCCESS;
+    ggml_free(g);
+    return ok;
+}
 
 /* A node of the shim's row-sliced MUL_MAT_ID (ggml_custom_4d keeps the function first in op_params). */
 static bool lh_is_sliced(const struct ggml_tensor * t) {
@@ -2229,137 +2246,8 @@ static bool lh_try_ffn(struct lh_ctx * ctx, struct ggml_tensor * t, int32_t laye
     return true;
 }
 
-/* ---- The expert sum after a stop (lh_set_expert_sum) ---------------------------------------- */
-
-static bool lh_computes_nothing(const struct ggml_tensor * t) {
-    return t->op == GGML_OP_NONE || t->op == GGML_OP_VIEW || t->op == GGML_OP_RESHAPE ||
-           t->op == GGML_OP_PERMUTE || t->op == GGML_OP_TRANSPOSE;
-}
-
-/* Compute node n with ggml's own CPU code on the calling thread (a one-node graph, one thread):
- * the same floats as in llama's run, for the element-wise ops it is used for. */
-static bool lh_compute_here(struct lh_ctx * ctx, struct ggml_tensor * n) {
-    if (ctx->one_thread == NULL) {
-        struct ggml_threadpool_params params = ggml_threadpool_params_default(1);
-        ctx->one_thread = ggml_threadpool_new(&params);
-        if (ctx->one_thread == NULL) {
-            return false;
-        }
-    }
-    const size_t mem = ggml_graph_overhead_custom(1, false);
-    if (!lh_grow(&ctx->one_graph_mem, &ctx->one_graph_mem_size, mem, 1)) {
-        return false;
-    }
-    struct ggml_init_params params = { mem, ctx->one_graph_mem, true };
-    struct ggml_context * g = ggml_init(params);
-    if (g == NULL) {
-        return false;
-    }
-    struct ggml_cgraph * graph = ggml_new_graph_custom(g, 1, false);
-    ggml_graph_add_node(graph, n);
-    struct ggml_cplan plan = ggml_graph_plan(graph, 1, ctx->one_thread);
-    bool ok = true;
-    if (plan.work_size > 0) {
-        ok = lh_grow(&ctx->one_work, &ctx->one_work_size, plan.work_size, 1);
-        plan.work_data = ctx->one_work;
-    }
-    ok = ok && ggml_graph_compute(graph, &plan) == GGML_STATUS_SUCCESS;
-    ggml_free(g);
-    return ok;
-}
-
-/* Whether node n, asked while the sum is open, can be computed now: an element-wise op on host
- * floats. Its inputs are computed: every node between the stop's down node and n was taken, so an
- * input is a node computed before the stop, the down node, a taken node or a split's input copy;
- * only the FFN's other nodes (skipped, never computed: the shim computed their rows compactly) are
- * not, and are refused. */
-static bool lh_sum_takes(const struct lh_ctx * ctx, const struct ggml_tensor * n) {
-    if (ctx->n_sum == LH_SUM_MAX_NODES || !(n->op == GGML_OP_MUL || n->op == GGML_OP_ADD || n->op == GGML_OP_ADD_ID) ||
-        n->type != GGML_TYPE_F32 || n->data == NULL || n->buffer == NULL || !ggml_backend_buffer_is_host(n->buffer)) {
-        return false;
-    }
-    for (int i = 0; i < GGML_MAX_SRC; i++) {
-        const struct ggml_tensor * s = n->src[i];
-        if (s == NULL) {
-            continue;
-        }
-        const struct ggml_tensor * root = s->view_src ? s->view_src : s;
-        if (s->data == NULL || root->buffer == NULL || !ggml_backend_buffer_is_host(root->buffer) ||
-            (root != ctx->ffn.down && lh_ffn_has(&ctx->ffn, root))) {
-            return false;
-        }
-    }
-    return true;
-}
-
-/* Compute node n now and skip it in llama's run; false (n untouched) if it cannot be. */
-static bool lh_sum_take(struct lh_ctx * ctx, struct ggml_tensor * n) {
-    if (!lh_sum_takes(ctx, n) || !lh_compute_here(ctx, n)) {
-        return false;
-    }
-    ctx->sum_nodes[ctx->n_sum] = n;
-    ctx->sum_ops[ctx->n_sum] = n->op;
-    ctx->sum_src0[ctx->n_sum] = n->src[0];
-    ctx->n_sum++;
-    n->op = GGML_OP_NONE;
-    ctx->counters.open_mutations++;
-    ctx->counters.sum_nodes++;
-    return true;
-}
-
-/* The run that held the taken nodes has been computed: give them their ops back. Only a node still
- * as left is touched (llama may have built another graph in the same memory since; a node there
- * has src[0], a leaf has not). */
-static int32_t lh_sum_restore(struct lh_ctx * ctx) {
-    const int32_t n = ctx->n_sum;
-    for (int32_t i = 0; i < n; i++) {
-        struct ggml_tensor * t = ctx->sum_nodes[i];
-        if (t->op == GGML_OP_NONE && t->src[0] == ctx->sum_src0[i]) {
-            t->op = ctx->sum_ops[i];
-        }
-    }
-    ctx->counters.open_mutations -= n;
-    ctx->n_sum = 0;
-    ctx->sum_open = false;
-    return n;
-}
-
-static bool lh_sum_has(const struct lh_ctx * ctx, const struct ggml_tensor * t) {
-    for (int32_t i = 0; i < ctx->n_sum; i++) {
-        if (ctx->sum_nodes[i] == t) {
-            return true;
-        }
-    }
-    return false;
-}
-
-/* At every ask, before anything else: true if t was taken (computed; llama's run skips it). */
-static bool lh_sum_ask(struct lh_ctx * ctx, struct ggml_tensor * t) {
-    if (ctx->n_sum == 0 && !ctx->sum_open) {
-        return false;
-    }
-    if (t->buffer != NULL && !ggml_backend_buffer_is_host(t->buffer)) {
-        lh_sum_restore(ctx);   /* a GPU split: the scheduler computed the CPU split before it */
-        return false;
-    }
-    if (ctx->sum_open) {
-        if (lh_sum_take(ctx, t)) {
-            return true;
-        }
-        if (!lh_computes_nothing(t)) {
-            ctx->sum_open = false;  /* llama computes this one: the nodes after it may need it */
-        }
-        return false;
-    }
-    if (lh_sum_has(ctx, t)) {
-        lh_sum_restore(ctx);   /* a graph llama reuses, asked again before any other restore */
-    }
-    return false;
-}
-
 int32_t lh_restore(struct lh_ctx * ctx) {
     int32_t restored = 0;
-    restored += lh_sum_restore(ctx);
     if (ctx->ffn_pending) {
         restored += ctx->ffn.n_mutated;
         lh_ffn_restore(ctx, &ctx->ffn);
@@ -2399,9 +2287,6 @@ bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
 
 static bool lh_callback(struct lh_ctx * ctx, struct ggml_tensor * t, bool ask) {
     if (ask) {
-        if (lh_sum_ask(ctx, t)) {
-            return false;
-        }
         ctx->user_wanted = ctx->user_cb != NULL && ctx->user_cb(t, true, ctx->user_ud);
         const struct lh_weight_entry * e = lh_managed(ctx, t);
         if (e == NULL) {
@@ -2435,9 +2320,6 @@ static bool lh_callback(struct lh_ctx * ctx, struct ggml_tensor * t, bool ask) {
     }
 
     /* ask=false: the scheduler computed every node up to and including t. */
-    if (ctx->n_sum > 0) {
-        lh_sum_restore(ctx);
-    }
     if (ctx->ffn_pending && ctx->ffn.down == t) {
         ctx->ffn_pending = false;
         lh_ffn_restore(ctx, &ctx->ffn);
@@ -2446,7 +2328,6 @@ static bool lh_callback(struct lh_ctx * ctx, struct ggml_tensor * t, bool ask) {
             lh_shadow_compare(ctx, t, layer, LH_PROJ_DOWN, &ctx->ffn);
         } else {
             lh_redirect(ctx, t, layer, LH_PROJ_DOWN, &ctx->ffn);
-            ctx->sum_open = ctx->expert_sum && t->ne[2] == 1;  /* single-token: its sum is small */
         }
         lh_count_routing(ctx, t, layer, true);
     } else if (ctx->pending == t) {

@@ -89,7 +89,6 @@ struct lh_counters {
     int64_t sliced_node_last_in_ns[4];
     int64_t sliced_node_last_out_ns[4];
     int64_t pool_graphs;       /* stops' CPU graphs run on the shim's own threads (lh_set_pool) */
-    int64_t sum_nodes;         /* nodes of the expert sums after stops computed by the shim (lh_set_expert_sum) */
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
     int64_t shadow_rows;       /* rows compared in shadow mode */
     int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */
@@ -172,12 +171,6 @@ void lh_set_n_threads(struct lh_ctx * ctx, int32_t n_threads);
 /* A stop whose CPU graph computes a single row runs it on one thread when the shim ran no
  * multi-threaded graph for idle_ns (its threads may be asleep). 0 (default): off. */
 void lh_set_lone_row_idle_ns(struct lh_ctx * ctx, int64_t idle_ns);
-
-/* After a single-token stop, compute llama's element-wise nodes that follow the down node in the same
- * run (the weighting MUL and the ADDs that sum the experts' rows, a bias) on the calling thread with
- * ggml's own code, and skip them in llama's run, whose rest on a GPU machine then needs no threads.
- * Bit-exact (element-wise ops: the same floats on any number of threads). Off by default. */
-void lh_set_expert_sum(struct lh_ctx * ctx, bool enabled);
 
 /* Run single-token stops' CPU graphs (sliced expert matmuls and element-wise nodes) on threads of the
  * shim's own, started on first use (as many as the stop's threads, the caller included), instead of

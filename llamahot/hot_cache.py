@@ -126,7 +126,6 @@ class HotCache:
         # plan_ahead: the policy plans the next loads in a worker thread while llama decodes the next
         # token (ctypes releases the GIL); after that eval only the copies are issued.
         self.plan_ahead = plan_ahead
-        self.expert_sum = True   # set_expert_sum
         self.thread_pool_spin_ms: Optional[float] = None   # set_thread_pool
         self._snapshot_time = 0.0
         self._decode_tokens = 0
@@ -188,7 +187,6 @@ class HotCache:
         self.slots = SlotManager(self._ctx, self.slot_device, self.layout.n_moe_layers, self.layout.n_expert,
                                  self.hot_experts, projections)
         self.set_cold_on_device(self.cold_on_device)
-        self.set_expert_sum(self.expert_sum)
         self.set_thread_pool(self.thread_pool_spin_ms)
         lib.lh_reset_counters(self._ctx)
         if self._user_callback is not None:
@@ -328,16 +326,6 @@ class HotCache:
             raise RuntimeError(f"llamahot: {ffi.string(lib.lh_last_error(self._ctx)).decode()}")
         self.cold_on_device = share
 
-    def set_expert_sum(self, enabled: bool) -> None:
-        """After each single-token stop, compute llama's sum of the experts' rows (the weighting MUL
-        and the ADDs after the down matmul) in the shim, on one thread, and skip it in llama's run
-        (default on): on a GPU machine the rest of the layer's CPU split then needs no thread team."""
-        if not isinstance(enabled, bool):
-            raise ValueError(f"set_expert_sum takes True or False, got {enabled!r}")
-        self.expert_sum = enabled
-        if self._ctx is not None:
-            lib.lh_set_expert_sum(self._ctx, enabled)
-
     def set_thread_pool(self, spin_ms: Optional[float]) -> None:
         """Single-token stops compute their CPU rows on threads of the shim's own, which spin
         `spin_ms` milliseconds after each stop before they sleep (a stop reaches spinning threads in
@@ -447,8 +435,6 @@ class HotCache:
             "sliced_node_last_in_ms": [counters.sliced_node_last_in_ns[k] / 1e6 for k in range(4)],
             "sliced_node_last_out_ms": [counters.sliced_node_last_out_ns[k] / 1e6 for k in range(4)],
             "cold_on_device": self.cold_on_device,
-            # Nodes of the experts' sums after single-token stops computed by the shim (set_expert_sum).
-            "sum_nodes": int(counters.sum_nodes),
             # Stops' CPU graphs run on the shim's own threads (set_thread_pool).
             "pool_graphs": int(counters.pool_graphs),
             "redirect_ms": counters.redirect_ns / 1e6,

@@ -53,8 +53,6 @@ def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_
         tokens, logits = greedy_run(llm, STEPS, prompt=CONFIDENT_PROMPT)
         stats = llm.hot_cache.stats()
         assert stats["hits"] > 0 and stats["ffn_redirects"] > 0
-        # The experts' sums after single-token stops were computed by the shim (set_expert_sum, default).
-        assert stats["sum_nodes"] > 0
         if pool is not None and k < layout.n_expert:
             assert stats["pool_graphs"] > 0
         # Single-token steps ran the layers' persistent hot graphs (K >= n_expert_used here).

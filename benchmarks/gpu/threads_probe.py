@@ -6,7 +6,7 @@ Rows, interleaved in every repetition over the same teacher-forced window of hel
 experts in RAM, stock static offload of as many layers as K slots' VRAM, and one llamahot instance at
 K (default policy) per variant (its own instance: slots warmed by one row's window must not serve
 another): `default`; `ggml` (ggml's MUL_MAT_ID in the stops' CPU graphs instead of the shim's
-row-sliced node); `no-sum` (llama computes the experts' sum after each stop); `pool:MS` (the stops'
+row-sliced node); `pool:MS` (the stops'
 CPU graphs on the shim's own threads, spinning MS ms). Prints per-row medians and the medians of the
 per-repetition ratios (the machine drifts between repetitions).
 
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--slot-device", default="cuda", help="host: a dry run on a machine without a GPU")
-    parser.add_argument("--variants", default="default,ggml", help="llamahot rows: default, ggml, no-sum, pool:MS")
+    parser.add_argument("--variants", default="default,ggml", help="llamahot rows: default, ggml, pool:MS")
     args = parser.parse_args()
     layout = read_moe_layout(args.model)
     kw = dict(n_gpu_layers=-1, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
@@ -48,12 +48,10 @@ def main() -> None:
         llm = llamahot.Llama(args.model, hot_experts=args.k, slot_device=args.slot_device, **kw)
         if variant == "ggml":
             llm.hot_cache.set_debug(ggml_matmuls=True)
-        elif variant == "no-sum":
-            llm.hot_cache.set_expert_sum(False)
         elif variant.startswith("pool:"):
             llm.hot_cache.set_thread_pool(float(variant[5:]))
         elif variant != "default":
-            raise SystemExit(f"unknown variant {variant!r}: default, ggml, no-sum or pool:MS")
+            raise SystemExit(f"unknown variant {variant!r}: default, ggml or pool:MS")
         rows[f"llamahot K={args.k} {variant}"] = llm
         hots.append(llm)
     text = hots[0].tokenize(Path("benchmarks/data/heldout_code.txt").read_text().encode(), add_bos=False)
@@ -64,7 +62,6 @@ def main() -> None:
     rates: dict[str, list[float]] = {name: [] for name in rows}
     cold_ms: dict[str, list[float]] = {name: [] for name in rows}
     hits: dict[str, list[float]] = {name: [] for name in rows}
-    sums: dict[str, list[float]] = {name: [] for name in rows}   # expert-sum nodes the shim took per stop
     # CPU graphs of the stops by rows: count, ms
     by_rows: dict[str, list[list]] = {name: [[0, 0.0] for _ in range(9)] for name in rows}
     team_start = {name: [0, 0.0, 0.0] for name in rows}  # sliced graphs, first and last thread in (ms)
@@ -79,7 +76,6 @@ def main() -> None:
             if managed:
                 s = llm.hot_cache.stats()
                 cold_ms[name].append(s["cpu_compute_ms"] / max(s["decode_tokens"], 1))
-                sums[name].append(s["sum_nodes"] / max(s["ffn_redirects"], 1))
                 hits[name].append(s["hit_rate"])
                 for i, key in enumerate(("sliced_graphs", "first_thread_in_ms", "last_thread_in_ms")):
                     team_start[name][i] += s[key]
@@ -93,8 +89,7 @@ def main() -> None:
     print(f"[{env or 'default env'}] K={args.k}, {args.reps} repetitions of {args.tokens} teacher-forced tokens")
     names = list(rows)
     for name in names:
-        cold = (f", cold CPU {statistics.median(cold_ms[name]):.2f} ms/token, hit {statistics.median(hits[name]):.3f}, "
-                f"sum nodes per stop {statistics.median(sums[name]):.2f}" if cold_ms[name] else "")
+        cold = (f", cold CPU {statistics.median(cold_ms[name]):.2f} ms/token, hit {statistics.median(hits[name]):.3f}" if cold_ms[name] else "")
         print(f"  {name}: {statistics.median(rates[name]):.1f} tok/s "
               f"({' '.join(f'{r:.1f}' for r in rates[name])}){cold}")
 
