@@ -7,7 +7,8 @@ experts in RAM, stock static offload of as many layers as K slots' VRAM, and one
 K (default policy) per variant (its own instance: slots warmed by one row's window must not serve
 another): `default`; `ggml` (ggml's MUL_MAT_ID in the stops' CPU graphs instead of the shim's
 row-sliced node); `pool:MS` (the stops'
-CPU graphs on the shim's own threads, spinning MS ms). Prints per-row medians and the medians of the
+CPU graphs on the shim's own threads, spinning MS ms); `pool-nopf:MS` (the same without the workers'
+prefetch of the cold rows during the GPU submission). Prints per-row medians and the medians of the
 per-repetition ratios (the machine drifts between repetitions).
 
     python benchmarks/gpu/threads_probe.py MODEL.gguf [--k 51] [--reps 6] [--tokens 64] [--variants default,ggml]
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--slot-device", default="cuda", help="host: a dry run on a machine without a GPU")
-    parser.add_argument("--variants", default="default,ggml", help="llamahot rows: default, ggml, pool:MS")
+    parser.add_argument("--variants", default="default,ggml", help="llamahot rows: default, ggml, pool:MS, pool-nopf:MS")
     args = parser.parse_args()
     layout = read_moe_layout(args.model)
     kw = dict(n_gpu_layers=-1, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
@@ -50,8 +51,11 @@ def main() -> None:
             llm.hot_cache.set_debug(ggml_matmuls=True)
         elif variant.startswith("pool:"):
             llm.hot_cache.set_thread_pool(float(variant[5:]))
+        elif variant.startswith("pool-nopf:"):
+            llm.hot_cache.set_thread_pool(float(variant[10:]))
+            llm.hot_cache.set_debug(no_prefetch=True)
         elif variant != "default":
-            raise SystemExit(f"unknown variant {variant!r}: default, ggml or pool:MS")
+            raise SystemExit(f"unknown variant {variant!r}: default, ggml, pool:MS or pool-nopf:MS")
         rows[f"llamahot K={args.k} {variant}"] = llm
         hots.append(llm)
     text = hots[0].tokenize(Path("benchmarks/data/heldout_code.txt").read_text().encode(), add_bos=False)
