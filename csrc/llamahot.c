@@ -1096,6 +1096,7 @@ struct lh_pool_arg {
 struct lh_pool_job {
     struct ggml_cgraph * graph;
     bool prefetch;
+    bool workers_only;                /* sliced rows on the workers alone (lh_pool_run) */
     int32_t n_experts;
     int32_t experts[LH_PREFETCH_MAX];
     const struct ggml_tensor * weights[LH_PROJ_COUNT];
@@ -1234,8 +1235,11 @@ static void lh_ranges_add(struct lh_ranges * r, const struct ggml_tensor * t) {
     r->n++;
 }
 
-/* One thread's share of graph g (nth threads; every thread decides the same barriers). */
-static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgraph * g, int32_t ith, int32_t nth) {
+/* One thread's share of graph g (nth threads; every thread decides the same barriers). workers_only:
+ * the sliced nodes' rows go to the workers alone (ith 1.., as they prefetched them), not the caller,
+ * whose cache holds none of them: it would be the last to finish every node. */
+static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgraph * g, int32_t ith, int32_t nth,
+                        bool workers_only) {
     struct lh_ranges read = { 0 }, written = { 0 };
     for (int i = 0; g != NULL && i < ggml_graph_n_nodes(g); i++) {
         struct ggml_tensor * t = ggml_graph_node(g, i);
@@ -1254,7 +1258,11 @@ static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgr
             read.n = written.n = 0;
         }
         if (lh_is_sliced(t)) {
-            lh_sliced_mul_mat_id(t, ith, nth, ctx);
+            if (!workers_only) {
+                lh_sliced_mul_mat_id(t, ith, nth, ctx);
+            } else if (ith > 0) {
+                lh_sliced_mul_mat_id(t, ith - 1, nth - 1, ctx);
+            }
         } else if (ith == 0 && !lh_compute_here(ctx, t)) {
             atomic_store(&p->failed, true);
         }
@@ -1319,9 +1327,9 @@ static void * lh_pool_worker(void * arg) {
         seen = g;
         const struct lh_pool_job * job = &p->jobs[g & 1];
         if (job->prefetch) {
-            lh_pool_prefetch_run(job, ith, p->n);
+            lh_pool_prefetch_run(job, job->workers_only ? ith - 1 : ith, job->workers_only ? p->n - 1 : p->n);
         } else {
-            lh_pool_run(p->ctx, p, job->graph, ith, p->n);
+            lh_pool_run(p->ctx, p, job->graph, ith, p->n, job->workers_only);
         }
     }
 }
@@ -1401,12 +1409,13 @@ static bool lh_pool_compute(struct lh_ctx * ctx, struct ggml_cgraph * g, int32_t
         lh_pool_settle(ctx);
         struct lh_pool one = { .n = 1 };
         atomic_init(&one.failed, false);
-        lh_pool_run(ctx, &one, g, 0, 1);
+        lh_pool_run(ctx, &one, g, 0, 1, false);
         return !atomic_load(&one.failed);
     }
     atomic_store(&p->failed, false);
-    lh_pool_post(p, &(struct lh_pool_job) { .graph = g });
-    lh_pool_run(ctx, p, g, 0, nth);
+    const bool workers_only = p->prefetch_open && !(ctx->debug_flags & LH_DEBUG_CALLER_ROWS);
+    lh_pool_post(p, &(struct lh_pool_job) { .graph = g, .workers_only = workers_only });
+    lh_pool_run(ctx, p, g, 0, nth, workers_only);
     ctx->counters.pool_graphs += g != NULL;
     return !atomic_load(&p->failed);
 }
@@ -1428,7 +1437,8 @@ static void lh_pool_prefetch(struct lh_ctx * ctx, int32_t layer, const struct lh
     if (p == NULL || p->n != nth || nth < 2 || n_cold > LH_PREFETCH_MAX || (ctx->debug_flags & LH_DEBUG_NO_PREFETCH)) {
         return;
     }
-    struct lh_pool_job job = { .prefetch = true, .n_experts = (int32_t) n_cold };
+    struct lh_pool_job job = { .prefetch = true, .workers_only = !(ctx->debug_flags & LH_DEBUG_CALLER_ROWS),
+                               .n_experts = (int32_t) n_cold };
     for (int64_t i = 0; i < n_cold; i++) {
         job.experts[i] = cold[i].matrix;
     }

@@ -51,6 +51,8 @@ enum lh_debug_flags {
                                    shim's row-sliced node (to measure what the sliced node saves) */
     LH_DEBUG_NO_PREFETCH = 256, /* benchmarks: the pool's workers do not prefetch a stop's cold rows while
                                    the caller submits the hot part (to measure what that saves) */
+    LH_DEBUG_CALLER_ROWS = 512, /* benchmarks: after a prefetch, the caller computes its slice of the sliced
+                                   nodes' rows too (by default the workers, who prefetched them, share all) */
     LH_DEBUG_ALL_THREADS = 128, /* tests: every stop's CPU graph on all threads, however little it reads
                                    (small fixtures would otherwise run on one) */
 };

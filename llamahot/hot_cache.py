@@ -39,6 +39,7 @@ DEBUG_CALL_GRAPHS = lib.LH_DEBUG_CALL_GRAPHS
 DEBUG_GGML_MATMULS = lib.LH_DEBUG_GGML_MATMULS
 DEBUG_ALL_THREADS = lib.LH_DEBUG_ALL_THREADS
 DEBUG_NO_PREFETCH = lib.LH_DEBUG_NO_PREFETCH
+DEBUG_CALLER_ROWS = lib.LH_DEBUG_CALLER_ROWS
 TIMELINE_CAP = lib.LH_TIMELINE_CAP
 SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
@@ -127,7 +128,10 @@ class HotCache:
         # plan_ahead: the policy plans the next loads in a worker thread while llama decodes the next
         # token (ctypes releases the GIL); after that eval only the copies are issued.
         self.plan_ahead = plan_ahead
-        self.thread_pool_spin_ms: Optional[float] = None   # set_thread_pool
+        # set_thread_pool: on a GPU machine llama's own CPU work during the decode is small, so the
+        # stops' threads can spin between stops (~5 % faster decode on the H100 machine, session 11);
+        # on a CPU-only machine they would compete with llama's OpenMP team for the cores.
+        self.thread_pool_spin_ms: Optional[float] = 1.0 if slot_device == "cuda" else None
         self._snapshot_time = 0.0
         self._decode_tokens = 0
         self._decode_seconds = 0.0
@@ -296,7 +300,8 @@ class HotCache:
     # -- test and benchmark controls -------------------------------------------------------
     def set_debug(self, *, poison: bool = False, shadow: bool = False, per_node: bool = False,
                   skip_compute: bool = False, timeline: bool = False, call_graphs: bool = False,
-                  ggml_matmuls: bool = False, all_threads: bool = False, no_prefetch: bool = False) -> None:
+                  ggml_matmuls: bool = False, all_threads: bool = False, no_prefetch: bool = False,
+                  caller_rows: bool = False) -> None:
         """Test-only checks. poison: NaN-fill redirected outputs before writing them; shadow: let
         llama compute, recompute, compare every row; per_node: redirect each expert matmul on its
         own (the fallback path) instead of each layer's FFN in one stop. For benchmarks:
@@ -307,12 +312,13 @@ class HotCache:
         single-token CPU graphs instead of the shim's row-sliced node, to measure what that saves;
         all_threads (tests): every stop's CPU graph on all threads, however little it reads;
         no_prefetch: the thread pool's workers do not prefetch a stop's cold rows during the GPU
-        submission, to measure what that saves."""
+        submission, to measure what that saves; caller_rows: after that prefetch the caller computes
+        its slice of the rows too (by default the workers share them all)."""
         lib.lh_set_debug(self._ctx, (DEBUG_POISON if poison else 0) | (DEBUG_SHADOW if shadow else 0) |
                          (DEBUG_PER_NODE if per_node else 0) | (DEBUG_SKIP_COMPUTE if skip_compute else 0) |
                          (DEBUG_TIMELINE if timeline else 0) | (DEBUG_CALL_GRAPHS if call_graphs else 0) |
                          (DEBUG_GGML_MATMULS if ggml_matmuls else 0) | (DEBUG_ALL_THREADS if all_threads else 0) |
-                         (DEBUG_NO_PREFETCH if no_prefetch else 0))
+                         (DEBUG_NO_PREFETCH if no_prefetch else 0) | (DEBUG_CALLER_ROWS if caller_rows else 0))
 
     def timeline(self) -> list[tuple[int, int, int, str]]:
         """Callbacks recorded in timeline mode since the last call, oldest first: (time ns, kind

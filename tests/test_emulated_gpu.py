@@ -314,10 +314,12 @@ def test_single_token_stops_on_the_shims_own_threads(moe_model, spin_ms):
     assert_bit_identical(expected[: len(llm.tokenize(PROMPT)) + 16], greedy(llm, steps=16))
     stats = llm.hot_cache.stats()
     assert stats["pool_prefetches"] > 0 and stats["pool_graphs"] == 0 and stats["cpu_runs"] > 0
-    llm.hot_cache.set_debug(poison=True, all_threads=True, no_prefetch=True)
-    llm.hot_cache.reset()
-    assert_bit_identical(expected[: len(llm.tokenize(PROMPT)) + 16], greedy(llm, steps=16))
-    assert llm.hot_cache.stats()["pool_prefetches"] == 0 and llm.hot_cache.stats()["pool_graphs"] > 0
+    for debug in (dict(no_prefetch=True), dict(caller_rows=True)):   # the caller computes rows too
+        llm.hot_cache.set_debug(poison=True, all_threads=True, **debug)
+        llm.hot_cache.reset()
+        assert_bit_identical(expected[: len(llm.tokenize(PROMPT)) + 16], greedy(llm, steps=16))
+        stats = llm.hot_cache.stats()
+        assert (stats["pool_prefetches"] == 0) == ("no_prefetch" in debug) and stats["pool_graphs"] > 0
     llm.hot_cache.set_debug(poison=True, all_threads=True)
     llm.hot_cache.set_threads(1)   # on the caller alone: no thread woken
     llm.hot_cache.reset()
