@@ -9,7 +9,7 @@ another): `default`; `nopool` (the stops' CPU graphs through ggml's OpenMP team)
 row-sliced node); `pool:MS` (the stops'
 CPU graphs on the shim's own threads, spinning MS ms); `pool-nopf:MS` (the same without the workers'
 prefetch of the cold rows during the GPU submission); `pool-caller:MS` (the caller computes its slice of
-the prefetched rows too). Prints per-row medians and the medians of the
+the prefetched rows too); `shim-threads:N` (the stops' graphs on N threads, llama keeping its own). Prints per-row medians and the medians of the
 per-repetition ratios (the machine drifts between repetitions).
 
     python benchmarks/gpu/threads_probe.py MODEL.gguf [--k 51] [--reps 6] [--tokens 64] [--variants default,ggml]
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--slot-device", default="cuda", help="host: a dry run on a machine without a GPU")
-    parser.add_argument("--variants", default="default,ggml", help="llamahot rows: default, nopool, ggml, pool:MS, pool-nopf:MS, pool-caller:MS")
+    parser.add_argument("--variants", default="default,ggml", help="llamahot rows: default, nopool, ggml, pool:MS, pool-nopf:MS, pool-caller:MS, shim-threads:N")
     args = parser.parse_args()
     layout = read_moe_layout(args.model)
     kw = dict(n_gpu_layers=-1, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
@@ -50,6 +50,8 @@ def main() -> None:
         llm = llamahot.Llama(args.model, hot_experts=args.k, slot_device=args.slot_device, **kw)
         if variant == "ggml":
             llm.hot_cache.set_debug(ggml_matmuls=True)
+        elif variant.startswith("shim-threads:"):
+            llm.hot_cache.set_threads(int(variant[13:]))
         elif variant == "nopool":
             llm.hot_cache.set_thread_pool(None)
         elif variant.startswith("pool:"):
@@ -61,7 +63,7 @@ def main() -> None:
             llm.hot_cache.set_thread_pool(float(variant[12:]))
             llm.hot_cache.set_debug(caller_rows=True)
         elif variant != "default":
-            raise SystemExit(f"unknown variant {variant!r}: default, nopool, ggml, pool:MS, pool-nopf:MS or pool-caller:MS")
+            raise SystemExit(f"unknown variant {variant!r}: default, nopool, ggml, pool:MS, pool-nopf:MS, pool-caller:MS or shim-threads:N")
         rows[f"llamahot K={args.k} {variant}"] = llm
         hots.append(llm)
     text = hots[0].tokenize(Path("benchmarks/data/heldout_code.txt").read_text().encode(), add_bos=False)
