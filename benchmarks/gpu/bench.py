@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import statistics
@@ -51,6 +52,23 @@ def static_layers_for(k: int, layout: MoELayout) -> int:
     """MoE layers whose experts fit in the VRAM of K slots in every layer (static offload at equal VRAM)."""
     slots_bytes = k * layout.expert_matrix_bytes * layout.n_moe_layers
     return min(layout.n_moe_layers, round(slots_bytes / (layout.expert_tensor_bytes / layout.n_moe_layers)))
+
+
+def probe_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every decode probe run by rebalance_probe.sh takes; the probe adds its own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--k", type=int, default=51)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--slot-device", default="cuda", help="host: a dry run on a machine without a GPU")
+    return parser
+
+
+def omp_env() -> str:
+    """The OpenMP settings a probe process runs under (the runtime reads them once), for its printout."""
+    return " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND")
+                    if k in os.environ) or "default env"
 
 
 FLOOR = "llamahot floor (all hot, stops compute nothing)"

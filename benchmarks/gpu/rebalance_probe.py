@@ -11,9 +11,7 @@ spin right after a decode?). Run it under different OMP_WAIT_POLICY / GOMP_SPINC
 """
 from __future__ import annotations
 
-import argparse
 import cProfile
-import os
 import pstats
 import time
 from pathlib import Path
@@ -27,6 +25,8 @@ from llamahot.slots import plan_loads
 
 import numpy as np  # noqa: E402 (after llamahot, see above)
 
+from bench import omp_env, probe_parser
+
 
 def timed_us(fn, n: int = 50) -> float:
     samples = []
@@ -38,16 +38,11 @@ def timed_us(fn, n: int = 50) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("--k", type=int, default=51)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser = probe_parser(__doc__)
     parser.add_argument("--policy", choices=("hl8", "default", "lru"), default="hl8")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--settle-ms", type=float, default=0.0)
-    parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--plan-ahead", action="store_true", help="plan in a worker thread during the next eval")
-    parser.add_argument("--slot-device", default="cuda", help="host: a dry run on a machine without a GPU")
     args = parser.parse_args()
     layout = read_moe_layout(args.model)
     interval = 4 if args.policy == "default" else 1
@@ -79,9 +74,8 @@ def main() -> None:
     rate = decode_rate(llm, args.tokens, text_tokens=text[200: 216 + args.tokens])
     s = llm.hot_cache.stats()
     n = max(s["decode_tokens"], 1)
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND") if k in os.environ)
     print(f"[{args.policy}, {args.threads} threads, {'planned ahead' if args.plan_ahead else 'synchronous'}, settle {args.settle_ms} ms, "
-          f"{env or 'default env'}] "
+          f"{omp_env()}] "
           f"{rate:.1f} tok/s (settle sleeps inside), hit {s['hit_rate']:.3f}, "
           f"{s['experts_loaded'] / n:.1f} loads/token, rebalance {s['rebalance_ms'] / n:.2f} ms/token "
           f"({s['rebalance_ms'] / max(s['rebalances'], 1):.2f} each), cold CPU {s['cpu_compute_ms'] / n:.2f} ms/token, "

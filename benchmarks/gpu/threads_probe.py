@@ -17,8 +17,6 @@ Run through rebalance_probe.sh with a variants file (one process per line, its e
 """
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 from pathlib import Path
 
@@ -26,17 +24,12 @@ import llamahot  # before numpy: numpy first made the device's CUDA build of lla
 from llamahot.benchmark import StockPlaced, decode_rate
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, read_moe_layout
 
-from bench import static_cpu_pattern, static_layers_for
+from bench import omp_env, probe_parser, static_cpu_pattern, static_layers_for
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("--k", type=int, default=51)
+    parser = probe_parser(__doc__)
     parser.add_argument("--reps", type=int, default=6)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=16)
-    parser.add_argument("--slot-device", default="cuda", help="host: a dry run on a machine without a GPU")
     parser.add_argument("--variants", default="default,ggml", help="llamahot rows: default, nopool, ggml, pool:MS, pool-nopf:MS, pool-caller:MS, shim-threads:N")
     args = parser.parse_args()
     layout = read_moe_layout(args.model)
@@ -97,8 +90,7 @@ def main() -> None:
                 for size in range(9):
                     by_rows[name][size][0] += s["cpu_runs_by_rows"][size]
                     by_rows[name][size][1] += s["cpu_ms_by_rows"][size]
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND") if k in os.environ)
-    print(f"[{env or 'default env'}] K={args.k}, {args.reps} repetitions of {args.tokens} teacher-forced tokens")
+    print(f"[{omp_env()}] K={args.k}, {args.reps} repetitions of {args.tokens} teacher-forced tokens")
     names = list(rows)
     for name in names:
         cold = (f", cold CPU {statistics.median(cold_ms[name]):.2f} ms/token, hit {statistics.median(hits[name]):.3f}" if cold_ms[name] else "")
