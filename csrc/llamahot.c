@@ -876,7 +876,10 @@ static bool lh_wait_fence(struct lh_ctx * ctx, int32_t layer) {
     if (fence == NULL) {
         return true;
     }
+    const int64_t t0 = lh_now_ns();
     const int32_t rc = ctx->wait_fence(fence);
+    ctx->counters.fence_wait_ns += lh_now_ns() - t0;
+    ctx->counters.fence_waits++;
     if (rc != 0) {
         lh_error(ctx, "waiting for the copies into layer %d's slots failed (error %d)", layer, rc);
         return false;

@@ -94,6 +94,7 @@ struct lh_counters {
     int64_t sliced_node_last_out_ns[4];
     int64_t pool_graphs;       /* stops' CPU graphs run on the shim's own threads (lh_set_pool) */
     int64_t pool_prefetches;   /* ... and stops whose cold rows its workers prefetched during the GPU submission */
+    int64_t fence_waits;       /* stops that waited for copies into their layer's slots (lh_set_fence) */
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
     int64_t shadow_rows;       /* rows compared in shadow mode */
     int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */
@@ -102,6 +103,7 @@ struct lh_counters {
     int64_t cpu_compute_ns;    /* the shim's CPU graph (cold part; hot part too on host slots) */
     int64_t gpu_submit_ns;     /* uploading inputs and launching the hot part on the GPU */
     int64_t gpu_wait_ns;       /* waiting for the GPU after the CPU part finished */
+    int64_t fence_wait_ns;     /* waiting for slot copies before a stop reads its slots (in redirect_ns) */
     /* The stops' CPU graphs by their number of (token, k) rows (index 8: 8 or more) and the time
      * they took: what a graph costs whatever its size, and what each row adds. */
     int64_t cpu_runs_by_rows[9];

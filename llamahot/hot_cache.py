@@ -453,6 +453,9 @@ class HotCache:
             "cpu_compute_ms": counters.cpu_compute_ns / 1e6,
             "gpu_submit_ms": counters.gpu_submit_ns / 1e6,
             "gpu_wait_ms": counters.gpu_wait_ns / 1e6,
+            # Stops that waited for copies into their slots to land, and how long (in redirect_ms).
+            "fence_waits": int(counters.fence_waits),
+            "fence_wait_ms": counters.fence_wait_ns / 1e6,
             "expert_weights_found": int(counters.weights_known),
             "hits": hits,
             "misses": misses,

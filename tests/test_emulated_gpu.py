@@ -148,6 +148,8 @@ def test_a_stop_waits_for_its_layers_copies(moe_model):
     assert llm.hot_cache.slots.copies.waits > 0 and max(loading) > 0, "copies were queued while decoding went on"
     stats = llm.hot_cache.stats()
     assert stats["hits"] > 0 and stats["slots_occupied"] > 0
+    # Every wait is the shim's, and counted with its time.
+    assert stats["fence_waits"] == llm.hot_cache.slots.copies.waits and stats["fence_wait_ms"] > 0
     llm.close()
 
     class NeverLand(_HostCopies):

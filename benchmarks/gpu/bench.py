@@ -152,14 +152,15 @@ def token_breakdown(events: list[tuple[int, int, int, str]]) -> dict[str, float]
     return out
 
 
-def breakdown_of(llm, skip_compute: bool, steps: int = 6) -> dict[str, float]:
-    """Median per-token breakdown over `steps` single-token decodes after a short prompt."""
+def breakdown_of(llm, skip_compute: bool, steps: int = 6, text_tokens: list[int] | None = None) -> dict[str, float]:
+    """Median per-token breakdown over `steps` single-token decodes after a short prompt (greedy), or
+    teacher-forced over text_tokens (its first 16 the prompt)."""
     llm.reset()
-    llm.eval(llm.tokenize(SHORT_PROMPT))
+    llm.eval(llm.tokenize(SHORT_PROMPT) if text_tokens is None else text_tokens[:16])
     llm.hot_cache.set_debug(timeline=True, skip_compute=skip_compute)
     rows = []
-    for _ in range(steps):
-        token = int(np.argmax(last_logits(llm)))
+    for step in range(steps):
+        token = int(np.argmax(last_logits(llm))) if text_tokens is None else text_tokens[16 + step]
         llm.hot_cache.timeline()
         # llamahot.Llama.eval in its parts (same clock as the shim's: CLOCK_MONOTONIC), to place the
         # time before the first and after the last callback.

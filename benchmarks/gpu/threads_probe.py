@@ -9,8 +9,13 @@ another): `default`; `nopool` (the stops' CPU graphs through ggml's OpenMP team)
 row-sliced node); `pool:MS` (the stops'
 CPU graphs on the shim's own threads, spinning MS ms); `pool-nopf:MS` (the same without the workers'
 prefetch of the cold rows during the GPU submission); `pool-caller:MS` (the caller computes its slice of
-the prefetched rows too); `shim-threads:N` (the stops' graphs on N threads, llama keeping its own). Prints per-row medians and the medians of the
-per-repetition ratios (the machine drifts between repetitions).
+the prefetched rows too); `shim-threads:N` (the stops' graphs on N threads, llama keeping its own).
+What loads cost: `lru1` (LRU, a rebalance every token), `hl32-1` (the decayed policy with a 32-token
+half-life, every token), with modifiers after `+`: `ahead` (planned in the worker), `chunkN` (slot
+copies split into N KiB pieces: do big copies delay the scheduler's small ones?), `threadsN` (llama's
+and the shim's threads), e.g. `lru1+chunk256`. Prints per-row medians and the medians of the
+per-repetition ratios (the machine drifts between repetitions); with --breakdown N, each llamahot
+row's per-token timeline over N teacher-forced tokens (where a token's time goes).
 
     python benchmarks/gpu/threads_probe.py MODEL.gguf [--k 51] [--reps 6] [--tokens 64] [--variants default,ggml]
 Run through rebalance_probe.sh with a variants file (one process per line, its environment first).
@@ -23,14 +28,72 @@ from pathlib import Path
 import llamahot  # before numpy: numpy first made the device's CUDA build of llama_cpp die silently at load
 from llamahot.benchmark import StockPlaced, decode_rate
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, read_moe_layout
+from llamahot.policy import LRU, DecayedFrequency
 
-from bench import omp_env, probe_parser, static_cpu_pattern, static_layers_for
+from bench import breakdown_of, configure, omp_env, probe_parser, static_cpu_pattern, static_layers_for
+
+# Counters shown per token for each llamahot row (what loads cost, where a stop's time goes).
+PER_TOKEN = ("experts_loaded", "rebalance_ms", "fence_waits", "fence_wait_ms", "redirect_ms", "cpu_compute_ms",
+             "cpu_rows", "cpu_runs", "gpu_submit_ms", "gpu_wait_ms")
+VARIANTS = "default, nopool, ggml, pool:MS, pool-nopf:MS, pool-caller:MS, shim-threads:N, lru1, hl32-1 (+ahead, +chunkN, +threadsN)"
+
+
+def chunked(copies, piece: int) -> None:
+    """Split each slot copy into pieces of at most `piece` bytes (the probe's A/B of copy sizes)."""
+    issue = copies.issue
+
+    def issue_in_pieces(group, dsts, srcs, sizes, n_loads):
+        d, s, n = [], [], []
+        for dst, src, size in zip(dsts, srcs, sizes):
+            for at in range(0, size, piece):
+                d.append(dst + at)
+                s.append(src + at)
+                n.append(min(piece, size - at))
+        return issue(group, d, s, n, n_loads)
+
+    copies.issue = issue_in_pieces
+
+
+def setup_variant(llm, variant: str, layout, k: int, threads: int) -> None:
+    base, *mods = variant.split("+")
+    policy = None
+    if base == "ggml":
+        llm.hot_cache.set_debug(ggml_matmuls=True)
+    elif base.startswith("shim-threads:"):
+        llm.hot_cache.set_threads(int(base[13:]))
+    elif base == "nopool":
+        llm.hot_cache.set_thread_pool(None)
+    elif base.startswith("pool:"):
+        llm.hot_cache.set_thread_pool(float(base[5:]))
+    elif base.startswith("pool-nopf:"):
+        llm.hot_cache.set_thread_pool(float(base[10:]))
+        llm.hot_cache.set_debug(no_prefetch=True)
+    elif base.startswith("pool-caller:"):
+        llm.hot_cache.set_thread_pool(float(base[12:]))
+        llm.hot_cache.set_debug(caller_rows=True)
+    elif base == "lru1":
+        policy = LRU(layout.n_moe_layers, layout.n_expert, k)
+    elif base == "hl32-1":
+        policy = DecayedFrequency(layout.n_moe_layers, layout.n_expert, k, half_life=32, margin=0.25)
+    elif base != "default":
+        raise SystemExit(f"unknown variant {variant!r}: {VARIANTS}")
+    ahead = "ahead" in mods
+    n_threads = next((int(m[7:]) for m in mods if m.startswith("threads")), threads)
+    if policy is not None or ahead or n_threads != threads:
+        configure(llm, policy or llm.hot_cache.policy, 1 if policy is not None else llm.hot_cache.rebalance_interval,
+                  ahead, n_threads)
+    for mod in mods:
+        if mod.startswith("chunk"):
+            chunked(llm.hot_cache.slots.copies, int(mod[5:]) * 1024)
+        elif mod != "ahead" and not mod.startswith("threads"):
+            raise SystemExit(f"unknown modifier {mod!r} in {variant!r}: {VARIANTS}")
 
 
 def main() -> None:
     parser = probe_parser(__doc__)
     parser.add_argument("--reps", type=int, default=6)
-    parser.add_argument("--variants", default="default,ggml", help="llamahot rows: default, nopool, ggml, pool:MS, pool-nopf:MS, pool-caller:MS, shim-threads:N")
+    parser.add_argument("--variants", default="default,ggml", help=f"llamahot rows: {VARIANTS}")
+    parser.add_argument("--breakdown", type=int, default=0, help="per-token timeline of each llamahot row over N tokens")
     args = parser.parse_args()
     layout = read_moe_layout(args.model)
     kw = dict(n_gpu_layers=-1, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
@@ -41,22 +104,7 @@ def main() -> None:
     hots = []
     for variant in args.variants.split(","):
         llm = llamahot.Llama(args.model, hot_experts=args.k, slot_device=args.slot_device, **kw)
-        if variant == "ggml":
-            llm.hot_cache.set_debug(ggml_matmuls=True)
-        elif variant.startswith("shim-threads:"):
-            llm.hot_cache.set_threads(int(variant[13:]))
-        elif variant == "nopool":
-            llm.hot_cache.set_thread_pool(None)
-        elif variant.startswith("pool:"):
-            llm.hot_cache.set_thread_pool(float(variant[5:]))
-        elif variant.startswith("pool-nopf:"):
-            llm.hot_cache.set_thread_pool(float(variant[10:]))
-            llm.hot_cache.set_debug(no_prefetch=True)
-        elif variant.startswith("pool-caller:"):
-            llm.hot_cache.set_thread_pool(float(variant[12:]))
-            llm.hot_cache.set_debug(caller_rows=True)
-        elif variant != "default":
-            raise SystemExit(f"unknown variant {variant!r}: default, nopool, ggml, pool:MS, pool-nopf:MS, pool-caller:MS or shim-threads:N")
+        setup_variant(llm, variant, layout, args.k, args.threads)
         rows[f"llamahot K={args.k} {variant}"] = llm
         hots.append(llm)
     text = hots[0].tokenize(Path("benchmarks/data/heldout_code.txt").read_text().encode(), add_bos=False)
@@ -67,6 +115,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {name: [] for name in rows}
     cold_ms: dict[str, list[float]] = {name: [] for name in rows}
     hits: dict[str, list[float]] = {name: [] for name in rows}
+    per_token: dict[str, dict[str, list[float]]] = {name: {} for name in rows}
     # CPU graphs of the stops by rows: count, ms
     by_rows: dict[str, list[list]] = {name: [[0, 0.0] for _ in range(9)] for name in rows}
     team_start = {name: [0, 0.0, 0.0] for name in rows}  # sliced graphs, first and last thread in (ms)
@@ -81,6 +130,8 @@ def main() -> None:
             if managed:
                 s = llm.hot_cache.stats()
                 cold_ms[name].append(s["cpu_compute_ms"] / max(s["decode_tokens"], 1))
+                for key in PER_TOKEN:
+                    per_token[name].setdefault(key, []).append(s[key] / max(s["decode_tokens"], 1))
                 hits[name].append(s["hit_rate"])
                 for i, key in enumerate(("sliced_graphs", "first_thread_in_ms", "last_thread_in_ms")):
                     team_start[name][i] += s[key]
@@ -105,6 +156,15 @@ def main() -> None:
         print(f"  {name}: vs static {ratio(name, names[1])}, vs RAM {ratio(name, names[0])}")
     for name in names[3:]:
         print(f"  {name} vs {names[2]}: {ratio(name, names[2])}")
+    for name in names[2:]:
+        print(f"  {name}, per token: " + ", ".join(f"{key} {statistics.median(v):.3f}" for key, v in per_token[name].items()))
+    if args.breakdown:   # where a token's time goes, each row over the same window
+        tables = {name: breakdown_of(rows[name], False, args.breakdown, text_tokens=windows[args.reps % len(windows)])
+                  for name in names[2:]}
+        keys = list(dict.fromkeys(key for t in tables.values() for key in t))
+        print(f"  per-token timeline (ms, median of {args.breakdown} teacher-forced tokens): " + " | ".join(names[2:]))
+        for key in keys:
+            print(f"    {key}: " + " | ".join(f"{tables[name].get(key, 0.0):.3f}" for name in names[2:]))
     # A graph's fixed cost against what each row adds: the mean time of the stops' CPU graphs by size.
     for name in names[2:]:
         n, first, last = team_start[name]
