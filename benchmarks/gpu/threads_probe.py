@@ -10,10 +10,10 @@ row-sliced node); `pool:MS` (the stops'
 CPU graphs on the shim's own threads, spinning MS ms); `pool-nopf:MS` (the same without the workers'
 prefetch of the cold rows during the GPU submission); `pool-caller:MS` (the caller computes its slice of
 the prefetched rows too); `shim-threads:N` (the stops' graphs on N threads, llama keeping its own).
-What loads cost: `lru1` (LRU, a rebalance every token), `hl32-1` (the decayed policy with a 32-token
-half-life, every token), with modifiers after `+`: `ahead` (planned in the worker), `chunkN` (slot
+Policies: `lru:I` (LRU, a rebalance every I tokens), `decayed:H:M:I` (the decayed policy with half-life
+H tokens and margin M, every I tokens), with modifiers after `+`: `ahead` (planned in the worker), `chunkN` (slot
 copies split into N KiB pieces: do big copies delay the scheduler's small ones?), `threadsN` (llama's
-and the shim's threads), e.g. `lru1+chunk256`. Prints per-row medians and the medians of the
+and the shim's threads), e.g. `lru:1+chunk256`. Prints per-row medians and the medians of the
 per-repetition ratios (the machine drifts between repetitions); with --breakdown N, each llamahot
 row's per-token timeline over N teacher-forced tokens (where a token's time goes).
 
@@ -35,7 +35,7 @@ from bench import breakdown_of, configure, omp_env, probe_parser, static_cpu_pat
 # Counters shown per token for each llamahot row (what loads cost, where a stop's time goes).
 PER_TOKEN = ("experts_loaded", "rebalance_ms", "fence_waits", "fence_wait_ms", "redirect_ms", "cpu_compute_ms",
              "cpu_rows", "cpu_runs", "gpu_submit_ms", "gpu_wait_ms")
-VARIANTS = "default, nopool, ggml, pool:MS, pool-nopf:MS, pool-caller:MS, shim-threads:N, lru1, hl32-1 (+ahead, +chunkN, +threadsN)"
+VARIANTS = "default, nopool, ggml, pool:MS, pool-nopf:MS, pool-caller:MS, shim-threads:N, lru:INTERVAL, decayed:HALF_LIFE:MARGIN:INTERVAL (+ahead, +chunkN, +threadsN)"
 
 
 def chunked(copies, piece: int) -> None:
@@ -71,16 +71,18 @@ def setup_variant(llm, variant: str, layout, k: int, threads: int) -> None:
     elif base.startswith("pool-caller:"):
         llm.hot_cache.set_thread_pool(float(base[12:]))
         llm.hot_cache.set_debug(caller_rows=True)
-    elif base == "lru1":
-        policy = LRU(layout.n_moe_layers, layout.n_expert, k)
-    elif base == "hl32-1":
-        policy = DecayedFrequency(layout.n_moe_layers, layout.n_expert, k, half_life=32, margin=0.25)
+    elif base.startswith("lru:"):
+        policy, interval = LRU(layout.n_moe_layers, layout.n_expert, k), int(base[4:])
+    elif base.startswith("decayed:"):
+        half_life, margin, interval = base[8:].split(":")
+        policy = DecayedFrequency(layout.n_moe_layers, layout.n_expert, k, half_life=float(half_life), margin=float(margin))
+        interval = int(interval)
     elif base != "default":
         raise SystemExit(f"unknown variant {variant!r}: {VARIANTS}")
     ahead = "ahead" in mods
     n_threads = next((int(m[7:]) for m in mods if m.startswith("threads")), threads)
     if policy is not None or ahead or n_threads != threads:
-        configure(llm, policy or llm.hot_cache.policy, 1 if policy is not None else llm.hot_cache.rebalance_interval,
+        configure(llm, policy or llm.hot_cache.policy, interval if policy is not None else llm.hot_cache.rebalance_interval,
                   ahead, n_threads)
     for mod in mods:
         if mod.startswith("chunk"):
