@@ -152,9 +152,10 @@ def token_breakdown(events: list[tuple[int, int, int, str]]) -> dict[str, float]
     return out
 
 
-def breakdown_of(llm, skip_compute: bool, steps: int = 6, text_tokens: list[int] | None = None) -> dict[str, float]:
-    """Median per-token breakdown over `steps` single-token decodes after a short prompt (greedy), or
-    teacher-forced over text_tokens (its first 16 the prompt)."""
+def breakdown_of(llm, skip_compute: bool, steps: int = 6, text_tokens: list[int] | None = None,
+                 reduce=statistics.median) -> dict[str, float]:
+    """Per-token breakdown over `steps` single-token decodes after a short prompt (greedy), or
+    teacher-forced over text_tokens (its first 16 the prompt); reduce: over the tokens (median)."""
     llm.reset()
     llm.eval(llm.tokenize(SHORT_PROMPT) if text_tokens is None else text_tokens[:16])
     llm.hot_cache.set_debug(timeline=True, skip_compute=skip_compute)
@@ -170,16 +171,19 @@ def breakdown_of(llm, skip_compute: bool, steps: int = 6, text_tokens: list[int]
         llm.hot_cache.end_of_eval()
         llm.hot_cache.after_eval(1, (t1 - t0) / 1e9)
         t2 = time.monotonic_ns()
+        finish(llm)   # as the decode benchmarks time a token
+        t3 = time.monotonic_ns()
         events = llm.hot_cache.timeline()
         row = token_breakdown(events)
         if events:
             row["llama eval before the first callback"] = (events[0][0] - t0) / 1e6
             row["llama eval after the last callback (last split, logits, llama_cpp)"] = (t1 - events[-1][0]) / 1e6
         row["llamahot after eval (policy, rebalance, snapshot)"] = (t2 - t1) / 1e6
-        row["eval() wall"] = (t2 - t0) / 1e6
+        row["synchronize after eval"] = (t3 - t2) / 1e6
+        row["eval() wall"] = (t3 - t0) / 1e6
         rows.append(row)
     llm.hot_cache.set_debug()
-    return {key: statistics.median(r.get(key, 0.0) for r in rows) for key in rows[-1]}
+    return {key: reduce([r.get(key, 0.0) for r in rows]) for key in rows[-1]}
 
 
 def first_difference(tokens: list[int], reference: list[int]) -> int:

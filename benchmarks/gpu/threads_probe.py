@@ -161,12 +161,13 @@ def main() -> None:
     for name in names[2:]:
         print(f"  {name}, per token: " + ", ".join(f"{key} {statistics.median(v):.3f}" for key, v in per_token[name].items()))
     if args.breakdown:   # where a token's time goes, each row over the same window
-        tables = {name: breakdown_of(rows[name], False, args.breakdown, text_tokens=windows[args.reps % len(windows)])
+        tables = {name: breakdown_of(rows[name], False, args.breakdown, text_tokens=windows[args.reps % len(windows)],
+                                     reduce=lambda v: (statistics.median(v), statistics.mean(v)))
                   for name in names[2:]}
         keys = list(dict.fromkeys(key for t in tables.values() for key in t))
-        print(f"  per-token timeline (ms, median of {args.breakdown} teacher-forced tokens): " + " | ".join(names[2:]))
+        print(f"  per-token timeline (ms over {args.breakdown} teacher-forced tokens, median / mean): " + " | ".join(names[2:]))
         for key in keys:
-            print(f"    {key}: " + " | ".join(f"{tables[name].get(key, 0.0):.3f}" for name in names[2:]))
+            print(f"    {key}: " + " | ".join("%.3f / %.3f" % tables[name].get(key, (0.0, 0.0)) for name in names[2:]))
     # A graph's fixed cost against what each row adds: the mean time of the stops' CPU graphs by size.
     for name in names[2:]:
         n, first, last = team_start[name]
