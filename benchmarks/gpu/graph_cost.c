@@ -7,13 +7,14 @@
  * equal ggml's bit for bit; the probe checks it.
  *
  *   gcc -O2 -std=c11 -Icsrc/vendor/include benchmarks/gpu/graph_cost.c -L$LIB -lggml-base -lggml-cpu \
- *       -Wl,-rpath,$LIB -lm -lpthread -o /tmp/graph_cost && /tmp/graph_cost [threads] [reps] [gap_us] [pages]
+ *       -Wl,-rpath,$LIB -lm -lpthread -o /tmp/graph_cost && /tmp/graph_cost [threads] [reps] [gap_us] [pages] [warm|cold] [prefetch_bytes]
  *
  * Between two graphs the main thread spins gap_us (a stop comes after a GPU split of llama's), so
  * the OpenMP team's threads wait as they do in a decode. Last, the same FFN on a pool of plain
  * threads that spin between tasks (no OpenMP region: one wake-up, one barrier between gate/up and
  * down, one join); its GLU is scalar, so its rows are timed, not compared. Weights rotate over 8 layers' experts
- * (2.7 GB) so they come from memory, as cold experts do. */
+ * (2.7 GB) so they come from memory, as cold experts do; with "warm", the same experts every time
+ * (from the caches: the compute alone). */
 #define _GNU_SOURCE
 #include "ggml.h"
 #include "ggml-alloc.h"
@@ -58,6 +59,15 @@ static char scratch[MAX_THREADS][MAX_ROWS * 4096];
 static int64_t graph_t0;
 static struct { int64_t ns; char pad[56]; } thread_in[MAX_THREADS];
 
+/* The custom nodes prefetch this many bytes ahead of the row they compute (0: the hardware alone). */
+static int64_t prefetch_ahead;
+
+static inline void prefetch_row(const char * p, size_t size) {
+    for (size_t at = 0; at < size; at += 64) {
+        __builtin_prefetch(p + at, 0, 3);
+    }
+}
+
 /* gate and up rows [r0, r1) of every expert in ids, into dst [N_FF, n, 2] (gate at 0, up at 1). */
 static void gate_up_rows(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     thread_in[ith].ns = now_ns() - graph_t0;
@@ -72,6 +82,10 @@ static void gate_up_rows(struct ggml_tensor * dst, int ith, int nth, void * user
         float * g = (float *) ((char *) dst->data + e * dst->nb[1]);
         float * u = (float *) ((char *) dst->data + e * dst->nb[1] + dst->nb[2]);
         for (int64_t r = r0; r < r1; r++) {
+            if (prefetch_ahead) {
+                prefetch_row((const char *) gate->data + id * gate->nb[2] + r * gate->nb[1] + prefetch_ahead, gate->nb[1]);
+                prefetch_row((const char *) up->data + id * up->nb[2] + r * up->nb[1] + prefetch_ahead, up->nb[1]);
+            }
             tr->vec_dot(b->ne[0], g + r, 0, (const char *) gate->data + id * gate->nb[2] + r * gate->nb[1], 0, qb, 0, 1);
             tr->vec_dot(b->ne[0], u + r, 0, (const char *) up->data + id * up->nb[2] + r * up->nb[1], 0, qb, 0, 1);
         }
@@ -97,6 +111,9 @@ static void down_rows(struct ggml_tensor * dst, int ith, int nth, void * userdat
         const int32_t id = ((const int32_t *) ids->data)[e];
         float * o = (float *) ((char *) dst->data + e * dst->nb[1]);
         for (int64_t r = r0; r < r1; r++) {
+            if (prefetch_ahead) {
+                prefetch_row((const char *) down->data + id * down->nb[2] + r * down->nb[1] + prefetch_ahead, down->nb[1]);
+            }
             tr->vec_dot(act->ne[0], o + r, 0, (const char *) down->data + id * down->nb[2] + r * down->nb[1], 0,
                         scratch[ith] + e * row, 0, 1);
         }
@@ -257,6 +274,11 @@ int main(int argc, char ** argv) {
     const int reps = argc > 2 ? atoi(argv[2]) : 2000;
     const int gap_us = argc > 3 ? atoi(argv[3]) : 200;
     const char * pages = argc > 4 ? argv[4] : "malloc";
+    /* warm: the same experts every time (in the caches): what the compute alone costs. */
+    const int warm = argc > 5 && strcmp(argv[5], "warm") == 0;
+    prefetch_ahead = argc > 6 ? atoll(argv[6]) : 0;
+    printf("%s experts; the custom nodes prefetch %lld bytes ahead\n", warm ? "warm (the same every graph)" : "cold (rotating)",
+           (long long) prefetch_ahead);
 
     /* Weights: one expert quantized from random numbers, copied into every expert of every layer. */
     const size_t w_bytes = ggml_row_size(GGML_TYPE_Q4_K, N_EMBD) * N_FF * N_EXPERT;
@@ -355,12 +377,12 @@ int main(int argc, char ** argv) {
         }
         uint64_t diff_rows = 0, compared = 0;
         for (int r = -50; r < reps; r++) {
-            const int l = (r + 50) % N_LAYERS;
+            const int l = warm ? 0 : (r + 50) % N_LAYERS;
             wg->data = layers[l].gate->data;
             wu->data = layers[l].up->data;
             wd->data = layers[l].down->data;
             for (int e = 0; e < var->rows; e++) {
-                ((int32_t *) ids->data)[e] = (int32_t) ((r + 50) * 7 + e * 13) % N_EXPERT;
+                ((int32_t *) ids->data)[e] = (int32_t) ((warm ? 0 : (r + 50) * 7) + e * 13) % N_EXPERT;
             }
             if (b->data != NULL) {  /* each time, as a stop gathers it: the allocator may reuse its memory */
                 memcpy(b->data, input, sizeof(input));
@@ -415,12 +437,12 @@ int main(int argc, char ** argv) {
         const int rows = pool_rows[v];
         int32_t ids[MAX_ROWS];
         for (int r = -50; r < reps; r++) {
-            const int l = (r + 50) % N_LAYERS;
+            const int l = warm ? 0 : (r + 50) % N_LAYERS;
             job.gate = layers[l].gate->data;
             job.up = layers[l].up->data;
             job.down = layers[l].down->data;
             for (int e = 0; e < rows; e++) {
-                ids[e] = (int32_t) ((r + 50) * 7 + e * 13) % N_EXPERT;
+                ids[e] = (int32_t) ((warm ? 0 : (r + 50) * 7) + e * 13) % N_EXPERT;
             }
             job.ids = ids;
             job.rows = rows;
