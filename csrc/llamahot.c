@@ -179,6 +179,7 @@ struct lh_ctx {
     size_t graph_mem_size;
     struct lh_pool * pool;         /* the stops' own threads (lh_set_pool), started on first use */
     int64_t pool_spin_ns;          /* < 0: off, ggml's graph compute */
+    int64_t row_prefetch;          /* lh_sliced_mul_mat_id: bytes each thread prefetches ahead of its rows */
     void * sliced_scratch;         /* lh_sliced_mul_mat_id: each thread's quantized input rows */
     size_t sliced_scratch_size;
     size_t sliced_stride;          /* bytes per thread in it */
@@ -273,6 +274,7 @@ struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t
     ctx->n_expert = n_expert;
     ctx->observing = true;
     ctx->pool_spin_ns = -1;
+    ctx->row_prefetch = LH_ROW_PREFETCH_DEFAULT;
     ctx->blk_to_moe = malloc(sizeof(int32_t) * (size_t) n_blocks);
     uint32_t cap = 64;
     while (cap < (uint32_t) n_blocks * LH_PROJ_COUNT * 4u) {
@@ -411,6 +413,15 @@ void lh_set_pool(struct lh_ctx * ctx, int64_t spin_ns) {
         lh_pool_free(ctx->pool);
         ctx->pool = NULL;
     }
+}
+
+int32_t lh_set_row_prefetch(struct lh_ctx * ctx, int64_t bytes) {
+    if (bytes < 0 || bytes > LH_ROW_PREFETCH_MAX) {
+        lh_error(ctx, "row prefetch distance must be 0..%d bytes, got %lld", LH_ROW_PREFETCH_MAX, (long long) bytes);
+        return -1;
+    }
+    ctx->row_prefetch = bytes;
+    return 0;
 }
 
 void lh_set_debug(struct lh_ctx * ctx, int32_t flags) {
@@ -1746,6 +1757,36 @@ static struct ggml_tensor * lh_dev_copy(struct lh_ctx * ctx, const struct ggml_t
  * graph on the H100 machine; in the decode the gain is within noise (docs/NOTES.md, session 10).
  * dst is [rows of w, ids->ne[0], ids->ne[1]] as ggml_mul_mat_id's. Each thread also stamps its
  * first entry into a sliced node of the graph (thread_in): how long the team took to start. */
+/* A thread's rows of a sliced node, expert after expert, as one stream of bytes that a cursor prefetches
+ * ahead of the rows being computed: the hardware prefetchers stop at every 4 KiB page and at every
+ * expert, and a cold row waits for memory (on the H100 VM 4 KiB ahead made cold 1-8 row FFNs as fast as
+ * warm ones, benchmarks/RESULTS.md, session 12). */
+enum { LH_PF_SEGMENTS = 64 };
+struct lh_row_stream {
+    const char * base[LH_PF_SEGMENTS];
+    size_t len[LH_PF_SEGMENTS];
+    int n, seg;
+    size_t off;
+    int64_t bytes;   /* prefetched so far */
+};
+
+static void lh_row_stream_advance(struct lh_row_stream * s, size_t bytes) {
+    while (bytes > 0 && s->seg < s->n) {
+        const size_t room = s->len[s->seg] - s->off, step = bytes < room ? bytes : room;
+        const char * p = s->base[s->seg] + s->off;
+        for (size_t at = 0; at < step; at += 64) {
+            __builtin_prefetch(p + at, 0, 3);
+        }
+        s->off += step;
+        s->bytes += (int64_t) step;
+        bytes -= step;
+        if (s->off == s->len[s->seg]) {
+            s->seg++;
+            s->off = 0;
+        }
+    }
+}
+
 static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     struct lh_ctx * ctx = (struct lh_ctx *) userdata;
     const bool timed = ith < LH_MAX_TIMED_THREADS;
@@ -1777,6 +1818,23 @@ static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, voi
         }
     }
     const int64_t r0 = w->ne[1] * ith / nth, r1 = w->ne[1] * (ith + 1) / nth;
+    const size_t row_bytes = w->nb[1];
+    /* The prefetch cursor: this thread's slice of every entry's expert, in the order computed. */
+    struct lh_row_stream pf;
+    pf.n = pf.seg = 0;
+    pf.off = 0;
+    pf.bytes = 0;
+    const int64_t ahead = ctx->row_prefetch;
+    if (ahead > 0 && r1 > r0 && ids->ne[0] * ids->ne[1] <= LH_PF_SEGMENTS) {
+        for (int64_t t = 0; t < ids->ne[1]; t++) {
+            for (int64_t i = 0; i < ids->ne[0]; i++) {
+                const int32_t e = *(const int32_t *) ((const char *) ids->data + i * ids->nb[0] + t * ids->nb[1]);
+                pf.base[pf.n] = (const char *) w->data + e * w->nb[2] + r0 * row_bytes;
+                pf.len[pf.n++] = (size_t) (r1 - r0) * row_bytes;
+            }
+        }
+        lh_row_stream_advance(&pf, (size_t) ahead);
+    }
     for (int64_t t = 0; t < ids->ne[1]; t++) {
         for (int64_t i = 0; i < ids->ne[0]; i++) {
             const int32_t e = *(const int32_t *) ((const char *) ids->data + i * ids->nb[0] + t * ids->nb[1]);
@@ -1784,9 +1842,15 @@ static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, voi
             const char * m = (const char *) w->data + e * w->nb[2];
             float * out = (float *) ((char *) dst->data + i * dst->nb[1] + t * dst->nb[2]);
             for (int64_t r = r0; r < r1; r++) {
+                if (pf.n > 0) {
+                    lh_row_stream_advance(&pf, row_bytes);
+                }
                 traits->vec_dot((int) w->ne[0], out + r, 0, m + r * w->nb[1], 0, x, 0, 1);
             }
         }
+    }
+    if (pf.bytes > 0) {
+        __atomic_fetch_add(&ctx->counters.row_prefetch_bytes, pf.bytes, __ATOMIC_RELAXED);
     }
     if (timed && node < LH_TIMED_NODES) {
         ctx->thread_in[ith].out[node] = lh_now_ns() - ctx->graph_t0_ns;

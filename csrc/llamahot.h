@@ -95,6 +95,7 @@ struct lh_counters {
     int64_t pool_graphs;       /* stops' CPU graphs run on the shim's own threads (lh_set_pool) */
     int64_t pool_prefetches;   /* ... and stops whose cold rows its workers prefetched during the GPU submission */
     int64_t fence_waits;       /* stops that waited for copies into their layer's slots (lh_set_fence) */
+    int64_t row_prefetch_bytes; /* bytes the sliced matmuls' threads prefetched ahead of their rows */
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
     int64_t shadow_rows;       /* rows compared in shadow mode */
     int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */
@@ -184,6 +185,12 @@ void lh_set_lone_row_idle_ns(struct lh_ctx * ctx, int64_t idle_ns);
  * ggml's graph compute: idle threads spin for spin_ns, then sleep until the next stop. spin_ns < 0
  * (default): off, and the threads are joined. Bit-exact (the same kernels on the same rows). */
 void lh_set_pool(struct lh_ctx * ctx, int64_t spin_ns);
+
+/* The row-sliced expert matmuls of single-token CPU graphs: each thread prefetches `bytes` ahead of the
+ * rows it computes, across its slices of the node's experts (0: off, the hardware prefetchers alone).
+ * Default LH_ROW_PREFETCH_DEFAULT. Returns -1 (see lh_last_error) outside 0..LH_ROW_PREFETCH_MAX. */
+enum { LH_ROW_PREFETCH_DEFAULT = 4096, LH_ROW_PREFETCH_MAX = 1048576 };
+int32_t lh_set_row_prefetch(struct lh_ctx * ctx, int64_t bytes);
 
 /* Single-token decode with device slots: this share (0..1, default 0) of a stop's cold experts is
  * copied to the device and computed there while the CPU computes the rest. Returns -1 (see

@@ -289,6 +289,34 @@ def test_single_token_cpu_rows_use_the_sliced_matmul(moe_model):
         llm.close()
 
 
+def test_sliced_matmuls_prefetch_their_rows_ahead(moe_model):
+    """set_row_prefetch: each thread of a sliced node prefetches ahead of the rows it computes, across
+    its slices of the node's experts. Hints only: logits stay bit-identical at every distance (shorter
+    than a row, the default, the largest), and every byte of every slice is prefetched once (the
+    counter), none when off."""
+    layout = read_moe_layout(moe_model)
+    expected = reference_logits(moe_model)
+    for distance in (0, 64, 4096, 1 << 20):
+        # A new instance each time: its prompt runs before the slots exist, so every CPU graph after it
+        # is a single-token stop's (sliced nodes only).
+        llm = llamahot.Llama(moe_model, hot_experts=max(1, layout.n_expert // 4), rebalance_interval=8,
+                             slot_device="emulated-gpu", logits_all=True, **LLAMA_KW)
+        assert llm.hot_cache.row_prefetch == 4096   # the default
+        llm.hot_cache.set_debug(poison=True)
+        llm.hot_cache.set_row_prefetch(distance)
+        assert_bit_identical(expected[: len(llm.tokenize(PROMPT)) + 24], greedy(llm, steps=24))
+        stats = llm.hot_cache.stats()
+        assert stats["cpu_rows"] > 0 and stats["sliced_matmuls"] > 0
+        # Every CPU row is one expert's matrices, each sliced over the threads: all of it, exactly once.
+        assert stats["row_prefetch_bytes"] == (stats["cpu_rows"] * layout.expert_matrix_bytes if distance else 0)
+        llm.close()
+    llm = llamahot.Llama(moe_model, hot_experts=1, slot_device="emulated-gpu", **LLAMA_KW)
+    for bad in (-1, (1 << 20) + 1, 1.5, True):
+        with pytest.raises(ValueError, match="set_row_prefetch"):
+            llm.hot_cache.set_row_prefetch(bad)
+    llm.close()
+
+
 @pytest.mark.parametrize("spin_ms", [0.0, 5.0], ids=["sleep-at-once", "spin"])
 def test_single_token_stops_on_the_shims_own_threads(moe_model, spin_ms):
     """set_thread_pool: single-token stops run their CPU graphs (sliced matmuls, then the GLU and other
