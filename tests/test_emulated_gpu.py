@@ -15,7 +15,7 @@ import llamahot
 from llamahot.model_info import read_moe_layout
 
 from conftest import LLAMA_KW
-from test_redirect import PROMPT, assert_bit_identical, greedy, no_open_mutations
+from test_redirect import PROMPT, assert_bit_identical, assert_shadow_rows_match, greedy, no_open_mutations
 
 STEPS = 64
 _reference: dict[str, np.ndarray] = {}
@@ -96,10 +96,7 @@ def test_cold_experts_on_the_device_stay_exact(moe_model, share):
     if share == 1.0:  # every cold row of the single-token stops (the prompt's stay on the CPU)
         left_to_llama = len(llm.tokenize(PROMPT)) * layout.n_moe_layers + sum(layers_without_slots[:STEPS])
         assert stats["device_cold_rows"] >= stats["misses"] - left_to_llama * layout.n_expert_used
-    llm.hot_cache.set_debug(shadow=True, poison=True)  # node level: every row against llama's own
-    greedy(llm, steps=8)
-    stats = llm.hot_cache.stats()
-    assert stats["shadow_rows"] > 0 and stats["shadow_mismatches"] == 0
+    assert_shadow_rows_match(llm)   # node level: every row against llama's own
     llm.close()
 
 
@@ -282,10 +279,7 @@ def test_single_token_cpu_rows_use_the_sliced_matmul(moe_model):
             # More threads than the graphs so far were built for: each needs its own quantized rows.
             llm.hot_cache.set_threads(LLAMA_KW["n_threads"])
             assert_bit_identical(expected[: len(llm.tokenize(PROMPT)) + 16], greedy(llm, steps=16))
-            llm.hot_cache.set_debug(shadow=True, poison=True)  # node level: every row against llama's own
-            greedy(llm, steps=8)
-            stats = llm.hot_cache.stats()
-            assert stats["shadow_rows"] > 0 and stats["shadow_mismatches"] == 0
+            assert_shadow_rows_match(llm)   # node level: every row against llama's own
         llm.close()
 
 
@@ -356,11 +350,8 @@ def test_single_token_stops_on_the_shims_own_threads(moe_model, spin_ms):
     assert_bit_identical(expected[: len(llm.tokenize(PROMPT)) + 16], greedy(llm, steps=16))
     assert llm.hot_cache.stats()["pool_graphs"] == 0, "one thread: the caller alone"
     llm.hot_cache.set_threads(LLAMA_KW["n_threads"])
-    llm.hot_cache.set_debug(shadow=True, poison=True, all_threads=True)  # every row against llama's own
     llm.hot_cache.reset()
-    greedy(llm, steps=8)
-    stats = llm.hot_cache.stats()
-    assert stats["shadow_rows"] > 0 and stats["shadow_mismatches"] == 0 and stats["pool_graphs"] > 0
+    assert assert_shadow_rows_match(llm, all_threads=True)["pool_graphs"] > 0   # every row against llama's own
     llm.hot_cache.set_debug()
     llm.hot_cache.set_thread_pool(None)
     llm.hot_cache.reset()

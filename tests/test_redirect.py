@@ -56,6 +56,16 @@ def k_values(path: str) -> list[int]:
     return sorted({1, layout.n_expert_used, layout.n_expert // 2, layout.n_expert})
 
 
+def assert_shadow_rows_match(llm, steps: int = 8, **debug) -> dict:
+    """Node level: `steps` greedy steps in shadow mode with poisoned outputs (llama computes every
+    managed node, the shim recomputes it, every row is compared bitwise); returns the stats."""
+    llm.hot_cache.set_debug(shadow=True, poison=True, **debug)
+    greedy(llm, steps=steps)
+    stats = llm.hot_cache.stats()
+    assert stats["shadow_rows"] > 0 and stats["shadow_mismatches"] == 0
+    return stats
+
+
 def no_open_mutations(llm) -> None:
     assert llm.hot_cache.open_mutations() == 0, "a graph mutation outlived the decode"
 

@@ -57,7 +57,7 @@ def chunked(copies, piece: int) -> None:
 
 def setup_variant(llm, variant: str, layout, k: int, threads: int) -> None:
     base, *mods = variant.split("+")
-    policy = None
+    policy, interval = None, llm.hot_cache.rebalance_interval
     if base == "ggml":
         llm.hot_cache.set_debug(ggml_matmuls=True)
     elif base.startswith("shim-threads:"):
@@ -77,16 +77,15 @@ def setup_variant(llm, variant: str, layout, k: int, threads: int) -> None:
     elif base.startswith("lru:"):
         policy, interval = LRU(layout.n_moe_layers, layout.n_expert, k), int(base[4:])
     elif base.startswith("decayed:"):
-        half_life, margin, interval = base[8:].split(":")
+        half_life, margin, every = base[8:].split(":")
         policy = DecayedFrequency(layout.n_moe_layers, layout.n_expert, k, half_life=float(half_life), margin=float(margin))
-        interval = int(interval)
+        interval = int(every)
     elif base != "default":
         raise SystemExit(f"unknown variant {variant!r}: {VARIANTS}")
     ahead = "ahead" in mods
     n_threads = next((int(m[7:]) for m in mods if m.startswith("threads")), threads)
     if policy is not None or ahead or n_threads != threads:
-        configure(llm, policy or llm.hot_cache.policy, interval if policy is not None else llm.hot_cache.rebalance_interval,
-                  ahead, n_threads)
+        configure(llm, policy or llm.hot_cache.policy, interval, ahead, n_threads)
     for mod in mods:
         if mod.startswith("chunk"):
             chunked(llm.hot_cache.slots.copies, int(mod[5:]) * 1024)
@@ -118,7 +117,6 @@ def main() -> None:
     for llm in hots:
         decode_rate(llm, args.tokens, text_tokens=windows[-1])  # first fill of the slots
     rates: dict[str, list[float]] = {name: [] for name in rows}
-    cold_ms: dict[str, list[float]] = {name: [] for name in rows}
     hits: dict[str, list[float]] = {name: [] for name in rows}
     per_token: dict[str, dict[str, list[float]]] = {name: {} for name in rows}
     # CPU graphs of the stops by rows: count, ms
@@ -134,7 +132,6 @@ def main() -> None:
             rates[name].append(decode_rate(llm, args.tokens, after_prompt=reset, text_tokens=windows[rep]))
             if managed:
                 s = llm.hot_cache.stats()
-                cold_ms[name].append(s["cpu_compute_ms"] / max(s["decode_tokens"], 1))
                 for key in PER_TOKEN:
                     per_token[name].setdefault(key, []).append(s[key] / max(s["decode_tokens"], 1))
                 hits[name].append(s["hit_rate"])
@@ -149,7 +146,8 @@ def main() -> None:
     print(f"[{omp_env()}] K={args.k}, {args.reps} repetitions of {args.tokens} teacher-forced tokens")
     names = list(rows)
     for name in names:
-        cold = (f", cold CPU {statistics.median(cold_ms[name]):.2f} ms/token, hit {statistics.median(hits[name]):.3f}" if cold_ms[name] else "")
+        cold = (f", cold CPU {statistics.median(per_token[name]['cpu_compute_ms']):.2f} ms/token, "
+                f"hit {statistics.median(hits[name]):.3f}" if per_token[name] else "")
         print(f"  {name}: {statistics.median(rates[name]):.1f} tok/s "
               f"({' '.join(f'{r:.1f}' for r in rates[name])}){cold}")
 
