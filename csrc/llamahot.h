@@ -80,6 +80,8 @@ struct lh_counters {
     int64_t ffn_redirects;     /* ... of which in whole-FFN mode: layers computed in one stop */
     int64_t gpu_runs;          /* redirects (a layer's FFN or one node) whose hot part ran on the device */
     int64_t persistent_gpu_runs; /* ... of which in the layer's persistent graph (single-token decode) */
+    int64_t gpu_input_copies;  /* host-to-device copies of those runs' inputs (rows, slot and expert
+                                  ids): one per persistent run, whose inputs lie together */
     int64_t device_cold_rows;  /* cold (token, k) rows computed on the device (lh_set_cold_on_device) */
     int64_t cpu_runs;          /* redirects whose CPU graph ran (each pays the threads' start and barriers) */
     int64_t cpu_rows;          /* (token, k) rows those CPU graphs computed */

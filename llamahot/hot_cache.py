@@ -441,6 +441,8 @@ class HotCache:
             "ffn_redirects": int(counters.ffn_redirects),
             "gpu_runs": int(counters.gpu_runs),
             "persistent_gpu_runs": int(counters.persistent_gpu_runs),
+            # Host-to-device copies of their inputs: one per persistent run (its inputs lie together).
+            "gpu_input_copies": int(counters.gpu_input_copies),
             "device_cold_rows": int(counters.device_cold_rows),
             "cpu_runs": int(counters.cpu_runs),
             "cpu_rows": int(counters.cpu_rows),

@@ -57,8 +57,13 @@ def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_
         if k < layout.n_expert:   # cold rows: on the pool, prefetched by its workers during the GPU submission
             assert (stats["pool_graphs"] > 0 and stats["pool_prefetches"] > 0) == (pool is not None)
             assert stats["row_prefetch_bytes"] > 0   # the sliced matmuls prefetch ahead of their rows (default)
-        # Single-token steps ran the layers' persistent hot graphs (K >= n_expert_used here).
+        # Single-token steps ran the layers' persistent hot graphs (K >= n_expert_used here), whose
+        # inputs lie together in CUDA memory and go up in one copy.
         assert stats["persistent_gpu_runs"] > 0
+        if cold_on_device == 0:   # (the cold rows sent to the device take copies of their own)
+            built = stats["gpu_runs"] - stats["persistent_gpu_runs"]
+            assert stats["persistent_gpu_runs"] + 2 * built <= stats["gpu_input_copies"] <= \
+                stats["persistent_gpu_runs"] + 3 * built
         if cold_on_device == 0:
             assert stats["device_cold_rows"] == 0
         elif k < layout.n_expert:  # decode steps with misses sent some of them to the GPU
