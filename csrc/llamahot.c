@@ -32,17 +32,6 @@
 #define LH_TIMED_NODES 4   /* sliced nodes timed per graph: gate, up, down (+1) */
 _Static_assert(sizeof(((struct lh_counters *) 0)->sliced_node_last_in_ns) == LH_TIMED_NODES * sizeof(int64_t),
                "lh_counters' per-node arrays hold LH_TIMED_NODES");
-/* The sliced nodes' claims: a word per slice on its own cache line (lh_claim), for LH_CLAIM_NODES nodes
- * built round robin (a stop builds at most a few; its graph ran before the next stop builds), whose
- * index the node keeps in its op_params after ggml's custom op parameters {fun, n_tasks, userdata}. */
-struct lh_claim {
-    _Atomic uint64_t taken;            /* chunks taken: by the owner (low 32 bits), by others (high 32) */
-    char pad[LH_ALIGN - sizeof(uint64_t)];
-};
-#define LH_CLAIM_NODES 16
-#define LH_SLICED_CLAIMS_PARAM 12
-_Static_assert(LH_SLICED_CLAIMS_PARAM * sizeof(int32_t) >= 2 * sizeof(void *) + sizeof(int64_t) &&
-               LH_SLICED_CLAIMS_PARAM < GGML_MAX_OP_PARAMS / sizeof(int32_t), "claims index past ggml's custom op params");
 /* Weight bytes a CPU part must read before it is worth splitting over threads (~100 us on one core). */
 #define LH_PARALLEL_MIN_BYTES ((size_t) 1 << 20)
 
@@ -195,11 +184,7 @@ struct lh_ctx {
     size_t graph_mem_size;
     struct lh_pool * pool;         /* the stops' own threads (lh_set_pool), started on first use */
     int64_t pool_spin_ns;          /* < 0: off, ggml's graph compute */
-    int64_t row_prefetch;          /* lh_sliced_rows: bytes each thread prefetches ahead of its rows */
-    int64_t row_chunk;             /* lh_sliced_rows: bytes per chunk others may take of a slice, 0: none */
-    struct lh_claim * claims;      /* lh_sliced_rows: [LH_CLAIM_NODES][claims_per_node], one node's per slice */
-    int32_t claims_per_node;       /* slices a node may have: the threads when the claims were made */
-    int32_t next_claims;           /* the claims the next sliced node built gets (round robin) */
+    int64_t row_prefetch;          /* lh_sliced_mul_mat_id: bytes each thread prefetches ahead of its rows */
     void * sliced_scratch;         /* lh_sliced_mul_mat_id: each thread's quantized input rows */
     size_t sliced_scratch_size;
     size_t sliced_stride;          /* bytes per thread in it */
@@ -295,7 +280,6 @@ struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t
     ctx->observing = true;
     ctx->pool_spin_ns = -1;
     ctx->row_prefetch = LH_ROW_PREFETCH_DEFAULT;
-    ctx->row_chunk = LH_ROW_CHUNK_DEFAULT;
     ctx->blk_to_moe = malloc(sizeof(int32_t) * (size_t) n_blocks);
     uint32_t cap = 64;
     while (cap < (uint32_t) n_blocks * LH_PROJ_COUNT * 4u) {
@@ -387,7 +371,6 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     lh_pool_free(ctx->pool);
     free(ctx->graph_mem);
     free(ctx->sliced_scratch);
-    free(ctx->claims);
     if (ctx->one_thread) {
         ggml_threadpool_free(ctx->one_thread);
     }
@@ -443,15 +426,6 @@ int32_t lh_set_row_prefetch(struct lh_ctx * ctx, int64_t bytes) {
         return -1;
     }
     ctx->row_prefetch = bytes;
-    return 0;
-}
-
-int32_t lh_set_row_chunk(struct lh_ctx * ctx, int64_t bytes) {
-    if (bytes < 0 || bytes > LH_ROW_CHUNK_MAX) {
-        lh_error(ctx, "row chunk size must be 0..%d bytes, got %lld", LH_ROW_CHUNK_MAX, (long long) bytes);
-        return -1;
-    }
-    ctx->row_chunk = bytes;
     return 0;
 }
 
@@ -1191,7 +1165,6 @@ static void lh_pool_barrier(struct lh_pool * p, int32_t nth) {
 }
 
 static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, void * userdata);
-static void lh_sliced_rows(struct lh_ctx * ctx, struct ggml_tensor * dst, int32_t self, int32_t own, int32_t n_slices);
 
 static bool lh_computes_nothing(const struct ggml_tensor * t) {
     return t->op == GGML_OP_NONE || t->op == GGML_OP_VIEW || t->op == GGML_OP_RESHAPE ||
@@ -1304,8 +1277,11 @@ static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgr
             read.n = written.n = 0;
         }
         if (lh_is_sliced(t)) {
-            /* workers_only: the caller owns no slice, it only takes the others' chunks. */
-            lh_sliced_rows(ctx, t, ith, workers_only ? ith - 1 : ith, workers_only ? nth - 1 : nth);
+            if (!workers_only) {
+                lh_sliced_mul_mat_id(t, ith, nth, ctx);
+            } else if (ith > 0) {
+                lh_sliced_mul_mat_id(t, ith - 1, nth - 1, ctx);
+            }
         } else if (ith == 0 && !lh_compute_here(ctx, t)) {
             atomic_store(&p->failed, true);
         }
@@ -1781,101 +1757,61 @@ static struct ggml_tensor * lh_dev_copy(struct lh_ctx * ctx, const struct ggml_t
 /* Single-token decode on the CPU: every expert has one row, so ggml's MUL_MAT_ID computes each
  * output element with one vec_dot of the input row quantized by from_float (its tiled kernels start
  * at 8 rows per expert). This node computes the same elements with the same two functions, but each
- * thread quantizes the input rows itself (no barrier inside the node: ggml's threads quantize the
- * input together, then wait for each other). Same kernels on the same operands: the same floats, bit
- * for bit, whichever thread computes a row. dst is [rows of w, ids->ne[0], ids->ne[1]] as
- * ggml_mul_mat_id's.
- *
- * Who computes which rows: slice i of n owns rows [R*i/n, R*(i+1)/n) of every entry's expert, as
- * chunks of about row_chunk bytes, entry after entry. Its owner takes them from the front; a thread
- * done with its own slice takes the others' from the back (a thread that starts late, or is
- * descheduled, no longer holds up the node: on the H100 VM the last thread entered a stop's graph
- * 11-18 us after the first, docs/NOTES.md, session 13). row_chunk 0: every thread its own slice alone.
- * The owner prefetches row_prefetch bytes ahead of its rows across its slice (the hardware prefetchers
- * stop at every 4 KiB page and every expert; 4 KiB ahead made cold 1-8 row FFNs as fast as warm ones,
- * session 12); a thread computing another's chunk prefetches within that chunk. Each thread also
- * stamps when it entered and left each sliced node of the graph (thread_in). */
-struct lh_slices {
-    const struct ggml_tensor * w, * ids;
-    int64_t n_entries, rows;            /* entries (token, k) and rows of w per expert */
-    size_t row_bytes;
-    int32_t n;                          /* slices */
-    int64_t chunk_rows;                 /* rows per chunk, 0: a slice's rows of an entry in one chunk */
+ * thread quantizes the input rows itself and takes one slice of rows of every expert: no barrier
+ * inside the node (ggml's threads quantize the input together, then wait for each other). Same
+ * kernels on the same operands: the same floats, bit for bit. Alone it saves 4-25 us of a 1-row
+ * graph on the H100 machine; in the decode the gain is within noise (docs/NOTES.md, session 10).
+ * dst is [rows of w, ids->ne[0], ids->ne[1]] as ggml_mul_mat_id's. Each thread also stamps its
+ * first entry into a sliced node of the graph (thread_in): how long the team took to start. */
+/* A thread's rows of a sliced node, expert after expert, as one stream of bytes that a cursor prefetches
+ * ahead of the rows being computed: the hardware prefetchers stop at every 4 KiB page and at every
+ * expert, and a cold row waits for memory (on the H100 VM 4 KiB ahead made cold 1-8 row FFNs as fast as
+ * warm ones, benchmarks/RESULTS.md, session 12). */
+enum { LH_PF_SEGMENTS = 64 };
+struct lh_row_stream {
+    const char * base[LH_PF_SEGMENTS];
+    size_t len[LH_PF_SEGMENTS];
+    int n, seg;
+    size_t off;
+    int64_t bytes;   /* prefetched so far */
 };
 
-static int64_t lh_slice_row0(const struct lh_slices * s, int32_t i) { return s->rows * i / s->n; }
-
-static int64_t lh_slice_chunks_per_entry(const struct lh_slices * s, int32_t i) {
-    const int64_t rows = lh_slice_row0(s, i + 1) - lh_slice_row0(s, i);
-    const int64_t c = s->chunk_rows > 0 ? s->chunk_rows : rows;
-    return rows > 0 ? (rows + c - 1) / c : 0;
-}
-
-static int32_t lh_entry_expert(const struct ggml_tensor * ids, int64_t e) {
-    const int64_t i = e % ids->ne[0], t = e / ids->ne[0];
-    return *(const int32_t *) ((const char *) ids->data + i * ids->nb[0] + t * ids->nb[1]);
-}
-
-/* Prefetch bytes [from, to) of slice i, its entries' rows laid end to end; returns how many. */
-static int64_t lh_prefetch_slice_bytes(const struct lh_slices * s, int32_t i, size_t from, size_t to) {
-    const int64_t r0 = lh_slice_row0(s, i);
-    const size_t slice_bytes = (size_t) (lh_slice_row0(s, i + 1) - r0) * s->row_bytes;
-    int64_t n = 0;
-    while (from < to) {
-        const int64_t e = (int64_t) (from / slice_bytes);
-        const size_t end = to < (size_t) (e + 1) * slice_bytes ? to : (size_t) (e + 1) * slice_bytes;
-        const char * p = (const char *) s->w->data + (size_t) lh_entry_expert(s->ids, e) * s->w->nb[2] +
-                         (size_t) r0 * s->row_bytes + (from - (size_t) e * slice_bytes);
-        for (size_t at = 0; at < end - from; at += LH_ALIGN) {
+static void lh_row_stream_advance(struct lh_row_stream * s, size_t bytes) {
+    while (bytes > 0 && s->seg < s->n) {
+        const size_t room = s->len[s->seg] - s->off, step = bytes < room ? bytes : room;
+        const char * p = s->base[s->seg] + s->off;
+        for (size_t at = 0; at < step; at += 64) {
             __builtin_prefetch(p + at, 0, 3);
         }
-        n += (int64_t) (end - from);
-        from = end;
-    }
-    return n;
-}
-
-/* Take chunk of slice cl (of n chunks): the owner from the front, the others from the back; -1 when
- * none is left. Relaxed: the barrier after the node publishes the rows. */
-static int64_t lh_claim(struct lh_claim * cl, int64_t n, bool owner) {
-    uint64_t v = atomic_load_explicit(&cl->taken, memory_order_relaxed);
-    for (;;) {
-        const uint64_t front = v & 0xffffffffu, back = v >> 32;
-        if ((int64_t) (front + back) >= n) {
-            return -1;
-        }
-        const uint64_t next = owner ? v + 1 : v + ((uint64_t) 1 << 32);
-        if (atomic_compare_exchange_weak_explicit(&cl->taken, &v, next, memory_order_relaxed, memory_order_relaxed)) {
-            return owner ? (int64_t) front : n - 1 - (int64_t) back;
+        s->off += step;
+        s->bytes += (int64_t) step;
+        bytes -= step;
+        if (s->off == s->len[s->seg]) {
+            s->seg++;
+            s->off = 0;
         }
     }
 }
 
-static void lh_sliced_rows(struct lh_ctx * ctx, struct ggml_tensor * dst, int32_t self, int32_t own, int32_t n_slices) {
-    if (own < 0 && ctx->row_chunk == 0) {
-        return;  /* owns no slice and may take no chunk */
-    }
-    const bool timed = self < LH_MAX_TIMED_THREADS;
+static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    struct lh_ctx * ctx = (struct lh_ctx *) userdata;
+    const bool timed = ith < LH_MAX_TIMED_THREADS;
     int64_t node = 0;
     if (timed) {
-        if (ctx->thread_in[self].seq != ctx->graph_seq) {
-            ctx->thread_in[self].seq = ctx->graph_seq;
-            ctx->thread_in[self].n = 0;
+        if (ctx->thread_in[ith].seq != ctx->graph_seq) {
+            ctx->thread_in[ith].seq = ctx->graph_seq;
+            ctx->thread_in[ith].n = 0;
         }
-        node = ctx->thread_in[self].n++;
+        node = ctx->thread_in[ith].n++;
         if (node < LH_TIMED_NODES) {
-            ctx->thread_in[self].in[node] = lh_now_ns() - ctx->graph_t0_ns;
+            ctx->thread_in[ith].in[node] = lh_now_ns() - ctx->graph_t0_ns;
         }
     }
     const struct ggml_tensor * w = dst->src[0], * b = dst->src[1], * ids = dst->src[2];
     const struct ggml_type_traits_cpu * traits = ggml_get_type_traits_cpu(w->type);
     const enum ggml_type q_type = traits->vec_dot_type;
     const size_t q_row = ggml_row_size(q_type, b->ne[0]);
-    const int64_t chunk_bytes = ctx->row_chunk;
-    struct lh_slices s = { w, ids, ids->ne[0] * ids->ne[1], w->ne[1], w->nb[1], n_slices, 0 };
-    s.chunk_rows = chunk_bytes > 0 ? ((size_t) chunk_bytes > s.row_bytes ? chunk_bytes / (int64_t) s.row_bytes : 1) : 0;
-    struct lh_claim * claims = ctx->claims + (size_t) dst->op_params[LH_SLICED_CLAIMS_PARAM] * (size_t) ctx->claims_per_node;
-    char * q = (char *) ctx->sliced_scratch + (size_t) self * ctx->sliced_stride;
+    char * q = (char *) ctx->sliced_scratch + (size_t) ith * ctx->sliced_stride;
     for (int64_t i12 = 0; i12 < b->ne[2]; i12++) {
         for (int64_t i11 = 0; i11 < b->ne[1]; i11++) {
             const char * row = (const char *) b->data + i11 * b->nb[1] + i12 * b->nb[2];
@@ -1887,68 +1823,44 @@ static void lh_sliced_rows(struct lh_ctx * ctx, struct ggml_tensor * dst, int32_
             }
         }
     }
-    const size_t ahead = (size_t) ctx->row_prefetch;
-    size_t frontier = 0;  /* the owner's prefetch cursor in its slice */
-    int64_t prefetched = 0, shared_rows = 0;
-    /* Its own slice first, then (chunks on) the others' from the next one round. */
-    const int32_t first = own >= 0 ? own : self % n_slices;
-    for (int32_t v = 0; v < n_slices; v++) {
-        const int32_t i = (first + v) % n_slices;
-        const bool owner = i == own;
-        if (!owner && s.chunk_rows == 0) {
-            continue;
+    const int64_t r0 = w->ne[1] * ith / nth, r1 = w->ne[1] * (ith + 1) / nth;
+    const size_t row_bytes = w->nb[1];
+    /* The prefetch cursor: this thread's slice of every entry's expert, in the order computed. */
+    struct lh_row_stream pf;
+    pf.n = pf.seg = 0;
+    pf.off = 0;
+    pf.bytes = 0;
+    const int64_t ahead = ctx->row_prefetch;
+    if (ahead > 0 && r1 > r0 && ids->ne[0] * ids->ne[1] <= LH_PF_SEGMENTS) {
+        for (int64_t t = 0; t < ids->ne[1]; t++) {
+            for (int64_t i = 0; i < ids->ne[0]; i++) {
+                const int32_t e = *(const int32_t *) ((const char *) ids->data + i * ids->nb[0] + t * ids->nb[1]);
+                pf.base[pf.n] = (const char *) w->data + e * w->nb[2] + r0 * row_bytes;
+                pf.len[pf.n++] = (size_t) (r1 - r0) * row_bytes;
+            }
         }
-        const int64_t r0 = lh_slice_row0(&s, i), slice_rows = lh_slice_row0(&s, i + 1) - r0;
-        const int64_t per_entry = lh_slice_chunks_per_entry(&s, i), n_chunks = per_entry * s.n_entries;
-        const int64_t c = s.chunk_rows > 0 ? s.chunk_rows : slice_rows;
-        const size_t slice_bytes = (size_t) slice_rows * s.row_bytes;
-        int64_t k;
-        for (;;) {
-            if (owner && i == 0 && (ctx->debug_flags & LH_DEBUG_SLOW_OWNER)) {
-                const struct timespec nap = { 0, 500000 };
-                nanosleep(&nap, NULL);
-            }
-            if ((k = lh_claim(&claims[i], n_chunks, owner)) < 0) {
-                break;
-            }
-            const int64_t e = k / per_entry, a = r0 + (k % per_entry) * c;
-            const int64_t z = a + c < r0 + slice_rows ? a + c : r0 + slice_rows;
-            const int64_t ent = e % ids->ne[0], t = e / ids->ne[0];
-            const char * x = q + (size_t) (ent % b->ne[1] + t * b->ne[1]) * q_row;
-            const char * m = (const char *) w->data + (size_t) lh_entry_expert(ids, e) * w->nb[2];
-            float * out = (float *) ((char *) dst->data + ent * dst->nb[1] + t * dst->nb[2]);
-            const size_t chunk_at = (size_t) e * slice_bytes + (size_t) (a - r0) * s.row_bytes;
-            const size_t limit = owner ? (size_t) s.n_entries * slice_bytes : chunk_at + (size_t) (z - a) * s.row_bytes;
-            if (!owner || frontier < chunk_at) {
-                frontier = chunk_at;
-            }
-            for (int64_t r = a; r < z; r++) {
-                if (ahead > 0) {
-                    const size_t at = chunk_at + (size_t) (r - a) * s.row_bytes;
-                    const size_t want = at + s.row_bytes + ahead < limit ? at + s.row_bytes + ahead : limit;
-                    if (want > frontier) {
-                        prefetched += lh_prefetch_slice_bytes(&s, i, frontier, want);
-                        frontier = want;
-                    }
+        lh_row_stream_advance(&pf, (size_t) ahead);
+    }
+    for (int64_t t = 0; t < ids->ne[1]; t++) {
+        for (int64_t i = 0; i < ids->ne[0]; i++) {
+            const int32_t e = *(const int32_t *) ((const char *) ids->data + i * ids->nb[0] + t * ids->nb[1]);
+            const char * x = q + (size_t) (i % b->ne[1] + t * b->ne[1]) * q_row;
+            const char * m = (const char *) w->data + e * w->nb[2];
+            float * out = (float *) ((char *) dst->data + i * dst->nb[1] + t * dst->nb[2]);
+            for (int64_t r = r0; r < r1; r++) {
+                if (pf.n > 0) {
+                    lh_row_stream_advance(&pf, row_bytes);
                 }
                 traits->vec_dot((int) w->ne[0], out + r, 0, m + r * w->nb[1], 0, x, 0, 1);
             }
-            shared_rows += owner ? 0 : z - a;
         }
     }
-    if (prefetched > 0) {
-        __atomic_fetch_add(&ctx->counters.row_prefetch_bytes, prefetched, __ATOMIC_RELAXED);
-    }
-    if (shared_rows > 0) {
-        __atomic_fetch_add(&ctx->counters.shared_row_bytes, shared_rows * (int64_t) s.row_bytes, __ATOMIC_RELAXED);
+    if (pf.bytes > 0) {
+        __atomic_fetch_add(&ctx->counters.row_prefetch_bytes, pf.bytes, __ATOMIC_RELAXED);
     }
     if (timed && node < LH_TIMED_NODES) {
-        ctx->thread_in[self].out[node] = lh_now_ns() - ctx->graph_t0_ns;
+        ctx->thread_in[ith].out[node] = lh_now_ns() - ctx->graph_t0_ns;
     }
-}
-
-static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
-    lh_sliced_rows((struct lh_ctx *) userdata, dst, ith, ith, nth);
 }
 
 /* A part's expert matmul w @ b: by lh_sliced_mul_mat_id where it gives ggml's floats (a single-token
@@ -1971,28 +1883,10 @@ static struct ggml_tensor * lh_part_mul_mat_id(struct lh_ctx * ctx, struct ggml_
         return NULL;
     }
     ctx->sliced_stride = stride;
-    /* Its claims, zeroed: one per slice, for as many slices as the stop may use threads. */
-    if (ctx->claims == NULL || ctx->claims_per_node < ctx->n_threads) {
-        free(ctx->claims);
-        ctx->claims = aligned_alloc(LH_ALIGN, (size_t) LH_CLAIM_NODES * (size_t) ctx->n_threads * sizeof(struct lh_claim));
-        ctx->claims_per_node = ctx->claims ? ctx->n_threads : 0;
-        if (ctx->claims == NULL) {
-            return NULL;
-        }
-    }
-    const int32_t claims = ctx->next_claims;
-    ctx->next_claims = (claims + 1) % LH_CLAIM_NODES;
-    for (int32_t i = 0; i < ctx->claims_per_node; i++) {
-        atomic_init(&ctx->claims[(size_t) claims * (size_t) ctx->claims_per_node + (size_t) i].taken, 0);
-    }
     struct ggml_tensor * args[3] = { w, b, ids };
     ctx->counters.sliced_matmuls++;
-    struct ggml_tensor * t = ggml_custom_4d(g, GGML_TYPE_F32, w->ne[1], ids->ne[0], ids->ne[1], 1, args, 3, lh_sliced_mul_mat_id,
-                                            GGML_N_TASKS_MAX, ctx);
-    if (t != NULL) {
-        t->op_params[LH_SLICED_CLAIMS_PARAM] = claims;
-    }
-    return t;
+    return ggml_custom_4d(g, GGML_TYPE_F32, w->ne[1], ids->ne[0], ids->ne[1], 1, args, 3, lh_sliced_mul_mat_id,
+                          GGML_N_TASKS_MAX, ctx);
 }
 
 /* A part's staging layout (see lh_ffn_part): three uploads at lh_pad steps, unless lh_part_one_upload

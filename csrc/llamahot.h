@@ -53,9 +53,6 @@ enum lh_debug_flags {
                                    the caller submits the hot part (to measure what that saves) */
     LH_DEBUG_CALLER_ROWS = 512, /* benchmarks: after a prefetch, the caller computes its slice of the sliced
                                    nodes' rows too (by default the workers, who prefetched them, share all) */
-    LH_DEBUG_SLOW_OWNER = 1024, /* tests: the owner of every sliced node's first slice sleeps 0.5 ms before
-                                   each of its chunks, so the others take its rows from the back while it
-                                   takes them from the front (lh_set_row_chunk) */
     LH_DEBUG_ALL_THREADS = 128, /* tests: every stop's CPU graph on all threads, however little it reads
                                    (small fixtures would otherwise run on one) */
 };
@@ -101,8 +98,6 @@ struct lh_counters {
     int64_t pool_prefetches;   /* ... and stops whose cold rows its workers prefetched during the GPU submission */
     int64_t fence_waits;       /* stops that waited for copies into their layer's slots (lh_set_fence) */
     int64_t row_prefetch_bytes; /* bytes the sliced matmuls' threads prefetched ahead of their rows */
-    int64_t shared_row_bytes;  /* weight bytes of sliced rows computed by a thread other than their
-                                  slice's owner (lh_set_row_chunk) */
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
     int64_t shadow_rows;       /* rows compared in shadow mode */
     int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */
@@ -198,14 +193,6 @@ void lh_set_pool(struct lh_ctx * ctx, int64_t spin_ns);
  * Default LH_ROW_PREFETCH_DEFAULT. Returns -1 (see lh_last_error) outside 0..LH_ROW_PREFETCH_MAX. */
 enum { LH_ROW_PREFETCH_DEFAULT = 4096, LH_ROW_PREFETCH_MAX = 1048576 };
 int32_t lh_set_row_prefetch(struct lh_ctx * ctx, int64_t bytes);
-
-/* The row-sliced expert matmuls: each thread owns a slice of every entry's rows, cut into chunks of
- * about `bytes` (at least a row); a thread done with its own slice computes chunks of the others'
- * (counter shared_row_bytes), so a late or descheduled thread does not hold up the node. 0: each
- * thread computes its own slice alone. Default LH_ROW_CHUNK_DEFAULT. Returns -1 (see lh_last_error)
- * outside 0..LH_ROW_CHUNK_MAX. Bit-exact either way (one vec_dot per output element). */
-enum { LH_ROW_CHUNK_DEFAULT = 8192, LH_ROW_CHUNK_MAX = 1048576 };
-int32_t lh_set_row_chunk(struct lh_ctx * ctx, int64_t bytes);
 
 /* Single-token decode with device slots: this share (0..1, default 0) of a stop's cold experts is
  * copied to the device and computed there while the CPU computes the rest. Returns -1 (see

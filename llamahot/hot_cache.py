@@ -40,7 +40,6 @@ DEBUG_GGML_MATMULS = lib.LH_DEBUG_GGML_MATMULS
 DEBUG_ALL_THREADS = lib.LH_DEBUG_ALL_THREADS
 DEBUG_NO_PREFETCH = lib.LH_DEBUG_NO_PREFETCH
 DEBUG_CALLER_ROWS = lib.LH_DEBUG_CALLER_ROWS
-DEBUG_SLOW_OWNER = lib.LH_DEBUG_SLOW_OWNER
 TIMELINE_CAP = lib.LH_TIMELINE_CAP
 SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
@@ -134,7 +133,6 @@ class HotCache:
         # on a CPU-only machine they would compete with llama's OpenMP team for the cores.
         self.thread_pool_spin_ms: Optional[float] = 1.0 if slot_device == "cuda" else None
         self.row_prefetch: int = lib.LH_ROW_PREFETCH_DEFAULT
-        self.row_chunk: int = lib.LH_ROW_CHUNK_DEFAULT
         self._snapshot_time = 0.0
         self._decode_tokens = 0
         self._decode_seconds = 0.0
@@ -197,7 +195,6 @@ class HotCache:
         self.set_cold_on_device(self.cold_on_device)
         self.set_thread_pool(self.thread_pool_spin_ms)
         self.set_row_prefetch(self.row_prefetch)
-        self.set_row_chunk(self.row_chunk)
         lib.lh_reset_counters(self._ctx)
         if self._user_callback is not None:
             callback, user_data = self._user_callback
@@ -306,7 +303,7 @@ class HotCache:
     def set_debug(self, *, poison: bool = False, shadow: bool = False, per_node: bool = False,
                   skip_compute: bool = False, timeline: bool = False, call_graphs: bool = False,
                   ggml_matmuls: bool = False, all_threads: bool = False, no_prefetch: bool = False,
-                  caller_rows: bool = False, slow_owner: bool = False) -> None:
+                  caller_rows: bool = False) -> None:
         """Test-only checks. poison: NaN-fill redirected outputs before writing them; shadow: let
         llama compute, recompute, compare every row; per_node: redirect each expert matmul on its
         own (the fallback path) instead of each layer's FFN in one stop. For benchmarks:
@@ -318,15 +315,12 @@ class HotCache:
         all_threads (tests): every stop's CPU graph on all threads, however little it reads;
         no_prefetch: the thread pool's workers do not prefetch a stop's cold rows during the GPU
         submission, to measure what that saves; caller_rows: after that prefetch the caller computes
-        its slice of the rows too (by default the workers share them all); slow_owner (tests): the
-        owner of every sliced node's first slice sleeps 0.5 ms before each of its chunks, so the others
-        take its rows from the back while it takes them from the front."""
+        its slice of the rows too (by default the workers share them all)."""
         lib.lh_set_debug(self._ctx, (DEBUG_POISON if poison else 0) | (DEBUG_SHADOW if shadow else 0) |
                          (DEBUG_PER_NODE if per_node else 0) | (DEBUG_SKIP_COMPUTE if skip_compute else 0) |
                          (DEBUG_TIMELINE if timeline else 0) | (DEBUG_CALL_GRAPHS if call_graphs else 0) |
                          (DEBUG_GGML_MATMULS if ggml_matmuls else 0) | (DEBUG_ALL_THREADS if all_threads else 0) |
-                         (DEBUG_NO_PREFETCH if no_prefetch else 0) | (DEBUG_CALLER_ROWS if caller_rows else 0) |
-                         (DEBUG_SLOW_OWNER if slow_owner else 0))
+                         (DEBUG_NO_PREFETCH if no_prefetch else 0) | (DEBUG_CALLER_ROWS if caller_rows else 0))
 
     def timeline(self) -> list[tuple[int, int, int, str]]:
         """Callbacks recorded in timeline mode since the last call, oldest first: (time ns, kind
@@ -365,17 +359,6 @@ class HotCache:
             raise ValueError(f"set_row_prefetch takes a byte distance 0..{lib.LH_ROW_PREFETCH_MAX}, got {n_bytes!r}")
         self.row_prefetch = n_bytes
         if self._ctx is not None and lib.lh_set_row_prefetch(self._ctx, n_bytes) != 0:
-            raise RuntimeError(f"llamahot: {ffi.string(lib.lh_last_error(self._ctx)).decode()}")
-
-    def set_row_chunk(self, n_bytes: int) -> None:
-        """In the stops' row-sliced expert matmuls each thread owns a slice of the rows, cut into chunks
-        of about `n_bytes` (default 8192); a thread done with its own slice computes chunks of the
-        others', so a thread that starts late or is descheduled does not hold up the node (stats
-        "shared_row_bytes"). 0: each thread computes its own slice alone. Bit-exact either way."""
-        if isinstance(n_bytes, bool) or not isinstance(n_bytes, int) or not 0 <= n_bytes <= lib.LH_ROW_CHUNK_MAX:
-            raise ValueError(f"set_row_chunk takes a chunk size in bytes 0..{lib.LH_ROW_CHUNK_MAX}, got {n_bytes!r}")
-        self.row_chunk = n_bytes
-        if self._ctx is not None and lib.lh_set_row_chunk(self._ctx, n_bytes) != 0:
             raise RuntimeError(f"llamahot: {ffi.string(lib.lh_last_error(self._ctx)).decode()}")
 
     def set_threads(self, n_threads: int) -> None:
@@ -482,8 +465,6 @@ class HotCache:
             "pool_prefetches": int(counters.pool_prefetches),
             # Bytes the row-sliced matmuls' threads prefetched ahead of their rows (set_row_prefetch).
             "row_prefetch_bytes": int(counters.row_prefetch_bytes),
-            # Weight bytes of sliced rows a thread computed for another slice's owner (set_row_chunk).
-            "shared_row_bytes": int(counters.shared_row_bytes),
             "redirect_ms": counters.redirect_ns / 1e6,
             "cpu_compute_ms": counters.cpu_compute_ns / 1e6,
             "gpu_submit_ms": counters.gpu_submit_ns / 1e6,

@@ -291,8 +291,8 @@ def test_single_token_cpu_rows_use_the_sliced_matmul(moe_model):
 def test_sliced_matmuls_prefetch_their_rows_ahead(moe_model):
     """set_row_prefetch: each thread of a sliced node prefetches ahead of the rows it computes, across
     its slices of the node's experts. Hints only: logits stay bit-identical at every distance (shorter
-    than a row, the default, the largest), and every byte of every slice is prefetched at least once and
-    at most twice (the counter), none when off."""
+    than a row, the default, the largest), and every byte of every slice is prefetched once (the
+    counter), none when off."""
     layout = read_moe_layout(moe_model)
     expected = reference_logits(moe_model)
     for distance in (0, 64, 4096, 1 << 20):
@@ -306,57 +306,13 @@ def test_sliced_matmuls_prefetch_their_rows_ahead(moe_model):
         assert_bit_identical(expected[: len(llm.tokenize(PROMPT)) + 24], greedy(llm, steps=24))
         stats = llm.hot_cache.stats()
         assert stats["cpu_rows"] > 0 and stats["sliced_matmuls"] > 0
-        # Every CPU row is one expert's matrices, each sliced over the threads: all of it, once by the
-        # thread that computed it, and at most once more where its owner ran ahead into rows another
-        # thread took (set_row_chunk).
-        computed = stats["cpu_rows"] * layout.expert_matrix_bytes
-        if distance:
-            assert computed <= stats["row_prefetch_bytes"] <= computed + stats["shared_row_bytes"]
-        else:
-            assert stats["row_prefetch_bytes"] == 0
+        # Every CPU row is one expert's matrices, each sliced over the threads: all of it, exactly once.
+        assert stats["row_prefetch_bytes"] == (stats["cpu_rows"] * layout.expert_matrix_bytes if distance else 0)
         llm.close()
     llm = llamahot.Llama(moe_model, hot_experts=1, slot_device="emulated-gpu", **LLAMA_KW)
     for bad in (-1, (1 << 20) + 1, 1.5, True):
         with pytest.raises(ValueError, match="set_row_prefetch"):
             llm.hot_cache.set_row_prefetch(bad)
-    llm.close()
-
-
-@pytest.mark.parametrize("pool", [False, True], ids=["ggml-threads", "shim-pool"])
-def test_sliced_rows_are_shared_by_threads_done_with_their_own(moe_model, pool):
-    """set_row_chunk: a thread done with its slice of a sliced node computes chunks of the others'. The
-    owner of the first slice sleeps before each of its chunks (debug slow_owner), so the other threads
-    take its rows from the back while it takes them from the front: logits stay bit-identical with
-    poison at every chunk size (below a row, the default, above a slice), the rows match llama's at
-    node level, and every byte is still prefetched ahead at least once and at most twice (by its owner
-    running ahead, and by the thread that took it). Chunk size 0: each thread computes its own slice
-    alone, nothing is shared. On ggml's threads and the shim's pool (whose caller owns no slice there:
-    it only takes chunks)."""
-    layout = read_moe_layout(moe_model)
-    expected = reference_logits(moe_model)
-    for chunk in (0, 64, 8192, 1 << 20):
-        llm = llamahot.Llama(moe_model, hot_experts=max(1, layout.n_expert // 4), rebalance_interval=8,
-                             slot_device="emulated-gpu", logits_all=True, **LLAMA_KW)
-        assert llm.hot_cache.row_chunk == 8192   # the default
-        llm.hot_cache.set_thread_pool(5.0 if pool else None)
-        llm.hot_cache.set_row_chunk(chunk)
-        llm.hot_cache.set_debug(poison=True, all_threads=True, slow_owner=True)
-        steps = 12
-        assert_bit_identical(expected[: len(llm.tokenize(PROMPT)) + steps], greedy(llm, steps=steps))
-        stats = llm.hot_cache.stats()
-        assert stats["sliced_graphs"] > 0 and (stats["pool_graphs"] > 0) == pool
-        computed = stats["cpu_rows"] * layout.expert_matrix_bytes
-        if chunk == 0:
-            assert stats["shared_row_bytes"] == 0 and stats["row_prefetch_bytes"] == computed
-        else:
-            assert stats["shared_row_bytes"] > 0, "the slow owner's rows were taken by the others"
-            assert computed <= stats["row_prefetch_bytes"] <= computed + stats["shared_row_bytes"]
-        assert_shadow_rows_match(llm, steps=4, all_threads=True, slow_owner=True)
-        llm.close()
-    llm = llamahot.Llama(moe_model, hot_experts=1, slot_device="emulated-gpu", **LLAMA_KW)
-    for bad in (-1, (1 << 20) + 1, 2.0, False):
-        with pytest.raises(ValueError, match="set_row_chunk"):
-            llm.hot_cache.set_row_chunk(bad)
     llm.close()
 
 

@@ -10,8 +10,7 @@ row-sliced node); `pool:MS` (the stops'
 CPU graphs on the shim's own threads, spinning MS ms); `pool-nopf:MS` (the same without the workers'
 prefetch of the cold rows during the GPU submission); `pool-caller:MS` (the caller computes its slice of
 the prefetched rows too); `shim-threads:N` (the stops' graphs on N threads, llama keeping its own);
-`rowpf:BYTES` (the sliced matmuls' threads prefetch BYTES ahead of their rows; 0: off); `rowchunk:BYTES`
-(a thread done with its slice takes chunks of BYTES of the others'; 0: each its own slice alone).
+`rowpf:BYTES` (the sliced matmuls' threads prefetch BYTES ahead of their rows; 0: off).
 Policies: `lru:I` (LRU, a rebalance every I tokens), `decayed:H:M:I` (the decayed policy with half-life
 H tokens and margin M, every I tokens), with modifiers after `+`: `ahead` (planned in the worker), `chunkN` (slot
 copies split into N KiB pieces: do big copies delay the scheduler's small ones?), `threadsN` (llama's
@@ -36,8 +35,8 @@ from bench import breakdown_of, configure, omp_env, probe_parser, static_cpu_pat
 
 # Counters shown per token for each llamahot row (what loads cost, where a stop's time goes).
 PER_TOKEN = ("experts_loaded", "rebalance_ms", "fence_waits", "fence_wait_ms", "redirect_ms", "cpu_compute_ms",
-             "cpu_rows", "cpu_runs", "gpu_submit_ms", "gpu_wait_ms", "shared_row_bytes")
-VARIANTS = "default, nopool, ggml, pool:MS, pool-nopf:MS, pool-caller:MS, shim-threads:N, rowpf:BYTES, rowchunk:BYTES, lru:INTERVAL, decayed:HALF_LIFE:MARGIN:INTERVAL (+ahead, +chunkN, +threadsN)"
+             "cpu_rows", "cpu_runs", "gpu_submit_ms", "gpu_wait_ms")
+VARIANTS = "default, nopool, ggml, pool:MS, pool-nopf:MS, pool-caller:MS, shim-threads:N, rowpf:BYTES, lru:INTERVAL, decayed:HALF_LIFE:MARGIN:INTERVAL (+ahead, +chunkN, +threadsN)"
 
 
 def chunked(copies, piece: int) -> None:
@@ -75,8 +74,6 @@ def setup_variant(llm, variant: str, layout, k: int, threads: int) -> None:
         llm.hot_cache.set_debug(caller_rows=True)
     elif base.startswith("rowpf:"):
         llm.hot_cache.set_row_prefetch(int(base[6:]))
-    elif base.startswith("rowchunk:"):
-        llm.hot_cache.set_row_chunk(int(base[9:]))
     elif base.startswith("lru:"):
         policy, interval = LRU(layout.n_moe_layers, layout.n_expert, k), int(base[4:])
     elif base.startswith("decayed:"):
