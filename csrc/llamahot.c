@@ -1109,16 +1109,9 @@ struct lh_pool_arg {
     int32_t ith;
 };
 
-/* A job: a graph every thread runs its share of (NULL: none, only the final barrier), or a prefetch
- * of the workers' rows of a stop's cold experts, which the caller neither runs nor waits for. */
-#define LH_PREFETCH_MAX 64
+/* A job: a graph every thread runs its share of. */
 struct lh_pool_job {
     struct ggml_cgraph * graph;
-    bool prefetch;
-    bool workers_only;                /* sliced rows on the workers alone (lh_pool_run) */
-    int32_t n_experts;
-    int32_t experts[LH_PREFETCH_MAX];
-    const struct ggml_tensor * weights[LH_PROJ_COUNT];
 };
 
 struct lh_pool {
@@ -1127,10 +1120,8 @@ struct lh_pool {
     struct lh_pool_arg * args;        /* [n - 1] */
     struct lh_ctx * ctx;
     /* Job g is jobs[g % 2], written before generation moves to g. The caller posts a job only after
-     * every thread joined the last graph job, so a slot is not rewritten while a thread may read it:
-     * a prefetch job is always followed by a graph job (lh_pool_settle). */
+     * every thread joined the last one, so a slot is not rewritten while a thread may read it. */
     struct lh_pool_job jobs[2];
-    bool prefetch_open;               /* a prefetch job was posted and no graph job since */
     atomic_llong generation;          /* one more per job */
     atomic_int arrived;
     atomic_llong barrier_generation;
@@ -1254,11 +1245,8 @@ static void lh_ranges_add(struct lh_ranges * r, const struct ggml_tensor * t) {
     r->n++;
 }
 
-/* One thread's share of graph g (nth threads; every thread decides the same barriers). workers_only:
- * the sliced nodes' rows go to the workers alone (ith 1.., as they prefetched them), not the caller,
- * whose cache holds none of them: it would be the last to finish every node. */
-static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgraph * g, int32_t ith, int32_t nth,
-                        bool workers_only) {
+/* One thread's share of graph g (nth threads; every thread decides the same barriers). */
+static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgraph * g, int32_t ith, int32_t nth) {
     struct lh_ranges read = { 0 }, written = { 0 };
     for (int i = 0; g != NULL && i < ggml_graph_n_nodes(g); i++) {
         struct ggml_tensor * t = ggml_graph_node(g, i);
@@ -1277,11 +1265,7 @@ static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgr
             read.n = written.n = 0;
         }
         if (lh_is_sliced(t)) {
-            if (!workers_only) {
-                lh_sliced_mul_mat_id(t, ith, nth, ctx);
-            } else if (ith > 0) {
-                lh_sliced_mul_mat_id(t, ith - 1, nth - 1, ctx);
-            }
+            lh_sliced_mul_mat_id(t, ith, nth, ctx);
         } else if (ith == 0 && !lh_compute_here(ctx, t)) {
             atomic_store(&p->failed, true);
         }
@@ -1293,26 +1277,6 @@ static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgr
         lh_ranges_add(&written, t);
     }
     lh_pool_barrier(p, nth);  /* the caller returns with every row written */
-}
-
-/* Ask for thread ith's rows (of nth) of expert e of w, as lh_sliced_mul_mat_id will read them, into
- * its core's caches ahead of the matmul. */
-static void lh_prefetch_slice(const struct ggml_tensor * w, int32_t e, int32_t ith, int32_t nth) {
-    const char * base = (const char *) w->data + (size_t) e * w->nb[2];
-    const char * end = base + (size_t) (w->ne[1] * (ith + 1) / nth) * w->nb[1];
-    for (const char * q = base + (size_t) (w->ne[1] * ith / nth) * w->nb[1]; q < end; q += LH_ALIGN) {
-        __builtin_prefetch(q, 0, 2);
-    }
-}
-
-static void lh_pool_prefetch_run(const struct lh_pool_job * job, int32_t ith, int32_t nth) {
-    static const int order[LH_PROJ_COUNT] = { LH_PROJ_GATE, LH_PROJ_UP, LH_PROJ_GATE_UP, LH_PROJ_DOWN };  /* as read */
-    for (int p = 0; p < LH_PROJ_COUNT; p++) {
-        const struct ggml_tensor * w = job->weights[order[p]];
-        for (int32_t i = 0; w != NULL && i < job->n_experts; i++) {
-            lh_prefetch_slice(w, job->experts[i], ith, nth);
-        }
-    }
 }
 
 static void * lh_pool_worker(void * arg) {
@@ -1344,12 +1308,7 @@ static void * lh_pool_worker(void * arg) {
             }
         }
         seen = g;
-        const struct lh_pool_job * job = &p->jobs[g & 1];
-        if (job->prefetch) {
-            lh_pool_prefetch_run(job, job->workers_only ? ith - 1 : ith, job->workers_only ? p->n - 1 : p->n);
-        } else {
-            lh_pool_run(p->ctx, p, job->graph, ith, p->n, job->workers_only);
-        }
+        lh_pool_run(p->ctx, p, p->jobs[g & 1].graph, ith, p->n);
     }
 }
 
@@ -1398,12 +1357,9 @@ static struct lh_pool * lh_pool_new(struct lh_ctx * ctx, int32_t n) {
     return p;
 }
 
-static void lh_pool_settle(struct lh_ctx * ctx);
-
 static void lh_pool_post(struct lh_pool * p, const struct lh_pool_job * job) {
     const long long g = atomic_load(&p->generation) + 1;
     p->jobs[g & 1] = *job;
-    p->prefetch_open = job->prefetch;
     atomic_store(&p->generation, g);
     if (atomic_load(&p->sleepers) > 0) {
         pthread_mutex_lock(&p->mutex);
@@ -1412,8 +1368,7 @@ static void lh_pool_post(struct lh_pool * p, const struct lh_pool_job * job) {
     }
 }
 
-/* Run graph g on the pool with nth threads (1: on the caller alone, no thread woken; NULL: none,
- * only a join). */
+/* Run graph g on the pool with nth threads (1: on the caller alone, no thread woken). */
 static bool lh_pool_compute(struct lh_ctx * ctx, struct ggml_cgraph * g, int32_t nth) {
     if (nth > 1 && (ctx->pool == NULL || ctx->pool->n != nth)) {
         lh_pool_free(ctx->pool);
@@ -1425,47 +1380,16 @@ static bool lh_pool_compute(struct lh_ctx * ctx, struct ggml_cgraph * g, int32_t
     }
     struct lh_pool * p = ctx->pool;
     if (nth == 1) {
-        lh_pool_settle(ctx);
         struct lh_pool one = { .n = 1 };
         atomic_init(&one.failed, false);
-        lh_pool_run(ctx, &one, g, 0, 1, false);
+        lh_pool_run(ctx, &one, g, 0, 1);
         return !atomic_load(&one.failed);
     }
     atomic_store(&p->failed, false);
-    const bool workers_only = p->prefetch_open && !(ctx->debug_flags & LH_DEBUG_CALLER_ROWS);
-    lh_pool_post(p, &(struct lh_pool_job) { .graph = g, .workers_only = workers_only });
-    lh_pool_run(ctx, p, g, 0, nth, workers_only);
-    ctx->counters.pool_graphs += g != NULL;
+    lh_pool_post(p, &(struct lh_pool_job) { .graph = g });
+    lh_pool_run(ctx, p, g, 0, nth);
+    ctx->counters.pool_graphs++;
     return !atomic_load(&p->failed);
-}
-
-/* A prefetch job was posted for a stop that then ran no graph on the pool (it failed, or its CPU
- * graph took another way): join the threads with an empty graph job before the next post. */
-static void lh_pool_settle(struct lh_ctx * ctx) {
-    if (ctx->pool != NULL && ctx->pool->prefetch_open) {
-        lh_pool_compute(ctx, NULL, ctx->pool->n);
-    }
-}
-
-/* A single-token stop with cold rows: while the caller builds the graphs and submits the hot part
- * to the GPU, the workers prefetch the rows of the cold experts each will compute (the same slices,
- * with the pool's threads) into their caches. Only when the stop's CPU graph will run on the whole
- * pool; a hint, so it changes no result. */
-static void lh_pool_prefetch(struct lh_ctx * ctx, int32_t layer, const struct lh_entry * cold, int64_t n_cold, int32_t nth) {
-    struct lh_pool * p = ctx->pool;
-    if (p == NULL || p->n != nth || nth < 2 || n_cold > LH_PREFETCH_MAX || (ctx->debug_flags & LH_DEBUG_NO_PREFETCH)) {
-        return;
-    }
-    struct lh_pool_job job = { .prefetch = true, .workers_only = !(ctx->debug_flags & LH_DEBUG_CALLER_ROWS),
-                               .n_experts = (int32_t) n_cold };
-    for (int64_t i = 0; i < n_cold; i++) {
-        job.experts[i] = cold[i].matrix;
-    }
-    for (int q = 0; q < LH_PROJ_COUNT; q++) {
-        job.weights[q] = ctx->layers[layer].weight[q];
-    }
-    lh_pool_post(p, &job);
-    ctx->counters.pool_prefetches++;
 }
 
 /* The end of a redirect: the CPU part (while the GPU part, launched before, runs), the wait for
@@ -2219,10 +2143,6 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         expert_bytes += w ? w->nb[2] : 0;
     }
     const int64_t cpu_rows = n_cold + (hot_on_gpu ? 0 : n_hot);
-    if (hot_on_gpu && one_token && n_cold > 0 && ctx->pool_spin_ns >= 0) {
-        lh_pool_prefetch(ctx, f->layer, ctx->cold, n_cold,
-                         lh_stop_threads(ctx, cpu_rows, (size_t) cpu_rows * expert_bytes, lh_now_ns()));
-    }
     const bool gpu_used = hot_on_gpu || n_dev > 0;
     struct lh_ffn_part hot = {0}, cold = {0}, dev = {0};
     bool ok = true;
@@ -2436,7 +2356,6 @@ static void lh_redirect(struct lh_ctx * ctx, struct ggml_tensor * t, int32_t lay
         fprintf(stderr, "llamahot: could not compute %s (%s); its output is invalid\n", t->name,
                 ctx->error[0] ? ctx->error : "out of memory?");
     }
-    lh_pool_settle(ctx);
     ctx->counters.redirect_ns += lh_now_ns() - start;
 }
 

@@ -49,10 +49,6 @@ enum lh_debug_flags {
                                   layer's persistent one (to measure what the persistent graph saves) */
     LH_DEBUG_GGML_MATMULS = 64, /* benchmarks: ggml's MUL_MAT_ID in single-token CPU graphs, never the
                                    shim's row-sliced node (to measure what the sliced node saves) */
-    LH_DEBUG_NO_PREFETCH = 256, /* benchmarks: the pool's workers do not prefetch a stop's cold rows while
-                                   the caller submits the hot part (to measure what that saves) */
-    LH_DEBUG_CALLER_ROWS = 512, /* benchmarks: after a prefetch, the caller computes its slice of the sliced
-                                   nodes' rows too (by default the workers, who prefetched them, share all) */
     LH_DEBUG_ALL_THREADS = 128, /* tests: every stop's CPU graph on all threads, however little it reads
                                    (small fixtures would otherwise run on one) */
 };
@@ -95,7 +91,6 @@ struct lh_counters {
     int64_t sliced_node_last_in_ns[4];
     int64_t sliced_node_last_out_ns[4];
     int64_t pool_graphs;       /* stops' CPU graphs run on the shim's own threads (lh_set_pool) */
-    int64_t pool_prefetches;   /* ... and stops whose cold rows its workers prefetched during the GPU submission */
     int64_t fence_waits;       /* stops that waited for copies into their layer's slots (lh_set_fence) */
     int64_t row_prefetch_bytes; /* bytes the sliced matmuls' threads prefetched ahead of their rows */
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */

@@ -38,8 +38,6 @@ DEBUG_TIMELINE = lib.LH_DEBUG_TIMELINE
 DEBUG_CALL_GRAPHS = lib.LH_DEBUG_CALL_GRAPHS
 DEBUG_GGML_MATMULS = lib.LH_DEBUG_GGML_MATMULS
 DEBUG_ALL_THREADS = lib.LH_DEBUG_ALL_THREADS
-DEBUG_NO_PREFETCH = lib.LH_DEBUG_NO_PREFETCH
-DEBUG_CALLER_ROWS = lib.LH_DEBUG_CALLER_ROWS
 TIMELINE_CAP = lib.LH_TIMELINE_CAP
 SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
@@ -302,8 +300,7 @@ class HotCache:
     # -- test and benchmark controls -------------------------------------------------------
     def set_debug(self, *, poison: bool = False, shadow: bool = False, per_node: bool = False,
                   skip_compute: bool = False, timeline: bool = False, call_graphs: bool = False,
-                  ggml_matmuls: bool = False, all_threads: bool = False, no_prefetch: bool = False,
-                  caller_rows: bool = False) -> None:
+                  ggml_matmuls: bool = False, all_threads: bool = False) -> None:
         """Test-only checks. poison: NaN-fill redirected outputs before writing them; shadow: let
         llama compute, recompute, compare every row; per_node: redirect each expert matmul on its
         own (the fallback path) instead of each layer's FFN in one stop. For benchmarks:
@@ -312,15 +309,11 @@ class HotCache:
         part's device graph per call instead of using the layer's persistent one (single-token decode
         on a device), to measure what the persistent graph saves; ggml_matmuls: ggml's MUL_MAT_ID in
         single-token CPU graphs instead of the shim's row-sliced node, to measure what that saves;
-        all_threads (tests): every stop's CPU graph on all threads, however little it reads;
-        no_prefetch: the thread pool's workers do not prefetch a stop's cold rows during the GPU
-        submission, to measure what that saves; caller_rows: after that prefetch the caller computes
-        its slice of the rows too (by default the workers share them all)."""
+        all_threads (tests): every stop's CPU graph on all threads, however little it reads."""
         lib.lh_set_debug(self._ctx, (DEBUG_POISON if poison else 0) | (DEBUG_SHADOW if shadow else 0) |
                          (DEBUG_PER_NODE if per_node else 0) | (DEBUG_SKIP_COMPUTE if skip_compute else 0) |
                          (DEBUG_TIMELINE if timeline else 0) | (DEBUG_CALL_GRAPHS if call_graphs else 0) |
-                         (DEBUG_GGML_MATMULS if ggml_matmuls else 0) | (DEBUG_ALL_THREADS if all_threads else 0) |
-                         (DEBUG_NO_PREFETCH if no_prefetch else 0) | (DEBUG_CALLER_ROWS if caller_rows else 0))
+                         (DEBUG_GGML_MATMULS if ggml_matmuls else 0) | (DEBUG_ALL_THREADS if all_threads else 0))
 
     def timeline(self) -> list[tuple[int, int, int, str]]:
         """Callbacks recorded in timeline mode since the last call, oldest first: (time ns, kind
@@ -461,8 +454,6 @@ class HotCache:
             "cold_on_device": self.cold_on_device,
             # Stops' CPU graphs run on the shim's own threads (set_thread_pool).
             "pool_graphs": int(counters.pool_graphs),
-            # ... and stops whose cold rows its workers prefetched while the hot part was submitted.
-            "pool_prefetches": int(counters.pool_prefetches),
             # Bytes the row-sliced matmuls' threads prefetched ahead of their rows (set_row_prefetch).
             "row_prefetch_bytes": int(counters.row_prefetch_bytes),
             "redirect_ms": counters.redirect_ns / 1e6,

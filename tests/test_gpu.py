@@ -54,8 +54,8 @@ def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_
         tokens, logits = greedy_run(llm, STEPS, prompt=CONFIDENT_PROMPT)
         stats = llm.hot_cache.stats()
         assert stats["hits"] > 0 and stats["ffn_redirects"] > 0
-        if k < layout.n_expert:   # cold rows: on the pool, prefetched by its workers during the GPU submission
-            assert (stats["pool_graphs"] > 0 and stats["pool_prefetches"] > 0) == (pool is not None)
+        if k < layout.n_expert:   # cold rows: on the pool when it is on
+            assert (stats["pool_graphs"] > 0) == (pool is not None)
             assert stats["row_prefetch_bytes"] > 0   # the sliced matmuls prefetch ahead of their rows (default)
         # Single-token steps ran the layers' persistent hot graphs (K >= n_expert_used here), whose
         # inputs lie together in CUDA memory and go up in one copy.

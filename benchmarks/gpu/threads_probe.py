@@ -7,9 +7,7 @@ experts in RAM, stock static offload of as many layers as K slots' VRAM, and one
 K (default policy) per variant (its own instance: slots warmed by one row's window must not serve
 another): `default`; `nopool` (the stops' CPU graphs through ggml's OpenMP team); `ggml` (ggml's MUL_MAT_ID in the stops' CPU graphs instead of the shim's
 row-sliced node); `pool:MS` (the stops'
-CPU graphs on the shim's own threads, spinning MS ms); `pool-nopf:MS` (the same without the workers'
-prefetch of the cold rows during the GPU submission); `pool-caller:MS` (the caller computes its slice of
-the prefetched rows too); `shim-threads:N` (the stops' graphs on N threads, llama keeping its own);
+CPU graphs on the shim's own threads, spinning MS ms); `shim-threads:N` (the stops' graphs on N threads, llama keeping its own);
 `rowpf:BYTES` (the sliced matmuls' threads prefetch BYTES ahead of their rows; 0: off).
 Policies: `lru:I` (LRU, a rebalance every I tokens), `decayed:H:M:I` (the decayed policy with half-life
 H tokens and margin M, every I tokens), with modifiers after `+`: `ahead` (planned in the worker), `chunkN` (slot
@@ -36,7 +34,7 @@ from bench import breakdown_of, configure, omp_env, probe_parser, static_cpu_pat
 # Counters shown per token for each llamahot row (what loads cost, where a stop's time goes).
 PER_TOKEN = ("experts_loaded", "rebalance_ms", "fence_waits", "fence_wait_ms", "redirect_ms", "cpu_compute_ms",
              "cpu_rows", "cpu_runs", "gpu_submit_ms", "gpu_wait_ms")
-VARIANTS = "default, nopool, ggml, pool:MS, pool-nopf:MS, pool-caller:MS, shim-threads:N, rowpf:BYTES, lru:INTERVAL, decayed:HALF_LIFE:MARGIN:INTERVAL (+ahead, +chunkN, +threadsN)"
+VARIANTS = "default, nopool, ggml, pool:MS, shim-threads:N, rowpf:BYTES, lru:INTERVAL, decayed:HALF_LIFE:MARGIN:INTERVAL (+ahead, +chunkN, +threadsN)"
 
 
 def chunked(copies, piece: int) -> None:
@@ -66,12 +64,6 @@ def setup_variant(llm, variant: str, layout, k: int, threads: int) -> None:
         llm.hot_cache.set_thread_pool(None)
     elif base.startswith("pool:"):
         llm.hot_cache.set_thread_pool(float(base[5:]))
-    elif base.startswith("pool-nopf:"):
-        llm.hot_cache.set_thread_pool(float(base[10:]))
-        llm.hot_cache.set_debug(no_prefetch=True)
-    elif base.startswith("pool-caller:"):
-        llm.hot_cache.set_thread_pool(float(base[12:]))
-        llm.hot_cache.set_debug(caller_rows=True)
     elif base.startswith("rowpf:"):
         llm.hot_cache.set_row_prefetch(int(base[6:]))
     elif base.startswith("lru:"):
