@@ -4,6 +4,7 @@
  * and in the CPU_REPACK buffer (q4_K_8x8 gemv: what stock llama uses for experts in RAM). Weights warm
  * (one copy, in the caches) or cold (copies rotating through more memory than the L3 holds).
  *
+ *   bash benchmarks/gpu/graph_cost.sh OUT kernel   (on the device), or by hand:
  *   gcc -O2 -std=c11 -Icsrc/vendor/include benchmarks/gpu/kernel_cost.c -L$LIB -lggml-base -lggml-cpu -lggml \
  *       -Wl,-rpath,$LIB -lm -o /tmp/kernel_cost && /tmp/kernel_cost ROWS COPIES REPS THREADS
  * Prints mean / best microseconds per mat-vec and the weight bytes per second; both layouts' first
