@@ -1016,6 +1016,11 @@ static void lh_scatter(const struct ggml_tensor * t, const struct lh_entry * ent
     }
 }
 
+/* The expert a MUL_MAT_ID's ids route its k-th choice of token tok to. */
+static int32_t lh_routed_expert(const struct ggml_tensor * ids, int64_t k, int64_t tok) {
+    return *(const int32_t *) ((const char *) ids->data + k * ids->nb[0] + tok * ids->nb[1]);
+}
+
 /* Split a node's (token, k) entries into hot (expert in a published slot: matrix = slot) and cold
  * (matrix = expert), into ctx->hot / ctx->cold, in (token, k) order: the order in which llama's
  * kernels group each expert's rows. */
@@ -1037,7 +1042,7 @@ static bool lh_split_entries(struct lh_ctx * ctx, const struct ggml_tensor * ids
     int64_t n_hot = 0, n_cold = 0;
     for (int64_t tok = 0; tok < n_tokens; tok++) {
         for (int64_t k = 0; k < n_used; k++) {
-            const int32_t e = *(const int32_t *) ((const char *) ids->data + tok * ids->nb[1] + k * ids->nb[0]);
+            const int32_t e = lh_routed_expert(ids, k, tok);
             const int32_t s = has_slots ? slot_of[e] : -1;
             if (s >= 0) {
                 ctx->hot[n_hot++] = (struct lh_entry) { (int32_t) k, (int32_t) tok, s };
@@ -1109,19 +1114,15 @@ struct lh_pool_arg {
     int32_t ith;
 };
 
-/* A job: a graph every thread runs its share of. */
-struct lh_pool_job {
-    struct ggml_cgraph * graph;
-};
-
 struct lh_pool {
     int32_t n;                        /* threads, the caller (ith 0) included */
     pthread_t * threads;              /* [n - 1] */
     struct lh_pool_arg * args;        /* [n - 1] */
     struct lh_ctx * ctx;
-    /* Job g is jobs[g % 2], written before generation moves to g. The caller posts a job only after
-     * every thread joined the last one, so a slot is not rewritten while a thread may read it. */
-    struct lh_pool_job jobs[2];
+    /* Job g (a graph every thread runs its share of) is jobs[g % 2], written before generation moves
+     * to g. The caller posts a job only after every thread joined the last one, so a slot is not
+     * rewritten while a thread may read it. */
+    struct ggml_cgraph * jobs[2];
     atomic_llong generation;          /* one more per job */
     atomic_int arrived;
     atomic_llong barrier_generation;
@@ -1248,7 +1249,7 @@ static void lh_ranges_add(struct lh_ranges * r, const struct ggml_tensor * t) {
 /* One thread's share of graph g (nth threads; every thread decides the same barriers). */
 static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgraph * g, int32_t ith, int32_t nth) {
     struct lh_ranges read = { 0 }, written = { 0 };
-    for (int i = 0; g != NULL && i < ggml_graph_n_nodes(g); i++) {
+    for (int i = 0; i < ggml_graph_n_nodes(g); i++) {
         struct ggml_tensor * t = ggml_graph_node(g, i);
         if (lh_computes_nothing(t)) {
             continue;
@@ -1308,7 +1309,7 @@ static void * lh_pool_worker(void * arg) {
             }
         }
         seen = g;
-        lh_pool_run(p->ctx, p, p->jobs[g & 1].graph, ith, p->n);
+        lh_pool_run(p->ctx, p, p->jobs[g & 1], ith, p->n);
     }
 }
 
@@ -1357,9 +1358,9 @@ static struct lh_pool * lh_pool_new(struct lh_ctx * ctx, int32_t n) {
     return p;
 }
 
-static void lh_pool_post(struct lh_pool * p, const struct lh_pool_job * job) {
+static void lh_pool_post(struct lh_pool * p, struct ggml_cgraph * graph) {
     const long long g = atomic_load(&p->generation) + 1;
-    p->jobs[g & 1] = *job;
+    p->jobs[g & 1] = graph;
     atomic_store(&p->generation, g);
     if (atomic_load(&p->sleepers) > 0) {
         pthread_mutex_lock(&p->mutex);
@@ -1386,7 +1387,7 @@ static bool lh_pool_compute(struct lh_ctx * ctx, struct ggml_cgraph * g, int32_t
         return !atomic_load(&one.failed);
     }
     atomic_store(&p->failed, false);
-    lh_pool_post(p, &(struct lh_pool_job) { .graph = g });
+    lh_pool_post(p, g);
     lh_pool_run(ctx, p, g, 0, nth);
     ctx->counters.pool_graphs++;
     return !atomic_load(&p->failed);
@@ -1678,15 +1679,6 @@ static struct ggml_tensor * lh_dev_copy(struct lh_ctx * ctx, const struct ggml_t
     return dev;
 }
 
-/* Single-token decode on the CPU: every expert has one row, so ggml's MUL_MAT_ID computes each
- * output element with one vec_dot of the input row quantized by from_float (its tiled kernels start
- * at 8 rows per expert). This node computes the same elements with the same two functions, but each
- * thread quantizes the input rows itself and takes one slice of rows of every expert: no barrier
- * inside the node (ggml's threads quantize the input together, then wait for each other). Same
- * kernels on the same operands: the same floats, bit for bit. Alone it saves 4-25 us of a 1-row
- * graph on the H100 machine; in the decode the gain is within noise (docs/NOTES.md, session 10).
- * dst is [rows of w, ids->ne[0], ids->ne[1]] as ggml_mul_mat_id's. Each thread also stamps its
- * first entry into a sliced node of the graph (thread_in): how long the team took to start. */
 /* A thread's rows of a sliced node, expert after expert, as one stream of bytes that a cursor prefetches
  * ahead of the rows being computed: the hardware prefetchers stop at every 4 KiB page and at every
  * expert, and a cold row waits for memory (on the H100 VM 4 KiB ahead made cold 1-8 row FFNs as fast as
@@ -1717,6 +1709,15 @@ static void lh_row_stream_advance(struct lh_row_stream * s, size_t bytes) {
     }
 }
 
+/* Single-token decode on the CPU: every expert has one row, so ggml's MUL_MAT_ID computes each
+ * output element with one vec_dot of the input row quantized by from_float (its tiled kernels start
+ * at 8 rows per expert). This node computes the same elements with the same two functions, but each
+ * thread quantizes the input rows itself and takes one slice of rows of every expert: no barrier
+ * inside the node (ggml's threads quantize the input together, then wait for each other). Same
+ * kernels on the same operands: the same floats, bit for bit. Alone it saves 4-25 us of a 1-row
+ * graph on the H100 machine; in the decode the gain is within noise (docs/NOTES.md, session 10).
+ * dst is [rows of w, ids->ne[0], ids->ne[1]] as ggml_mul_mat_id's. Each thread also stamps its
+ * first entry into a sliced node of the graph (thread_in): how long the team took to start. */
 static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     struct lh_ctx * ctx = (struct lh_ctx *) userdata;
     const bool timed = ith < LH_MAX_TIMED_THREADS;
@@ -1758,7 +1759,7 @@ static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, voi
     if (ahead > 0 && r1 > r0 && ids->ne[0] * ids->ne[1] <= LH_PF_SEGMENTS) {
         for (int64_t t = 0; t < ids->ne[1]; t++) {
             for (int64_t i = 0; i < ids->ne[0]; i++) {
-                const int32_t e = *(const int32_t *) ((const char *) ids->data + i * ids->nb[0] + t * ids->nb[1]);
+                const int32_t e = lh_routed_expert(ids, i, t);
                 pf.base[pf.n] = (const char *) w->data + e * w->nb[2] + r0 * row_bytes;
                 pf.len[pf.n++] = (size_t) (r1 - r0) * row_bytes;
             }
@@ -1767,7 +1768,7 @@ static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, voi
     }
     for (int64_t t = 0; t < ids->ne[1]; t++) {
         for (int64_t i = 0; i < ids->ne[0]; i++) {
-            const int32_t e = *(const int32_t *) ((const char *) ids->data + i * ids->nb[0] + t * ids->nb[1]);
+            const int32_t e = lh_routed_expert(ids, i, t);
             const char * x = q + (size_t) (i % b->ne[1] + t * b->ne[1]) * q_row;
             const char * m = (const char *) w->data + e * w->nb[2];
             float * out = (float *) ((char *) dst->data + i * dst->nb[1] + t * dst->nb[2]);
@@ -1813,14 +1814,12 @@ static struct ggml_tensor * lh_part_mul_mat_id(struct lh_ctx * ctx, struct ggml_
                           GGML_N_TASKS_MAX, ctx);
 }
 
-/* A part's staging layout (see lh_ffn_part): three uploads at lh_pad steps, unless lh_part_one_upload
- * set the device's. */
+/* A part's staging layout for three uploads at lh_pad steps (see lh_ffn_part). */
 static void lh_part_stage_layout(struct lh_ffn_part * part) {
-    if (!part->one_upload) {
-        part->ids_at = lh_pad(ggml_nbytes(part->b));
-        part->experts_at = part->ids_at + lh_pad(ggml_nbytes(part->ids));
-        part->inputs_bytes = part->experts_at + lh_pad(ggml_nbytes(part->experts));
-    }
+    part->one_upload = false;
+    part->ids_at = lh_pad(ggml_nbytes(part->b));
+    part->experts_at = part->ids_at + lh_pad(ggml_nbytes(part->ids));
+    part->inputs_bytes = part->experts_at + lh_pad(ggml_nbytes(part->experts));
 }
 
 /* An allocated part whose b, ids and experts lie one after another in one device buffer: stage them in
@@ -1915,7 +1914,6 @@ static bool lh_ffn_build_part(struct lh_ctx * ctx, struct ggml_context * g, cons
         return false;
     }
     ggml_set_output(part->out);
-    part->one_upload = false;
     lh_part_stage_layout(part);
     return true;
 }
@@ -2137,12 +2135,6 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
             }
         }
     }
-    size_t expert_bytes = 0;
-    for (int p = 0; p < LH_PROJ_COUNT; p++) {
-        const struct ggml_tensor * w = ctx->layers[f->layer].weight[p];
-        expert_bytes += w ? w->nb[2] : 0;
-    }
-    const int64_t cpu_rows = n_cold + (hot_on_gpu ? 0 : n_hot);
     const bool gpu_used = hot_on_gpu || n_dev > 0;
     struct lh_ffn_part hot = {0}, cold = {0}, dev = {0};
     bool ok = true;
@@ -2227,6 +2219,12 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
                   (int32_t *) hot.experts->data);
         hot_out_rows = (float *) hot.out->data;
     }
+    size_t expert_bytes = 0;
+    for (int p = 0; p < LH_PROJ_COUNT; p++) {
+        const struct ggml_tensor * w = ctx->layers[f->layer].weight[p];
+        expert_bytes += w ? w->nb[2] : 0;
+    }
+    const int64_t cpu_rows = n_cold + (hot_on_gpu ? 0 : n_hot);
     ok = lh_finish(ctx, d, cpu_graph, gpu_used, cpu_rows, (size_t) cpu_rows * expert_bytes, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
                    n_hot, hot_out_rows, n_dev, dev_out_rows, dst);
     ggml_free(g);
@@ -2252,7 +2250,7 @@ static void lh_count_routing(struct lh_ctx * ctx, const struct ggml_tensor * t, 
     int64_t hits = 0;
     for (int64_t tok = 0; tok < n_tokens; tok++) {
         for (int64_t k = 0; k < n_used; k++) {
-            const int32_t e = *(const int32_t *) ((const char *) ids->data + tok * ids->nb[1] + k * ids->nb[0]);
+            const int32_t e = lh_routed_expert(ids, k, tok);
             if (e >= 0 && e < ctx->n_expert) {
                 row[e]++;
                 last[e] = ctx->ubatch_base + tok + 1;

@@ -61,3 +61,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def assert_one_input_copy_per_persistent_run(stats: dict) -> None:
+    """A persistent hot graph's inputs (rows, slot ids, expert ids) lie together on the device and go up
+    in one copy; a graph built for the call takes one copy per input (two, or three with biases)."""
+    built = stats["gpu_runs"] - stats["persistent_gpu_runs"]
+    assert stats["persistent_gpu_runs"] + 2 * built <= stats["gpu_input_copies"] <= \
+        stats["persistent_gpu_runs"] + 3 * built

@@ -14,7 +14,7 @@ import pytest
 import llamahot
 from llamahot.model_info import read_moe_layout
 
-from conftest import LLAMA_KW
+from conftest import LLAMA_KW, assert_one_input_copy_per_persistent_run
 from test_redirect import PROMPT, assert_bit_identical, assert_shadow_rows_match, greedy, no_open_mutations
 
 STEPS = 64
@@ -60,11 +60,7 @@ def test_device_path_bit_identical(moe_model, per_node):
         elif k >= layout.n_expert_used:
             assert 0 < stats["persistent_gpu_runs"] and \
                 stats["gpu_runs"] - stats["persistent_gpu_runs"] <= layout.n_moe_layers
-        # A persistent graph's inputs (rows, slot ids, expert ids) lie together on the device and go up
-        # in one copy; a graph built for the call takes one copy per input (two, or three with biases).
-        built = stats["gpu_runs"] - stats["persistent_gpu_runs"]
-        assert stats["persistent_gpu_runs"] + 2 * built <= stats["gpu_input_copies"] <= \
-            stats["persistent_gpu_runs"] + 3 * built
+        assert_one_input_copy_per_persistent_run(stats)
         llm.close()
 
 
