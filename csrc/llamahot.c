@@ -1123,6 +1123,8 @@ struct lh_pool {
      * to g. The caller posts a job only after every thread joined the last one, so a slot is not
      * rewritten while a thread may read it. */
     struct ggml_cgraph * jobs[2];
+    bool late_caller[2];              /* the job's rows on the workers alone (lh_pool_start_early) */
+    atomic_int workers_done;          /* workers done with a late-caller job */
     atomic_llong generation;          /* one more per job */
     atomic_int arrived;
     atomic_llong barrier_generation;
@@ -1246,8 +1248,18 @@ static void lh_ranges_add(struct lh_ranges * r, const struct ggml_tensor * t) {
     r->n++;
 }
 
-/* One thread's share of graph g (nth threads; every thread decides the same barriers). */
-static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgraph * g, int32_t ith, int32_t nth) {
+/* One thread's share of graph g (nth threads; every thread decides the same barriers). late_caller:
+ * the caller (ith 0) is busy submitting the GPU part when the job starts, so the workers share the
+ * rows and the element-wise nodes go to the first worker; the caller only waits for them at the end. */
+static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgraph * g, int32_t ith, int32_t nth,
+                        bool late_caller) {
+    if (late_caller && ith == 0) {
+        while (atomic_load(&p->workers_done) < nth - 1) {
+            lh_cpu_relax();
+        }
+        return;
+    }
+    const int32_t me = late_caller ? ith - 1 : ith, team = late_caller ? nth - 1 : nth;
     struct lh_ranges read = { 0 }, written = { 0 };
     for (int i = 0; i < ggml_graph_n_nodes(g); i++) {
         struct ggml_tensor * t = ggml_graph_node(g, i);
@@ -1262,12 +1274,12 @@ static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgr
             meet = t->src[s] != NULL && lh_ranges_meet(&written, t->src[s]);
         }
         if (meet) {
-            lh_pool_barrier(p, nth);
+            lh_pool_barrier(p, team);
             read.n = written.n = 0;
         }
         if (lh_is_sliced(t)) {
-            lh_sliced_mul_mat_id(t, ith, nth, ctx);
-        } else if (ith == 0 && !lh_compute_here(ctx, t)) {
+            lh_sliced_mul_mat_id(t, me, team, ctx);
+        } else if (me == 0 && !lh_compute_here(ctx, t)) {
             atomic_store(&p->failed, true);
         }
         for (int s = 0; s < GGML_MAX_SRC; s++) {
@@ -1277,7 +1289,11 @@ static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgr
         }
         lh_ranges_add(&written, t);
     }
-    lh_pool_barrier(p, nth);  /* the caller returns with every row written */
+    if (late_caller) {
+        atomic_fetch_add(&p->workers_done, 1);  /* every row this worker wrote is before this */
+    } else {
+        lh_pool_barrier(p, nth);  /* the caller returns with every row written */
+    }
 }
 
 static void * lh_pool_worker(void * arg) {
@@ -1309,7 +1325,7 @@ static void * lh_pool_worker(void * arg) {
             }
         }
         seen = g;
-        lh_pool_run(p->ctx, p, p->jobs[g & 1], ith, p->n);
+        lh_pool_run(p->ctx, p, p->jobs[g & 1], ith, p->n, p->late_caller[g & 1]);
     }
 }
 
@@ -1358,9 +1374,12 @@ static struct lh_pool * lh_pool_new(struct lh_ctx * ctx, int32_t n) {
     return p;
 }
 
-static void lh_pool_post(struct lh_pool * p, struct ggml_cgraph * graph) {
+static void lh_pool_post(struct lh_pool * p, struct ggml_cgraph * graph, bool late_caller) {
     const long long g = atomic_load(&p->generation) + 1;
     p->jobs[g & 1] = graph;
+    p->late_caller[g & 1] = late_caller;
+    atomic_store(&p->failed, false);
+    atomic_store(&p->workers_done, 0);
     atomic_store(&p->generation, g);
     if (atomic_load(&p->sleepers) > 0) {
         pthread_mutex_lock(&p->mutex);
@@ -1369,44 +1388,89 @@ static void lh_pool_post(struct lh_pool * p, struct ggml_cgraph * graph) {
     }
 }
 
-/* Run graph g on the pool with nth threads (1: on the caller alone, no thread woken). */
-static bool lh_pool_compute(struct lh_ctx * ctx, struct ggml_cgraph * g, int32_t nth) {
-    if (nth > 1 && (ctx->pool == NULL || ctx->pool->n != nth)) {
+/* The pool with nth threads (nth > 1), started or restarted on first use. */
+static struct lh_pool * lh_pool_get(struct lh_ctx * ctx, int32_t nth) {
+    if (ctx->pool == NULL || ctx->pool->n != nth) {
         lh_pool_free(ctx->pool);
         ctx->pool = lh_pool_new(ctx, nth);
         if (ctx->pool == NULL) {
             lh_error(ctx, "could not start %d threads for the stops' CPU graphs", nth);
-            return false;
         }
     }
-    struct lh_pool * p = ctx->pool;
+    return ctx->pool;
+}
+
+/* Run graph g on the pool with nth threads (1: on the caller alone, no thread woken). */
+static bool lh_pool_compute(struct lh_ctx * ctx, struct ggml_cgraph * g, int32_t nth) {
     if (nth == 1) {
         struct lh_pool one = { .n = 1 };
         atomic_init(&one.failed, false);
-        lh_pool_run(ctx, &one, g, 0, 1);
+        lh_pool_run(ctx, &one, g, 0, 1, false);
         return !atomic_load(&one.failed);
     }
-    atomic_store(&p->failed, false);
-    lh_pool_post(p, g);
-    lh_pool_run(ctx, p, g, 0, nth);
+    struct lh_pool * p = lh_pool_get(ctx, nth);
+    if (p == NULL) {
+        return false;
+    }
+    lh_pool_post(p, g, false);
+    lh_pool_run(ctx, p, g, 0, nth, false);
     ctx->counters.pool_graphs++;
     return !atomic_load(&p->failed);
 }
 
-/* The end of a redirect: the CPU part (while the GPU part, launched before, runs), the wait for
+/* Whether a stop's CPU graph of `rows` rows reading `weight_bytes` runs on the pool, and on how many
+ * threads (0: not on the pool). */
+static int32_t lh_pool_threads(struct lh_ctx * ctx, struct ggml_cgraph * g, int64_t rows, size_t weight_bytes) {
+    if (ctx->pool_spin_ns < 0 || ggml_graph_n_nodes(g) == 0 || !lh_poolable(g)) {
+        return 0;
+    }
+    return lh_stop_threads(ctx, rows, weight_bytes, lh_now_ns());
+}
+
+/* A stop with a GPU part: its cold rows start on the pool's workers before the caller submits the GPU
+ * part (~15 us a stop on the H100 machine, during which the workers would only spin), and the caller
+ * joins them in lh_finish. The rows are bound by memory, so the caller's share is not missed. Returns
+ * the threads (0: not started; the graph runs in lh_finish as usual). */
+static int32_t lh_pool_start_early(struct lh_ctx * ctx, struct ggml_cgraph * g, int64_t rows, size_t weight_bytes) {
+    if (ctx->debug_flags & LH_DEBUG_COLD_AFTER_SUBMIT) {
+        return 0;
+    }
+    const int32_t nth = lh_pool_threads(ctx, g, rows, weight_bytes);
+    struct lh_pool * p = nth > 1 ? lh_pool_get(ctx, nth) : NULL;
+    if (p == NULL) {
+        return 0;
+    }
+    ctx->graph_seq++;
+    ctx->graph_t0_ns = lh_now_ns();
+    lh_pool_post(p, g, true);
+    return nth;
+}
+
+/* The end of a redirect: the CPU part (while the GPU part, launched before, runs; early_threads > 0:
+ * already started on the pool by lh_pool_start_early, so only joined here, whatever ok), the wait for
  * the GPU, then every row scattered into dst in t's layout. */
 static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct ggml_cgraph * cpu_graph, bool gpu_used,
-                      int64_t cpu_rows, size_t cpu_weight_bytes, int64_t t0, bool ok, int64_t n_cold, const float * cold_rows,
+                      int64_t cpu_rows, size_t cpu_weight_bytes, int64_t t0, bool ok, int32_t early_threads,
+                      int64_t n_cold, const float * cold_rows,
                       int64_t n_hot, const float * hot_rows, int64_t n_dev, const float * dev_rows, char * dst) {
-    if (ok && ggml_graph_n_nodes(cpu_graph) > 0) {
-        const int32_t n_threads = lh_stop_threads(ctx, cpu_rows, cpu_weight_bytes, t0);
-        ggml_backend_cpu_set_n_threads(ctx->cpu, n_threads);
-        ctx->graph_seq++;
-        ctx->graph_t0_ns = lh_now_ns();
-        if (ctx->pool_spin_ns >= 0 && lh_poolable(cpu_graph)) {
-            ok = lh_pool_compute(ctx, cpu_graph, n_threads);
+    if (early_threads > 0 || (ok && ggml_graph_n_nodes(cpu_graph) > 0)) {
+        int32_t n_threads = early_threads;
+        if (early_threads > 0) {
+            lh_pool_run(ctx, ctx->pool, cpu_graph, 0, early_threads, true);
+            ok = ok && !atomic_load(&ctx->pool->failed);
+            t0 = ctx->graph_t0_ns;
+            ctx->counters.pool_graphs++;
+            ctx->counters.early_pool_graphs++;
         } else {
-            ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
+            n_threads = lh_stop_threads(ctx, cpu_rows, cpu_weight_bytes, t0);
+            ggml_backend_cpu_set_n_threads(ctx->cpu, n_threads);
+            ctx->graph_seq++;
+            ctx->graph_t0_ns = lh_now_ns();
+            if (ctx->pool_spin_ns >= 0 && lh_poolable(cpu_graph)) {
+                ok = lh_pool_compute(ctx, cpu_graph, n_threads);
+            } else {
+                ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
+            }
         }
         lh_count_sliced_graph(ctx, n_threads);
         ctx->counters.cpu_runs++;
@@ -1517,7 +1581,7 @@ static bool lh_compute_node(struct lh_ctx * ctx, const struct ggml_tensor * t, i
         t0 = t1;
     }
     const int64_t cpu_rows = n_cold + (hot_on_gpu ? 0 : n_hot);
-    ok = lh_finish(ctx, t, cpu_graph, hot_on_gpu, cpu_rows, (size_t) cpu_rows * w->nb[2], t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
+    ok = lh_finish(ctx, t, cpu_graph, hot_on_gpu, cpu_rows, (size_t) cpu_rows * w->nb[2], t0, ok, 0, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
                    n_hot, hot_out_rows, 0, NULL, dst);
     ggml_free(g);
     return ok;
@@ -2157,9 +2221,26 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         return false;
     }
 
+    float * hot_out_rows = NULL, * dev_out_rows = NULL;
+    if (n_cold > 0) {
+        lh_gather(f->input, ctx->cold, n_cold, one_token, NULL, (float *) cold.b->data, (int32_t *) cold.ids->data,
+                  (int32_t *) cold.experts->data);  /* experts: NULL if no bias uses them */
+    }
+    if (n_hot > 0 && !hot_on_gpu) {
+        lh_gather(f->input, ctx->hot, n_hot, one_token, expert_of, (float *) hot.b->data, (int32_t *) hot.ids->data,
+                  (int32_t *) hot.experts->data);
+        hot_out_rows = (float *) hot.out->data;
+    }
+    size_t expert_bytes = 0;
+    for (int p = 0; p < LH_PROJ_COUNT; p++) {
+        const struct ggml_tensor * w = ctx->layers[f->layer].weight[p];
+        expert_bytes += w ? w->nb[2] : 0;
+    }
+    const int64_t cpu_rows = n_cold + (hot_on_gpu ? 0 : n_hot);
+    /* With a GPU part, the cold rows start first, on the pool's workers (lh_pool_start_early). */
+    const int32_t early_threads = gpu_used ? lh_pool_start_early(ctx, cpu_graph, cpu_rows, (size_t) cpu_rows * expert_bytes) : 0;
     /* GPU part first: gather into staging (the hot part's, then the device cold part's), upload,
      * launch, download, all asynchronous. */
-    float * hot_out_rows = NULL, * dev_out_rows = NULL;
     int64_t t0 = lh_now_ns();
     if (gpu_used) {
         const struct lh_ffn_part * hot_part = persistent ? &persistent->part : &hot;
@@ -2167,6 +2248,9 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         const size_t hot_bytes = hot_on_gpu ? lh_part_stage_bytes(hot_part, n_hot, hot_rows) : 0;
         char * stage = (char *) lh_staging(ctx, hot_bytes + (n_dev > 0 ? lh_part_stage_bytes(&dev, n_dev, n_dev) : 0));
         if (stage == NULL) {
+            if (early_threads > 0) {
+                lh_pool_run(ctx, ctx->pool, cpu_graph, 0, early_threads, true);  /* join before g goes */
+            }
             ggml_free(g);
             return false;
         }
@@ -2210,22 +2294,7 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         ctx->counters.gpu_submit_ns += t1 - t0;
         t0 = t1;
     }
-    if (n_cold > 0) {
-        lh_gather(f->input, ctx->cold, n_cold, one_token, NULL, (float *) cold.b->data, (int32_t *) cold.ids->data,
-                  (int32_t *) cold.experts->data);  /* experts: NULL if no bias uses them */
-    }
-    if (n_hot > 0 && !hot_on_gpu) {
-        lh_gather(f->input, ctx->hot, n_hot, one_token, expert_of, (float *) hot.b->data, (int32_t *) hot.ids->data,
-                  (int32_t *) hot.experts->data);
-        hot_out_rows = (float *) hot.out->data;
-    }
-    size_t expert_bytes = 0;
-    for (int p = 0; p < LH_PROJ_COUNT; p++) {
-        const struct ggml_tensor * w = ctx->layers[f->layer].weight[p];
-        expert_bytes += w ? w->nb[2] : 0;
-    }
-    const int64_t cpu_rows = n_cold + (hot_on_gpu ? 0 : n_hot);
-    ok = lh_finish(ctx, d, cpu_graph, gpu_used, cpu_rows, (size_t) cpu_rows * expert_bytes, t0, ok, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
+    ok = lh_finish(ctx, d, cpu_graph, gpu_used, cpu_rows, (size_t) cpu_rows * expert_bytes, t0, ok, early_threads, n_cold, n_cold > 0 ? (const float *) cold.out->data : NULL,
                    n_hot, hot_out_rows, n_dev, dev_out_rows, dst);
     ggml_free(g);
     return ok;

@@ -51,6 +51,9 @@ enum lh_debug_flags {
                                    shim's row-sliced node (to measure what the sliced node saves) */
     LH_DEBUG_ALL_THREADS = 128, /* tests: every stop's CPU graph on all threads, however little it reads
                                    (small fixtures would otherwise run on one) */
+    LH_DEBUG_COLD_AFTER_SUBMIT = 256, /* benchmarks: a stop's cold rows start on the shim's threads only
+                                         after the hot part is submitted to the GPU, the caller computing
+                                         its share (to measure what starting them first saves) */
 };
 
 /* Callbacks timeline mode keeps (a ring of the latest). */
@@ -91,6 +94,8 @@ struct lh_counters {
     int64_t sliced_node_last_in_ns[4];
     int64_t sliced_node_last_out_ns[4];
     int64_t pool_graphs;       /* stops' CPU graphs run on the shim's own threads (lh_set_pool) */
+    int64_t early_pool_graphs; /* ... of which started before the hot part's GPU submission: the workers
+                                  compute the cold rows while the caller submits */
     int64_t fence_waits;       /* stops that waited for copies into their layer's slots (lh_set_fence) */
     int64_t row_prefetch_bytes; /* bytes the sliced matmuls' threads prefetched ahead of their rows */
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
@@ -98,7 +103,8 @@ struct lh_counters {
     int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */
     /* Where the time of redirected nodes goes (nanoseconds, CLOCK_MONOTONIC). */
     int64_t redirect_ns;       /* all of it: split, launch, compute, wait, scatter */
-    int64_t cpu_compute_ns;    /* the shim's CPU graph (cold part; hot part too on host slots) */
+    int64_t cpu_compute_ns;    /* the shim's CPU graph (cold part; hot part too on host slots); an early
+                                  pool graph's includes the GPU submission made meanwhile */
     int64_t gpu_submit_ns;     /* uploading inputs and launching the hot part on the GPU */
     int64_t gpu_wait_ns;       /* waiting for the GPU after the CPU part finished */
     int64_t fence_wait_ns;     /* waiting for slot copies before a stop reads its slots (in redirect_ns) */

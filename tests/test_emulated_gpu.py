@@ -315,9 +315,10 @@ def test_sliced_matmuls_prefetch_their_rows_ahead(moe_model):
 @pytest.mark.parametrize("spin_ms", [0.0, 5.0], ids=["sleep-at-once", "spin"])
 def test_single_token_stops_on_the_shims_own_threads(moe_model, spin_ms):
     """set_thread_pool: single-token stops run their CPU graphs (sliced matmuls, then the GLU and other
-    element-wise nodes on the caller with ggml's code) on the shim's own threads: logits bit-identical
+    element-wise nodes on one thread with ggml's code) on the shim's own threads: logits bit-identical
     with poison, every row identical to llama's at node level, on 1 and 2 threads; off again, ggml's
-    graph compute takes over."""
+    graph compute takes over. A stop with a GPU part starts its cold rows on the workers before the
+    caller submits that part (early); the same bits when they start after it (cold_after_submit)."""
     layout = read_moe_layout(moe_model)
     expected = reference_logits(moe_model)
     llm = llamahot.Llama(moe_model, hot_experts=max(1, layout.n_expert // 4), rebalance_interval=8,
@@ -329,6 +330,14 @@ def test_single_token_stops_on_the_shims_own_threads(moe_model, spin_ms):
     # Every CPU graph here is a single-token stop's cold part (the prompt ran before the slots existed).
     assert stats["cpu_runs"] > 0 and stats["pool_graphs"] == stats["cpu_runs"]
     assert stats["sliced_graphs"] == stats["cpu_runs"]
+    # Those with a hot part on the device started before its submission (the others have no GPU part).
+    assert 0 < stats["early_pool_graphs"] <= stats["pool_graphs"]
+    # The cold rows after the submission, the caller computing its share: the same bits.
+    llm.hot_cache.set_debug(poison=True, all_threads=True, cold_after_submit=True)
+    llm.hot_cache.reset()
+    assert_bit_identical(expected[: len(llm.tokenize(PROMPT)) + 16], greedy(llm, steps=16))
+    stats = llm.hot_cache.stats()
+    assert stats["pool_graphs"] > 0 and stats["early_pool_graphs"] == 0
     # A CPU graph that takes ggml's way (its matmuls not sliced) does not run on the pool.
     llm.hot_cache.set_debug(poison=True, all_threads=True, ggml_matmuls=True)
     llm.hot_cache.reset()
