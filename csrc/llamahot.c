@@ -2140,6 +2140,7 @@ static float * lh_upload_part(struct lh_ctx * ctx, const struct lh_ffn_part * pa
 /* Compute the down node's output (the layer's expert FFN per (token, k)) into dst: hot rows from
  * the slots (launched first when on the GPU), cold rows from the original weights on the CPU. */
 static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * dst) {
+    const int64_t setup_start = lh_now_ns();
     const struct ggml_tensor * d = f->down;
     const struct ggml_tensor * ids = d->src[2];
     const int64_t n_tokens = ids->ne[1];
@@ -2237,6 +2238,7 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         expert_bytes += w ? w->nb[2] : 0;
     }
     const int64_t cpu_rows = n_cold + (hot_on_gpu ? 0 : n_hot);
+    ctx->counters.stop_setup_ns += lh_now_ns() - setup_start;
     /* With a GPU part, the cold rows start first, on the pool's workers (lh_pool_start_early). */
     const int32_t early_threads = gpu_used ? lh_pool_start_early(ctx, cpu_graph, cpu_rows, (size_t) cpu_rows * expert_bytes) : 0;
     /* GPU part first: gather into staging (the hot part's, then the device cold part's), upload,

@@ -108,6 +108,8 @@ struct lh_counters {
     int64_t gpu_submit_ns;     /* uploading inputs and launching the hot part on the GPU */
     int64_t gpu_wait_ns;       /* waiting for the GPU after the CPU part finished */
     int64_t fence_wait_ns;     /* waiting for slot copies before a stop reads its slots (in redirect_ns) */
+    int64_t stop_setup_ns;     /* a layer's stop before its GPU part or CPU graph starts: split, fence,
+                                  graphs built and allocated, inputs gathered (in redirect_ns) */
     /* The stops' CPU graphs by their number of (token, k) rows (index 8: 8 or more) and the time
      * they took: what a graph costs whatever its size, and what each row adds. */
     int64_t cpu_runs_by_rows[9];

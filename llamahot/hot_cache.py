@@ -471,6 +471,8 @@ class HotCache:
             # Stops that waited for copies into their slots to land, and how long (in redirect_ms).
             "fence_waits": int(counters.fence_waits),
             "fence_wait_ms": counters.fence_wait_ns / 1e6,
+            # A layer's stop before its GPU part or CPU graph starts (split, graphs, gathers; in redirect_ms).
+            "stop_setup_ms": counters.stop_setup_ns / 1e6,
             "expert_weights_found": int(counters.weights_known),
             "hits": hits,
             "misses": misses,

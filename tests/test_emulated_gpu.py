@@ -332,6 +332,7 @@ def test_single_token_stops_on_the_shims_own_threads(moe_model, spin_ms):
     assert stats["sliced_graphs"] == stats["cpu_runs"]
     # Those with a hot part on the device started before its submission (the others have no GPU part).
     assert 0 < stats["early_pool_graphs"] <= stats["pool_graphs"]
+    assert 0 < stats["stop_setup_ms"] < stats["redirect_ms"]   # split, graphs, gathers: part of each stop
     # The cold rows after the submission, the caller computing its share: the same bits.
     llm.hot_cache.set_debug(poison=True, all_threads=True, cold_after_submit=True)
     llm.hot_cache.reset()

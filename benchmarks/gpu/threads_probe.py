@@ -33,7 +33,7 @@ from llamahot.policy import LRU, DecayedFrequency
 from bench import breakdown_of, configure, omp_env, probe_parser, static_cpu_pattern, static_layers_for
 
 # Counters shown per token for each llamahot row (what loads cost, where a stop's time goes).
-PER_TOKEN = ("experts_loaded", "rebalance_ms", "fence_waits", "fence_wait_ms", "redirect_ms", "cpu_compute_ms",
+PER_TOKEN = ("experts_loaded", "rebalance_ms", "fence_waits", "fence_wait_ms", "redirect_ms", "stop_setup_ms", "cpu_compute_ms",
              "cpu_rows", "cpu_runs", "early_pool_graphs", "gpu_submit_ms", "gpu_wait_ms")
 VARIANTS = "default, nopool, ggml, cold-after-submit, pool:MS, shim-threads:N, rowpf:BYTES, lru:INTERVAL, decayed:HALF_LIFE:MARGIN:INTERVAL (+ahead, +chunkN, +threadsN)"
 
