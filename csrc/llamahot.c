@@ -1101,56 +1101,6 @@ static void lh_count_sliced_graph(struct lh_ctx * ctx, int32_t n_threads) {
     }
 }
 
-/* A thread's rows of a sliced node, expert after expert, as one stream of bytes that a cursor prefetches
- * ahead of the rows being computed: the hardware prefetchers stop at every 4 KiB page and at every
- * expert, and a cold row waits for memory (on the H100 VM 4 KiB ahead made cold 1-8 row FFNs as fast as
- * warm ones, benchmarks/RESULTS.md, session 12). */
-enum { LH_PF_SEGMENTS = 64 };
-struct lh_row_stream {
-    const char * base[LH_PF_SEGMENTS];
-    size_t len[LH_PF_SEGMENTS];
-    int n, seg;
-    size_t off;
-    int64_t bytes;   /* prefetched so far */
-};
-
-static void lh_row_stream_advance(struct lh_row_stream * s, size_t bytes) {
-    while (bytes > 0 && s->seg < s->n) {
-        const size_t room = s->len[s->seg] - s->off, step = bytes < room ? bytes : room;
-        const char * p = s->base[s->seg] + s->off;
-        for (size_t at = 0; at < step; at += 64) {
-            __builtin_prefetch(p + at, 0, 3);
-        }
-        s->off += step;
-        s->bytes += (int64_t) step;
-        bytes -= step;
-        if (s->off == s->len[s->seg]) {
-            s->seg++;
-            s->off = 0;
-        }
-    }
-}
-
-/* Thread ith's (of nth) slice of rows of every expert that sliced node dst reads, in the order it
- * computes them (empty if it has no rows, or too many experts to list). */
-static void lh_row_stream_init(struct lh_row_stream * s, const struct ggml_tensor * dst, int ith, int nth) {
-    const struct ggml_tensor * w = dst->src[0], * ids = dst->src[2];
-    const int64_t r0 = w->ne[1] * ith / nth, r1 = w->ne[1] * (ith + 1) / nth;
-    s->n = s->seg = 0;
-    s->off = 0;
-    s->bytes = 0;
-    if (r1 <= r0 || ids->ne[0] * ids->ne[1] > LH_PF_SEGMENTS) {
-        return;
-    }
-    for (int64_t t = 0; t < ids->ne[1]; t++) {
-        for (int64_t i = 0; i < ids->ne[0]; i++) {
-            s->base[s->n] = (const char *) w->data + lh_routed_expert(ids, i, t) * w->nb[2] + r0 * w->nb[1];
-            s->len[s->n++] = (size_t) (r1 - r0) * w->nb[1];
-        }
-    }
-}
-
-
 /* ---- The stops' own threads (lh_set_pool) --------------------------------------------------- */
 /* A single-token stop's CPU graph (sliced expert matmuls and the element-wise nodes between them)
  * can run on threads of the shim's own instead of an OpenMP region of ggml's: they wait for work
@@ -1193,9 +1143,7 @@ static inline void lh_cpu_relax(void) {
 #endif
 }
 
-/* Wait for nth threads; while waiting, prefetch the rows in pf (if any) a little at a time: memory
- * that would sit idle while the last thread finishes a node fills this one's caches for the next. */
-static void lh_pool_barrier(struct lh_pool * p, int32_t nth, struct lh_row_stream * pf) {
+static void lh_pool_barrier(struct lh_pool * p, int32_t nth) {
     if (nth == 1) {
         return;
     }
@@ -1205,11 +1153,7 @@ static void lh_pool_barrier(struct lh_pool * p, int32_t nth, struct lh_row_strea
         atomic_fetch_add(&p->barrier_generation, 1);
     } else {
         while (atomic_load(&p->barrier_generation) == g) {
-            if (pf != NULL && pf->seg < pf->n) {
-                lh_row_stream_advance(pf, 1024);
-            } else {
-                lh_cpu_relax();
-            }
+            lh_cpu_relax();
         }
     }
 }
@@ -1317,9 +1261,6 @@ static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgr
     }
     const int32_t me = late_caller ? ith - 1 : ith, team = late_caller ? nth - 1 : nth;
     struct lh_ranges read = { 0 }, written = { 0 };
-    struct lh_row_stream wait_pf;   /* what this thread prefetches while it waits at barriers */
-    const struct ggml_tensor * waited_for = NULL;
-    int64_t wait_bytes = 0;
     for (int i = 0; i < ggml_graph_n_nodes(g); i++) {
         struct ggml_tensor * t = ggml_graph_node(g, i);
         if (lh_computes_nothing(t)) {
@@ -1333,19 +1274,7 @@ static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgr
             meet = t->src[s] != NULL && lh_ranges_meet(&written, t->src[s]);
         }
         if (meet) {
-            /* While waiting: this thread's rows of the next sliced node (one stream over the barriers
-             * before it), with the row prefetch on. */
-            const struct ggml_tensor * next = NULL;
-            const bool prefetch = ctx->row_prefetch > 0 && team > 1 && !(ctx->debug_flags & LH_DEBUG_NO_WAIT_PREFETCH);
-            for (int j = i; j < ggml_graph_n_nodes(g) && next == NULL && prefetch; j++) {
-                next = lh_is_sliced(ggml_graph_node(g, j)) ? ggml_graph_node(g, j) : NULL;
-            }
-            if (next != NULL && next != waited_for) {
-                wait_bytes += waited_for != NULL ? wait_pf.bytes : 0;
-                lh_row_stream_init(&wait_pf, next, me, team);
-                waited_for = next;
-            }
-            lh_pool_barrier(p, team, next != NULL ? &wait_pf : NULL);
+            lh_pool_barrier(p, team);
             read.n = written.n = 0;
         }
         if (lh_is_sliced(t)) {
@@ -1360,14 +1289,10 @@ static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgr
         }
         lh_ranges_add(&written, t);
     }
-    wait_bytes += waited_for != NULL ? wait_pf.bytes : 0;
-    if (wait_bytes > 0) {
-        __atomic_fetch_add(&ctx->counters.wait_prefetch_bytes, wait_bytes, __ATOMIC_RELAXED);
-    }
     if (late_caller) {
         atomic_fetch_add(&p->workers_done, 1);  /* every row this worker wrote is before this */
     } else {
-        lh_pool_barrier(p, nth, NULL);  /* the caller returns with every row written */
+        lh_pool_barrier(p, nth);  /* the caller returns with every row written */
     }
 }
 
@@ -1818,6 +1743,36 @@ static struct ggml_tensor * lh_dev_copy(struct lh_ctx * ctx, const struct ggml_t
     return dev;
 }
 
+/* A thread's rows of a sliced node, expert after expert, as one stream of bytes that a cursor prefetches
+ * ahead of the rows being computed: the hardware prefetchers stop at every 4 KiB page and at every
+ * expert, and a cold row waits for memory (on the H100 VM 4 KiB ahead made cold 1-8 row FFNs as fast as
+ * warm ones, benchmarks/RESULTS.md, session 12). */
+enum { LH_PF_SEGMENTS = 64 };
+struct lh_row_stream {
+    const char * base[LH_PF_SEGMENTS];
+    size_t len[LH_PF_SEGMENTS];
+    int n, seg;
+    size_t off;
+    int64_t bytes;   /* prefetched so far */
+};
+
+static void lh_row_stream_advance(struct lh_row_stream * s, size_t bytes) {
+    while (bytes > 0 && s->seg < s->n) {
+        const size_t room = s->len[s->seg] - s->off, step = bytes < room ? bytes : room;
+        const char * p = s->base[s->seg] + s->off;
+        for (size_t at = 0; at < step; at += 64) {
+            __builtin_prefetch(p + at, 0, 3);
+        }
+        s->off += step;
+        s->bytes += (int64_t) step;
+        bytes -= step;
+        if (s->off == s->len[s->seg]) {
+            s->seg++;
+            s->off = 0;
+        }
+    }
+}
+
 /* Single-token decode on the CPU: every expert has one row, so ggml's MUL_MAT_ID computes each
  * output element with one vec_dot of the input row quantized by from_float (its tiled kernels start
  * at 8 rows per expert). This node computes the same elements with the same two functions, but each
@@ -1860,10 +1815,19 @@ static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, voi
     const int64_t r0 = w->ne[1] * ith / nth, r1 = w->ne[1] * (ith + 1) / nth;
     const size_t row_bytes = w->nb[1];
     /* The prefetch cursor: this thread's slice of every entry's expert, in the order computed. */
-    struct lh_row_stream pf = { .n = 0 };
+    struct lh_row_stream pf;
+    pf.n = pf.seg = 0;
+    pf.off = 0;
+    pf.bytes = 0;
     const int64_t ahead = ctx->row_prefetch;
-    if (ahead > 0) {
-        lh_row_stream_init(&pf, dst, ith, nth);
+    if (ahead > 0 && r1 > r0 && ids->ne[0] * ids->ne[1] <= LH_PF_SEGMENTS) {
+        for (int64_t t = 0; t < ids->ne[1]; t++) {
+            for (int64_t i = 0; i < ids->ne[0]; i++) {
+                const int32_t e = lh_routed_expert(ids, i, t);
+                pf.base[pf.n] = (const char *) w->data + e * w->nb[2] + r0 * row_bytes;
+                pf.len[pf.n++] = (size_t) (r1 - r0) * row_bytes;
+            }
+        }
         lh_row_stream_advance(&pf, (size_t) ahead);
     }
     for (int64_t t = 0; t < ids->ne[1]; t++) {

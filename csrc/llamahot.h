@@ -54,8 +54,6 @@ enum lh_debug_flags {
     LH_DEBUG_COLD_AFTER_SUBMIT = 256, /* benchmarks: a stop's cold rows start on the shim's threads only
                                          after the hot part is submitted to the GPU, the caller computing
                                          its share (to measure what starting them first saves) */
-    LH_DEBUG_NO_WAIT_PREFETCH = 512, /* benchmarks: threads waiting at the pool's barriers prefetch nothing
-                                        (to measure what prefetching the next node's rows saves) */
 };
 
 /* Callbacks timeline mode keeps (a ring of the latest). */
@@ -100,8 +98,6 @@ struct lh_counters {
                                   compute the cold rows while the caller submits */
     int64_t fence_waits;       /* stops that waited for copies into their layer's slots (lh_set_fence) */
     int64_t row_prefetch_bytes; /* bytes the sliced matmuls' threads prefetched ahead of their rows */
-    int64_t wait_prefetch_bytes; /* bytes the pool's threads prefetched of their next sliced node's rows
-                                    while waiting at a barrier */
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
     int64_t shadow_rows;       /* rows compared in shadow mode */
     int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */

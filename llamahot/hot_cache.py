@@ -39,7 +39,6 @@ DEBUG_CALL_GRAPHS = lib.LH_DEBUG_CALL_GRAPHS
 DEBUG_GGML_MATMULS = lib.LH_DEBUG_GGML_MATMULS
 DEBUG_ALL_THREADS = lib.LH_DEBUG_ALL_THREADS
 DEBUG_COLD_AFTER_SUBMIT = lib.LH_DEBUG_COLD_AFTER_SUBMIT
-DEBUG_NO_WAIT_PREFETCH = lib.LH_DEBUG_NO_WAIT_PREFETCH
 TIMELINE_CAP = lib.LH_TIMELINE_CAP
 SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
@@ -302,8 +301,7 @@ class HotCache:
     # -- test and benchmark controls -------------------------------------------------------
     def set_debug(self, *, poison: bool = False, shadow: bool = False, per_node: bool = False,
                   skip_compute: bool = False, timeline: bool = False, call_graphs: bool = False,
-                  ggml_matmuls: bool = False, all_threads: bool = False, cold_after_submit: bool = False,
-                  no_wait_prefetch: bool = False) -> None:
+                  ggml_matmuls: bool = False, all_threads: bool = False, cold_after_submit: bool = False) -> None:
         """Test-only checks. poison: NaN-fill redirected outputs before writing them; shadow: let
         llama compute, recompute, compare every row; per_node: redirect each expert matmul on its
         own (the fallback path) instead of each layer's FFN in one stop. For benchmarks:
@@ -315,14 +313,12 @@ class HotCache:
         all_threads (tests): every stop's CPU graph on all threads, however little it reads;
         cold_after_submit: a stop's cold rows start on the shim's threads only after its hot part is
         submitted to the GPU (the caller computing its share), not before, to measure what starting
-        them first saves; no_wait_prefetch: threads waiting at the pool's barriers prefetch nothing of
-        the next sliced node's rows, to measure what that saves."""
+        them first saves."""
         lib.lh_set_debug(self._ctx, (DEBUG_POISON if poison else 0) | (DEBUG_SHADOW if shadow else 0) |
                          (DEBUG_PER_NODE if per_node else 0) | (DEBUG_SKIP_COMPUTE if skip_compute else 0) |
                          (DEBUG_TIMELINE if timeline else 0) | (DEBUG_CALL_GRAPHS if call_graphs else 0) |
                          (DEBUG_GGML_MATMULS if ggml_matmuls else 0) | (DEBUG_ALL_THREADS if all_threads else 0) |
-                         (DEBUG_COLD_AFTER_SUBMIT if cold_after_submit else 0) |
-                         (DEBUG_NO_WAIT_PREFETCH if no_wait_prefetch else 0))
+                         (DEBUG_COLD_AFTER_SUBMIT if cold_after_submit else 0))
 
     def timeline(self) -> list[tuple[int, int, int, str]]:
         """Callbacks recorded in timeline mode since the last call, oldest first: (time ns, kind
@@ -468,8 +464,6 @@ class HotCache:
             "early_pool_graphs": int(counters.early_pool_graphs),
             # Bytes the row-sliced matmuls' threads prefetched ahead of their rows (set_row_prefetch).
             "row_prefetch_bytes": int(counters.row_prefetch_bytes),
-            # ... and of their next sliced node's rows while waiting at the pool's barriers.
-            "wait_prefetch_bytes": int(counters.wait_prefetch_bytes),
             "redirect_ms": counters.redirect_ns / 1e6,
             "cpu_compute_ms": counters.cpu_compute_ns / 1e6,
             "gpu_submit_ms": counters.gpu_submit_ns / 1e6,

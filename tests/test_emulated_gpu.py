@@ -318,8 +318,7 @@ def test_single_token_stops_on_the_shims_own_threads(moe_model, spin_ms):
     element-wise nodes on one thread with ggml's code) on the shim's own threads: logits bit-identical
     with poison, every row identical to llama's at node level, on 1 and 2 threads; off again, ggml's
     graph compute takes over. A stop with a GPU part starts its cold rows on the workers before the
-    caller submits that part (early); the same bits when they start after it (cold_after_submit). A
-    thread waiting at a barrier prefetches its rows of the next sliced node."""
+    caller submits that part (early); the same bits when they start after it (cold_after_submit)."""
     layout = read_moe_layout(moe_model)
     expected = reference_logits(moe_model)
     llm = llamahot.Llama(moe_model, hot_experts=max(1, layout.n_expert // 4), rebalance_interval=8,
@@ -340,17 +339,6 @@ def test_single_token_stops_on_the_shims_own_threads(moe_model, spin_ms):
     assert_bit_identical(expected[: len(llm.tokenize(PROMPT)) + 16], greedy(llm, steps=16))
     stats = llm.hot_cache.stats()
     assert stats["pool_graphs"] > 0 and stats["early_pool_graphs"] == 0
-    # Two threads at each barrier: the first there prefetches its rows of the next sliced node while it
-    # waits, each byte at most once per graph.
-    assert 0 < stats["wait_prefetch_bytes"] <= stats["cpu_rows"] * layout.expert_matrix_bytes
-    for off in ({"row_prefetch": 0}, {"debug": True}):   # the row prefetch off, or this one alone: none
-        llm.hot_cache.set_row_prefetch(off.get("row_prefetch", 4096))
-        llm.hot_cache.set_debug(poison=True, all_threads=True, cold_after_submit=True, no_wait_prefetch="debug" in off)
-        llm.hot_cache.reset()
-        assert_bit_identical(expected[: len(llm.tokenize(PROMPT)) + 8], greedy(llm, steps=8))
-        assert llm.hot_cache.stats()["wait_prefetch_bytes"] == 0 and llm.hot_cache.stats()["pool_graphs"] > 0
-    llm.hot_cache.set_row_prefetch(4096)
-    llm.hot_cache.set_debug(poison=True, all_threads=True)
     # A CPU graph that takes ggml's way (its matmuls not sliced) does not run on the pool.
     llm.hot_cache.set_debug(poison=True, all_threads=True, ggml_matmuls=True)
     llm.hot_cache.reset()
