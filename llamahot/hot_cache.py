@@ -124,8 +124,8 @@ class HotCache:
         self._user_callback: Any = None  # (callback, user_data): keeps an application's ctypes callback alive
         self._tokens_since_rebalance = 0
         self._filled = False  # the first eval (the prompt) fills the slots
-        # plan_ahead: the policy plans the next loads in a worker thread while llama decodes the next
-        # token (ctypes releases the GIL); after that eval only the copies are issued.
+        # plan_ahead: the policy plans a decode step's loads in a worker thread while llama decodes the
+        # next token (ctypes releases the GIL); after that eval only the copies are issued.
         self.plan_ahead = plan_ahead
         # set_thread_pool: on a GPU machine llama's own CPU work during the decode is small, so the
         # stops' threads can spin between stops (~5 % faster decode on the H100 machine, session 11);
@@ -218,6 +218,8 @@ class HotCache:
         if self.slots is None:
             return
         if self.hot_experts:
+            if self._plan is not None:
+                self._issue_plan()   # planned in the worker during this eval
             # Per eval only what must happen per eval; policy work waits for the rebalance.
             if self.slots.stats.pending:
                 self.slots.update_pending()
@@ -233,24 +235,32 @@ class HotCache:
 
     def rebalance(self, ahead: bool = False) -> None:
         """Feed the routing since the last rebalance to the policy, plan the hot set and issue the
-        copies (never waits for them). ahead: issue the loads planned during the last eval (if any)
-        and plan the next ones in the worker, so the copies follow the routing one rebalance late."""
+        copies (never waits for them). ahead: plan in the worker while the next token decodes; the
+        copies are issued after that token (after_eval), so they serve one token later."""
         start = time.perf_counter()
         delta = self._counts - self._seen
         self._seen += delta
         n_tokens, self._tokens_since_rebalance = self._tokens_since_rebalance, 0
+        self._drop_plan()
         if ahead and self._filled:
-            if self._plan is not None:
-                self.slots.load(*self._plan.result())
             if self._planner is None:
                 self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamahot-planner")
             # The shim updates last_routed during the next eval: the worker gets a copy.
             self._plan = self._planner.submit(self._plan_loads, delta, n_tokens, self._last_routed.copy())
         else:
-            self._drop_plan()
             self.slots.load(*self._plan_loads(delta, n_tokens, self._last_routed))
         self._filled = True
-        # The stall a decode step sees: the policy's work (unless planned ahead) and issuing the copies.
+        self._count_stall(start)
+
+    def _issue_plan(self) -> None:
+        """Issue the copies of the plan made in the worker (waits for it if it is not done)."""
+        start = time.perf_counter()
+        plan, self._plan = self._plan, None
+        self.slots.load(*plan.result())
+        self._count_stall(start)
+
+    def _count_stall(self, start: float) -> None:
+        """The stall a decode step sees: the policy's work (unless planned ahead) and issuing the copies."""
         stats = self.slots.stats
         stats.last_rebalance_ms = (time.perf_counter() - start) * 1e3
         stats.max_rebalance_ms = max(stats.max_rebalance_ms, stats.last_rebalance_ms)

@@ -149,20 +149,20 @@ def make_policy(name: str, n_layers: int, n_expert: int, k: int, rebalance_inter
     return LRU(n_layers, n_expert, k)
 
 
-def replay(policy, trace: np.ndarray, interval: int, warmup: int | None = None, lag: bool = False) -> dict:
+def replay(policy, trace: np.ndarray, interval: int, warmup: int | None = None, ahead: bool = False) -> dict:
     """Replay a routing trace through a policy the way HotCache drives it, without llama.
 
     trace: int [n_tokens, n_layers, n_expert], entries routed to each expert per token. The first
     `warmup` tokens (default: one interval) play the prompt: they fill the slots. After that the
     hot set is chosen every `interval` tokens and serves the tokens that follow; a slot serves its
     new expert from the next token on (host slots: copies finish before the next decode).
-    lag: after the prompt, each hot set is chosen from the routing of all but the last interval
-    (HotCache's plan_ahead: the plan is made while the next token decodes; a prompt plans at once).
-    Returns hits, misses, hit_rate and loads (experts copied into slots).
+    ahead: after the prompt, each hot set serves from one token later (HotCache's plan_ahead: the
+    plan is made while the next token decodes and its copies are issued after it; a prompt plans at
+    once). Returns hits, misses, hit_rate and loads (experts copied into slots).
     """
     warmup = interval if warmup is None else warmup
     n_tokens, n_layers, n_expert = trace.shape
-    resident = np.zeros((n_layers, n_expert), dtype=bool)
+    resident = previous = np.zeros((n_layers, n_expert), dtype=bool)
     last_used = np.zeros((n_layers, n_expert), dtype=np.int64)
     hits = misses = loads = 0
     start = 0
@@ -172,19 +172,16 @@ def replay(policy, trace: np.ndarray, interval: int, warmup: int | None = None, 
             continue
         chunk = trace[start:end]
         if start > 0:  # the prompt's own tokens run before any slot is filled
-            served = chunk.sum(axis=0)
-            hits += int(served[resident].sum())
-            misses += int(served[~resident].sum())
+            late = 1 if ahead and start > warmup else 0   # the token decoded while the plan was made
+            for served, held in ((chunk[:late].sum(axis=0), previous), (chunk[late:].sum(axis=0), resident)):
+                hits += int(served[held].sum())
+                misses += int(served[~held].sum())
         for t in range(start, end):  # the shim's clock: 1-based token of each expert's latest routing
             last_used[trace[t] > 0] = t + 1
-        if lag and start > 0:
-            desired = policy.choose(resident)
-            policy.observe(chunk.sum(axis=0), end - start, last_used.copy())
-        else:
-            policy.observe(chunk.sum(axis=0), end - start, last_used.copy())
-            desired = policy.choose(resident)
+        policy.observe(chunk.sum(axis=0), end - start, last_used.copy())
+        desired = policy.choose(resident)
         loads += int((desired & ~resident).sum())
-        resident = desired
+        previous, resident = resident, desired
         start = end
     total = hits + misses
     return {"hits": hits, "misses": misses, "hit_rate": hits / total if total else 0.0, "loads": loads}
