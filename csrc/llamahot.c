@@ -67,6 +67,7 @@ struct lh_entry {
  * the down matmul (activation, biases, views), in topological order. Found at the down node's
  * ask by walking back from its input; recomputed by the shim in one go (one stop per layer). */
 #define LH_FFN_MAX_NODES 32
+#define LH_COLD_GRAPH_ROWS 16   /* persistent cold graphs per layer: 1 to this many rows */
 struct lh_ffn {
     int32_t layer;
     struct ggml_tensor * down;
@@ -117,6 +118,7 @@ struct lh_hot_graph {
     struct lh_ffn_part part;
     bool experts_used;             /* whether a bias reads part.experts */
     int64_t rows;
+    bool ggml_matmuls;             /* built with LH_DEBUG_GGML_MATMULS (ggml's MUL_MAT_ID, not sliced) */
     uint64_t signature;            /* of the llama FFN it was cloned from */
     int32_t n_nodes;               /* that FFN's nodes: unchanged pointers (llama reused its graph) */
     const struct ggml_tensor * nodes[LH_FFN_MAX_NODES];  /* spare hashing the FFN at every stop */
@@ -214,6 +216,7 @@ struct lh_ctx {
     struct lh_dev_copy dev_copies[LH_MAX_DEV_COPIES];
     int32_t n_dev_copies;
     struct lh_hot_graph * hot_graphs;  /* [n_moe_layers], GPU slots only, made on first use */
+    struct lh_hot_graph * cold_graphs; /* [n_moe_layers][LH_COLD_GRAPH_ROWS]: cold parts by rows, on first use */
     /* Cold experts on the device (lh_set_cold_on_device): this share of a single-token stop's cold
      * experts is copied into scratch matrices on the device and computed there, while the CPU
      * computes the rest. One scratch set per distinct shape of a layer's expert weights. */
@@ -308,6 +311,7 @@ struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t
 }
 
 static void lh_slots_free(struct lh_ctx * ctx);
+static void lh_hot_graph_free(struct lh_hot_graph * h);
 static void lh_pool_free(struct lh_pool * p);
 static void lh_miss_scratch_free(struct lh_miss_scratch * m);
 
@@ -377,6 +381,12 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     free(ctx->one_graph_mem);
     free(ctx->one_work);
     free(ctx->hot_graphs);
+    if (ctx->cold_graphs) {
+        for (int32_t i = 0; i < ctx->n_moe_layers * LH_COLD_GRAPH_ROWS; i++) {
+            lh_hot_graph_free(&ctx->cold_graphs[i]);
+        }
+        free(ctx->cold_graphs);
+    }
     free(ctx->dev_cold);
     free(ctx->dev_expert_of);
     free(ctx);
@@ -1473,6 +1483,9 @@ static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct 
             }
         }
         lh_count_sliced_graph(ctx, n_threads);
+        for (int i = 0; i < ggml_graph_n_nodes(cpu_graph); i++) {
+            ctx->counters.sliced_matmuls += lh_is_sliced(ggml_graph_node(cpu_graph, i));
+        }
         ctx->counters.cpu_runs++;
         ctx->counters.cpu_rows += cpu_rows;
         ctx->counters.lone_row_runs += n_threads < ctx->n_threads && cpu_weight_bytes >= LH_PARALLEL_MIN_BYTES;
@@ -1873,7 +1886,6 @@ static struct ggml_tensor * lh_part_mul_mat_id(struct lh_ctx * ctx, struct ggml_
     }
     ctx->sliced_stride = stride;
     struct ggml_tensor * args[3] = { w, b, ids };
-    ctx->counters.sliced_matmuls++;
     return ggml_custom_4d(g, GGML_TYPE_F32, w->ne[1], ids->ne[0], ids->ne[1], 1, args, 3, lh_sliced_mul_mat_id,
                           GGML_N_TASKS_MAX, ctx);
 }
@@ -2046,15 +2058,27 @@ static uint64_t lh_ffn_signature(const struct lh_ffn * f) {
     return h;
 }
 
-/* The layer's persistent hot graph with `rows` rows for single-token decode, built on first use. */
-static struct lh_hot_graph * lh_hot_graph_get(struct lh_ctx * ctx, const struct lh_ffn * f, int64_t rows) {
-    if (ctx->hot_graphs == NULL) {
-        ctx->hot_graphs = calloc((size_t) ctx->n_moe_layers, sizeof(struct lh_hot_graph));
-        if (ctx->hot_graphs == NULL) {
+/* A layer's persistent graph for single-token decode, built on first use: its hot part on the device
+ * (lh_hot_graph; `rows` = n_expert_used, padded), or its cold part on the CPU with exactly `rows` rows
+ * (one per row count up to LH_COLD_GRAPH_ROWS: a stop then only gathers its inputs, no graph is built
+ * or allocated; ~5 us of a stop on the development box). */
+static struct lh_hot_graph * lh_part_graph_get(struct lh_ctx * ctx, const struct lh_ffn * f, int64_t rows, bool cold) {
+    struct lh_hot_graph ** table = cold ? &ctx->cold_graphs : &ctx->hot_graphs;
+    const int64_t per_layer = cold ? LH_COLD_GRAPH_ROWS : 1;
+    if (cold && (rows < 1 || rows > LH_COLD_GRAPH_ROWS)) {
+        return NULL;
+    }
+    if (*table == NULL) {
+        *table = calloc((size_t) (ctx->n_moe_layers * per_layer), sizeof(struct lh_hot_graph));
+        if (*table == NULL) {
             return NULL;
         }
     }
-    struct lh_hot_graph * h = &ctx->hot_graphs[f->layer];
+    struct lh_hot_graph * h = &(*table)[f->layer * per_layer + (cold ? rows - 1 : 0)];
+    const bool ggml_matmuls = ctx->debug_flags & LH_DEBUG_GGML_MATMULS;
+    if (h->g != NULL && h->ggml_matmuls != ggml_matmuls) {
+        lh_hot_graph_free(h);  /* built the other way */
+    }
     if (h->g != NULL && h->rows == rows && h->n_nodes == f->n_nodes &&
         memcmp(h->nodes, f->nodes, sizeof(f->nodes[0]) * (size_t) f->n_nodes) == 0) {
         return h;  /* the same llama graph as last time */
@@ -2069,8 +2093,9 @@ static struct lh_hot_graph * lh_hot_graph_get(struct lh_ctx * ctx, const struct 
     struct ggml_init_params params = {
         ggml_tensor_overhead() * (2 * LH_FFN_MAX_NODES + 16) + ggml_graph_overhead_custom(2 * LH_FFN_MAX_NODES + 8, false),
         NULL, true };
+    struct lh_layer * layer = &ctx->layers[f->layer];
     h->g = ggml_init(params);
-    if (h->g == NULL || !lh_ffn_build_part(ctx, h->g, f, ctx->layers[f->layer].slot, true, rows, true, &h->part)) {
+    if (h->g == NULL || !lh_ffn_build_part(ctx, h->g, f, cold ? layer->weight : layer->slot, !cold, rows, true, &h->part)) {
         lh_hot_graph_free(h);
         return NULL;
     }
@@ -2081,13 +2106,16 @@ static struct lh_hot_graph * lh_hot_graph_get(struct lh_ctx * ctx, const struct 
             h->experts_used |= ggml_graph_node(h->graph, i)->src[j] == h->part.experts;
         }
     }
-    h->buffer = ggml_backend_alloc_ctx_tensors(h->g, ctx->gpu);
+    h->buffer = ggml_backend_alloc_ctx_tensors(h->g, cold ? ctx->cpu : ctx->gpu);
     if (h->buffer == NULL) {
         lh_hot_graph_free(h);
         return NULL;
     }
-    lh_part_one_upload(&h->part);
+    if (!cold) {
+        lh_part_one_upload(&h->part);
+    }
     h->rows = rows;
+    h->ggml_matmuls = ggml_matmuls;
     h->signature = signature;
     h->n_nodes = f->n_nodes;
     memcpy(h->nodes, f->nodes, sizeof(f->nodes[0]) * (size_t) f->n_nodes);
@@ -2176,7 +2204,7 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         }
     }
     struct lh_hot_graph * persistent = hot_on_gpu && one_token && (n_hot == ids->ne[0] || pad_slot >= 0) &&
-        !(ctx->debug_flags & LH_DEBUG_CALL_GRAPHS) ? lh_hot_graph_get(ctx, f, ids->ne[0]) : NULL;
+        !(ctx->debug_flags & LH_DEBUG_CALL_GRAPHS) ? lh_part_graph_get(ctx, f, ids->ne[0], false) : NULL;
     /* Single-token decode: a share of the cold experts goes to the device (copied into scratch
      * matrices, computed there) while the CPU computes the others: the last n_dev cold entries. */
     int64_t n_dev = 0;
@@ -2207,7 +2235,16 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         ok = lh_ffn_build_part(ctx, g, f, scratch->matrix, true, n_dev, one_token, &dev);
         ggml_build_forward_expand(gpu_graph, dev.out);
     }
-    if (ok && n_cold > 0) {
+    /* Single-token decode whose CPU graph is the cold part alone: the layer's persistent cold graph
+     * with n_cold rows. */
+    struct lh_hot_graph * cold_graph = n_cold > 0 && one_token && (hot_on_gpu || n_hot == 0) &&
+        !(ctx->debug_flags & LH_DEBUG_CALL_COLD_GRAPHS) ? lh_part_graph_get(ctx, f, n_cold, true) : NULL;
+    if (ok && cold_graph != NULL) {
+        /* Built when fewer threads may have been set: each thread's quantized rows, for all of them. */
+        ok = lh_grow(&ctx->sliced_scratch, &ctx->sliced_scratch_size, (size_t) ctx->n_threads * ctx->sliced_stride, 1);
+        cold = cold_graph->part;
+        ctx->counters.persistent_cpu_runs++;
+    } else if (ok && n_cold > 0) {
         ok = lh_ffn_build_part(ctx, g, f, ctx->layers[f->layer].weight, false, n_cold, one_token, &cold);
         ggml_build_forward_expand(cpu_graph, cold.out);
     }
@@ -2220,6 +2257,9 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
     if (!ok) {
         ggml_free(g);
         return false;
+    }
+    if (cold_graph != NULL) {
+        cpu_graph = cold_graph->graph;
     }
 
     float * hot_out_rows = NULL, * dev_out_rows = NULL;

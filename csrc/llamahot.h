@@ -54,6 +54,8 @@ enum lh_debug_flags {
     LH_DEBUG_COLD_AFTER_SUBMIT = 256, /* benchmarks: a stop's cold rows start on the shim's threads only
                                          after the hot part is submitted to the GPU, the caller computing
                                          its share (to measure what starting them first saves) */
+    LH_DEBUG_CALL_COLD_GRAPHS = 512, /* benchmarks: build a single-token stop's cold CPU graph per call, never
+                                        the layer's persistent one (to measure what replaying it saves) */
 };
 
 /* Callbacks timeline mode keeps (a ring of the latest). */
@@ -79,13 +81,15 @@ struct lh_counters {
     int64_t ffn_redirects;     /* ... of which in whole-FFN mode: layers computed in one stop */
     int64_t gpu_runs;          /* redirects (a layer's FFN or one node) whose hot part ran on the device */
     int64_t persistent_gpu_runs; /* ... of which in the layer's persistent graph (single-token decode) */
+    int64_t persistent_cpu_runs; /* single-token stops whose cold part ran the layer's persistent CPU graph
+                                    for that many rows (no graph built or allocated) */
     int64_t gpu_input_copies;  /* host-to-device copies of those runs' inputs (rows, slot and expert
                                   ids): one per persistent run, whose inputs lie together */
     int64_t device_cold_rows;  /* cold (token, k) rows computed on the device (lh_set_cold_on_device) */
     int64_t cpu_runs;          /* redirects whose CPU graph ran (each pays the threads' start and barriers) */
     int64_t cpu_rows;          /* (token, k) rows those CPU graphs computed */
     int64_t lone_row_runs;     /* ... of which single rows run on one thread (lh_set_lone_row_idle_ns) */
-    int64_t sliced_matmuls;    /* expert matmuls of single-token CPU graphs built as the shim's row-sliced node */
+    int64_t sliced_matmuls;    /* expert matmuls of single-token CPU graphs computed as the shim's row-sliced node */
     int64_t sliced_graphs;     /* CPU graphs that ran sliced nodes, and when their threads first entered one,
                                   summed (ns after the graph's compute began): the first and the last thread */
     int64_t first_thread_in_ns;

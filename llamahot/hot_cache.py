@@ -39,6 +39,7 @@ DEBUG_CALL_GRAPHS = lib.LH_DEBUG_CALL_GRAPHS
 DEBUG_GGML_MATMULS = lib.LH_DEBUG_GGML_MATMULS
 DEBUG_ALL_THREADS = lib.LH_DEBUG_ALL_THREADS
 DEBUG_COLD_AFTER_SUBMIT = lib.LH_DEBUG_COLD_AFTER_SUBMIT
+DEBUG_CALL_COLD_GRAPHS = lib.LH_DEBUG_CALL_COLD_GRAPHS
 TIMELINE_CAP = lib.LH_TIMELINE_CAP
 SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
@@ -311,7 +312,8 @@ class HotCache:
     # -- test and benchmark controls -------------------------------------------------------
     def set_debug(self, *, poison: bool = False, shadow: bool = False, per_node: bool = False,
                   skip_compute: bool = False, timeline: bool = False, call_graphs: bool = False,
-                  ggml_matmuls: bool = False, all_threads: bool = False, cold_after_submit: bool = False) -> None:
+                  ggml_matmuls: bool = False, all_threads: bool = False, cold_after_submit: bool = False,
+                  call_cold_graphs: bool = False) -> None:
         """Test-only checks. poison: NaN-fill redirected outputs before writing them; shadow: let
         llama compute, recompute, compare every row; per_node: redirect each expert matmul on its
         own (the fallback path) instead of each layer's FFN in one stop. For benchmarks:
@@ -323,12 +325,14 @@ class HotCache:
         all_threads (tests): every stop's CPU graph on all threads, however little it reads;
         cold_after_submit: a stop's cold rows start on the shim's threads only after its hot part is
         submitted to the GPU (the caller computing its share), not before, to measure what starting
-        them first saves."""
+        them first saves; call_cold_graphs: build a single-token stop's cold CPU graph per call instead
+        of replaying the layer's persistent one for that many rows, to measure what replaying saves."""
         lib.lh_set_debug(self._ctx, (DEBUG_POISON if poison else 0) | (DEBUG_SHADOW if shadow else 0) |
                          (DEBUG_PER_NODE if per_node else 0) | (DEBUG_SKIP_COMPUTE if skip_compute else 0) |
                          (DEBUG_TIMELINE if timeline else 0) | (DEBUG_CALL_GRAPHS if call_graphs else 0) |
                          (DEBUG_GGML_MATMULS if ggml_matmuls else 0) | (DEBUG_ALL_THREADS if all_threads else 0) |
-                         (DEBUG_COLD_AFTER_SUBMIT if cold_after_submit else 0))
+                         (DEBUG_COLD_AFTER_SUBMIT if cold_after_submit else 0) |
+                         (DEBUG_CALL_COLD_GRAPHS if call_cold_graphs else 0))
 
     def timeline(self) -> list[tuple[int, int, int, str]]:
         """Callbacks recorded in timeline mode since the last call, oldest first: (time ns, kind
@@ -449,6 +453,8 @@ class HotCache:
             "ffn_redirects": int(counters.ffn_redirects),
             "gpu_runs": int(counters.gpu_runs),
             "persistent_gpu_runs": int(counters.persistent_gpu_runs),
+            # Single-token stops whose cold part replayed the layer's persistent CPU graph for its rows.
+            "persistent_cpu_runs": int(counters.persistent_cpu_runs),
             # Host-to-device copies of their inputs: one per persistent run (its inputs lie together).
             "gpu_input_copies": int(counters.gpu_input_copies),
             "device_cold_rows": int(counters.device_cold_rows),

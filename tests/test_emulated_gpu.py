@@ -56,16 +56,21 @@ def test_device_path_bit_identical(moe_model, per_node):
         # n_expert_used rows; see lh_hot_graph); only the prompt's ubatch (at most one stop per
         # layer) went through a graph built for the call.
         if per_node:
-            assert stats["persistent_gpu_runs"] == 0
+            assert stats["persistent_gpu_runs"] == stats["persistent_cpu_runs"] == 0
         elif k >= layout.n_expert_used:
             assert 0 < stats["persistent_gpu_runs"] and \
                 stats["gpu_runs"] - stats["persistent_gpu_runs"] <= layout.n_moe_layers
+        # ... and every single-token stop with cold rows replayed the layer's persistent cold graph for
+        # that many rows; only the prompt's CPU graphs were built for the call.
+        if not per_node and k < layout.n_expert:
+            assert 0 < stats["persistent_cpu_runs"] and stats["cpu_runs"] - stats["persistent_cpu_runs"] <= layout.n_moe_layers
         assert_one_input_copy_per_persistent_run(stats)
         llm.close()
 
 
 def test_call_graphs_debug_mode_builds_the_hot_graph_per_call(text_model):
-    """The benchmarks' comparison mode: the same exact logits without the persistent graphs."""
+    """The benchmarks' comparison modes: the same exact logits without the persistent graphs, hot
+    (call_graphs) or cold (call_cold_graphs)."""
     layout = read_moe_layout(text_model)
     llm = llamahot.Llama(text_model, hot_experts=layout.n_expert, slot_device="emulated-gpu", logits_all=True,
                          **LLAMA_KW)
@@ -73,6 +78,13 @@ def test_call_graphs_debug_mode_builds_the_hot_graph_per_call(text_model):
     assert_bit_identical(reference_logits(text_model)[: len(llm.tokenize(PROMPT)) + 16], greedy(llm, steps=16))
     stats = llm.hot_cache.stats()
     assert stats["gpu_runs"] > 0 and stats["persistent_gpu_runs"] == 0
+    llm.close()
+    llm = llamahot.Llama(text_model, hot_experts=max(1, layout.n_expert // 4), slot_device="emulated-gpu",
+                         logits_all=True, **LLAMA_KW)
+    llm.hot_cache.set_debug(poison=True, call_cold_graphs=True)
+    assert_bit_identical(reference_logits(text_model)[: len(llm.tokenize(PROMPT)) + 16], greedy(llm, steps=16))
+    stats = llm.hot_cache.stats()
+    assert stats["cpu_runs"] > 0 and stats["persistent_cpu_runs"] == 0
     llm.close()
 
 
