@@ -107,11 +107,13 @@ struct lh_ffn_part {
     bool one_upload;
 };
 
-/* Single-token decode with GPU slots: one layer's hot part built once with a fixed number of rows
- * (n_expert_used; unused rows go to a slot no hot row uses and are not read back), so the GPU
- * backend gets the same graph every token and can replay it as a CUDA graph instead of launching
- * each kernel. Rebuilt if llama's FFN for the layer changes; freed with the slots it reads. */
-struct lh_hot_graph {
+/* A persistent part graph for single-token decode (lh_part_graph_get). With GPU slots, one layer's hot
+ * part built once with a fixed number of rows (n_expert_used; unused rows go to a slot no hot row uses
+ * and are not read back), so the GPU backend gets the same graph every token and can replay it as a
+ * CUDA graph instead of launching each kernel; freed with the slots it reads. On the CPU, one layer's
+ * cold part per number of rows, so a stop builds and allocates nothing. Rebuilt if llama's FFN for the
+ * layer changes. */
+struct lh_part_graph {
     struct ggml_context * g;
     struct ggml_cgraph * graph;
     ggml_backend_buffer_t buffer;
@@ -215,8 +217,8 @@ struct lh_ctx {
     ggml_backend_buffer_t staging_buffer;
     struct lh_dev_copy dev_copies[LH_MAX_DEV_COPIES];
     int32_t n_dev_copies;
-    struct lh_hot_graph * hot_graphs;  /* [n_moe_layers], GPU slots only, made on first use */
-    struct lh_hot_graph * cold_graphs; /* [n_moe_layers][LH_COLD_GRAPH_ROWS]: cold parts by rows, on first use */
+    struct lh_part_graph * hot_graphs;  /* [n_moe_layers], GPU slots only, made on first use */
+    struct lh_part_graph * cold_graphs; /* [n_moe_layers][LH_COLD_GRAPH_ROWS]: cold parts by rows, on first use */
     /* Cold experts on the device (lh_set_cold_on_device): this share of a single-token stop's cold
      * experts is copied into scratch matrices on the device and computed there, while the CPU
      * computes the rest. One scratch set per distinct shape of a layer's expert weights. */
@@ -311,7 +313,7 @@ struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t
 }
 
 static void lh_slots_free(struct lh_ctx * ctx);
-static void lh_hot_graph_free(struct lh_hot_graph * h);
+static void lh_part_graph_free(struct lh_part_graph * h);
 static void lh_pool_free(struct lh_pool * p);
 static void lh_miss_scratch_free(struct lh_miss_scratch * m);
 
@@ -383,7 +385,7 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     free(ctx->hot_graphs);
     if (ctx->cold_graphs) {
         for (int32_t i = 0; i < ctx->n_moe_layers * LH_COLD_GRAPH_ROWS; i++) {
-            lh_hot_graph_free(&ctx->cold_graphs[i]);
+            lh_part_graph_free(&ctx->cold_graphs[i]);
         }
         free(ctx->cold_graphs);
     }
@@ -701,7 +703,7 @@ int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_
     return lh_slots_resize(ctx, n_slots);
 }
 
-static void lh_hot_graph_free(struct lh_hot_graph * h) {
+static void lh_part_graph_free(struct lh_part_graph * h) {
     if (h->buffer) {
         ggml_backend_buffer_free(h->buffer);
     }
@@ -715,7 +717,7 @@ static void lh_hot_graph_free(struct lh_hot_graph * h) {
 static void lh_slots_free(struct lh_ctx * ctx) {
     if (ctx->hot_graphs) {  /* they read the slot tensors */
         for (int32_t l = 0; l < ctx->n_moe_layers; l++) {
-            lh_hot_graph_free(&ctx->hot_graphs[l]);
+            lh_part_graph_free(&ctx->hot_graphs[l]);
         }
     }
     for (int32_t l = 0; l < ctx->n_moe_layers; l++) {
@@ -2038,7 +2040,7 @@ static struct lh_miss_scratch * lh_miss_scratch_for(struct lh_ctx * ctx, int32_t
     return m;
 }
 
-/* What a hot graph was cloned from: each FFN node's op, parameters and row size. */
+/* What a persistent part graph was cloned from: each FFN node's op, parameters and row size. */
 static uint64_t lh_ffn_signature(const struct lh_ffn * f) {
     uint64_t h = 1469598103934665603ULL;  /* FNV-1a */
 #define LH_MIX(p, n) for (size_t i_ = 0; i_ < (n); i_++) { h = (h ^ ((const uint8_t *) (p))[i_]) * 1099511628211ULL; }
@@ -2059,25 +2061,25 @@ static uint64_t lh_ffn_signature(const struct lh_ffn * f) {
 }
 
 /* A layer's persistent graph for single-token decode, built on first use: its hot part on the device
- * (lh_hot_graph; `rows` = n_expert_used, padded), or its cold part on the CPU with exactly `rows` rows
+ * (`rows` = n_expert_used, padded), or its cold part on the CPU with exactly `rows` rows
  * (one per row count up to LH_COLD_GRAPH_ROWS: a stop then only gathers its inputs, no graph is built
  * or allocated; ~5 us of a stop on the development box). */
-static struct lh_hot_graph * lh_part_graph_get(struct lh_ctx * ctx, const struct lh_ffn * f, int64_t rows, bool cold) {
-    struct lh_hot_graph ** table = cold ? &ctx->cold_graphs : &ctx->hot_graphs;
+static struct lh_part_graph * lh_part_graph_get(struct lh_ctx * ctx, const struct lh_ffn * f, int64_t rows, bool cold) {
+    struct lh_part_graph ** table = cold ? &ctx->cold_graphs : &ctx->hot_graphs;
     const int64_t per_layer = cold ? LH_COLD_GRAPH_ROWS : 1;
     if (cold && (rows < 1 || rows > LH_COLD_GRAPH_ROWS)) {
         return NULL;
     }
     if (*table == NULL) {
-        *table = calloc((size_t) (ctx->n_moe_layers * per_layer), sizeof(struct lh_hot_graph));
+        *table = calloc((size_t) (ctx->n_moe_layers * per_layer), sizeof(struct lh_part_graph));
         if (*table == NULL) {
             return NULL;
         }
     }
-    struct lh_hot_graph * h = &(*table)[f->layer * per_layer + (cold ? rows - 1 : 0)];
+    struct lh_part_graph * h = &(*table)[f->layer * per_layer + (cold ? rows - 1 : 0)];
     const bool ggml_matmuls = ctx->debug_flags & LH_DEBUG_GGML_MATMULS;
     if (h->g != NULL && h->ggml_matmuls != ggml_matmuls) {
-        lh_hot_graph_free(h);  /* built the other way */
+        lh_part_graph_free(h);  /* built the other way */
     }
     if (h->g != NULL && h->rows == rows && h->n_nodes == f->n_nodes &&
         memcmp(h->nodes, f->nodes, sizeof(f->nodes[0]) * (size_t) f->n_nodes) == 0) {
@@ -2089,14 +2091,14 @@ static struct lh_hot_graph * lh_part_graph_get(struct lh_ctx * ctx, const struct
         memcpy(h->nodes, f->nodes, sizeof(f->nodes[0]) * (size_t) f->n_nodes);
         return h;
     }
-    lh_hot_graph_free(h);
+    lh_part_graph_free(h);
     struct ggml_init_params params = {
         ggml_tensor_overhead() * (2 * LH_FFN_MAX_NODES + 16) + ggml_graph_overhead_custom(2 * LH_FFN_MAX_NODES + 8, false),
         NULL, true };
     struct lh_layer * layer = &ctx->layers[f->layer];
     h->g = ggml_init(params);
     if (h->g == NULL || !lh_ffn_build_part(ctx, h->g, f, cold ? layer->weight : layer->slot, !cold, rows, true, &h->part)) {
-        lh_hot_graph_free(h);
+        lh_part_graph_free(h);
         return NULL;
     }
     h->graph = ggml_new_graph_custom(h->g, 2 * LH_FFN_MAX_NODES + 8, false);
@@ -2108,7 +2110,7 @@ static struct lh_hot_graph * lh_part_graph_get(struct lh_ctx * ctx, const struct
     }
     h->buffer = ggml_backend_alloc_ctx_tensors(h->g, cold ? ctx->cpu : ctx->gpu);
     if (h->buffer == NULL) {
-        lh_hot_graph_free(h);
+        lh_part_graph_free(h);
         return NULL;
     }
     if (!cold) {
@@ -2190,7 +2192,7 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
     struct ggml_cgraph * gpu_graph = ggml_new_graph_custom(g, 2 * LH_FFN_MAX_NODES + 8, false);
     const bool hot_on_gpu = ctx->gpu != NULL && n_hot > 0;
     const bool one_token = n_tokens == 1 && f->input->ne[1] == 1;
-    /* Single-token decode on the GPU: the layer's persistent graph (see lh_hot_graph). Its unused
+    /* Single-token decode on the GPU: the layer's persistent graph (see lh_part_graph). Its unused
      * rows go to a slot no hot row uses, so every hot row's expert keeps exactly its own rows (a CPU
      * backend picks its kernels by rows per expert; bit-exactness on the emulated device needs it). */
     int32_t pad_slot = -1;
@@ -2203,7 +2205,7 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
             pad_slot = used ? -1 : s;
         }
     }
-    struct lh_hot_graph * persistent = hot_on_gpu && one_token && (n_hot == ids->ne[0] || pad_slot >= 0) &&
+    struct lh_part_graph * persistent = hot_on_gpu && one_token && (n_hot == ids->ne[0] || pad_slot >= 0) &&
         !(ctx->debug_flags & LH_DEBUG_CALL_GRAPHS) ? lh_part_graph_get(ctx, f, ids->ne[0], false) : NULL;
     /* Single-token decode: a share of the cold experts goes to the device (copied into scratch
      * matrices, computed there) while the CPU computes the others: the last n_dev cold entries. */
@@ -2237,7 +2239,7 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
     }
     /* Single-token decode whose CPU graph is the cold part alone: the layer's persistent cold graph
      * with n_cold rows. */
-    struct lh_hot_graph * cold_graph = n_cold > 0 && one_token && (hot_on_gpu || n_hot == 0) &&
+    struct lh_part_graph * cold_graph = n_cold > 0 && one_token && (hot_on_gpu || n_hot == 0) &&
         !(ctx->debug_flags & LH_DEBUG_CALL_COLD_GRAPHS) ? lh_part_graph_get(ctx, f, n_cold, true) : NULL;
     if (ok && cold_graph != NULL) {
         /* Built when fewer threads may have been set: each thread's quantized rows, for all of them. */
