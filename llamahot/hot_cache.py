@@ -219,8 +219,10 @@ class HotCache:
         if self.slots is None:
             return
         if self.hot_experts:
-            if self._plan is not None:
-                self._issue_plan()   # planned in the worker during this eval
+            if self._plan is not None and n_tokens == 1:
+                # Planned in the worker during this decode step. (After a prompt, the prompt's own
+                # rebalance replaces it; a prompt too short to rebalance leaves it for the next step.)
+                self._issue_plan()
             # Per eval only what must happen per eval; policy work waits for the rebalance.
             if self.slots.stats.pending:
                 self.slots.update_pending()

@@ -220,11 +220,14 @@ def test_plans_made_ahead_in_a_worker_stay_exact_and_serve_one_token_late(moe_mo
     late = replay(policy(), per_token, interval, warmup=1, ahead=True)
     synchronous = replay(policy(), per_token, interval, warmup=1)
     assert stats["hits"] == late["hits"], (stats["hits"], late["hits"], synchronous["hits"])
-    # A new prompt is planned at once, in the caller (the worker's plan from the old text is dropped).
+    # A new prompt is planned at once, in the caller; the worker's plan from the old text (pending after
+    # the last step at interval 1) is dropped, not issued first: one load of slots, the prompt's.
     threads.clear()
+    rebalances = llm.hot_cache.stats()["rebalances"]
     llm.reset()
     llm.eval(llm.tokenize(b"class Stack:\n    def push(self, item):"))
     assert threads == {threading.get_ident()}
+    assert llm.hot_cache.stats()["rebalances"] == rebalances + 1
     llm.close()
 
 
