@@ -7,7 +7,8 @@ experts in RAM, stock static offload of as many layers as K slots' VRAM, and one
 K (default policy) per variant (its own instance: slots warmed by one row's window must not serve
 another): `default`; `nopool` (the stops' CPU graphs through ggml's OpenMP team); `ggml` (ggml's MUL_MAT_ID in the stops' CPU graphs instead of the shim's
 row-sliced node); `pool:MS` (the stops'
-CPU graphs on the shim's own threads, spinning MS ms); `shim-threads:N` (the stops' graphs on N threads, llama keeping its own);
+CPU graphs on the shim's own threads, spinning MS ms); `shim-threads:N` (the stops' graphs on N threads, llama keeping its own); `llama-threads:N` (llama's
+single-token decode on N threads: its CPU split's OpenMP team, the shim keeping its own);
 `rowpf:BYTES` (the sliced matmuls' threads prefetch BYTES ahead of their rows; 0: off);
 `cold-after-submit` (a stop's cold rows start on the pool only after its hot part is submitted);
 `call-cold-graphs` (a stop's cold CPU graph built per call, not the layer's persistent one replayed).
@@ -27,6 +28,7 @@ import statistics
 from pathlib import Path
 
 import llamahot  # before numpy: numpy first made the device's CUDA build of llama_cpp die silently at load
+import llama_cpp
 from llamahot.benchmark import StockPlaced, decode_rate
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, read_moe_layout
 from llamahot.policy import LRU, DecayedFrequency
@@ -36,7 +38,7 @@ from bench import breakdown_of, configure, omp_env, probe_parser, static_cpu_pat
 # Counters shown per token for each llamahot row (what loads cost, where a stop's time goes).
 PER_TOKEN = ("experts_loaded", "rebalance_ms", "fence_waits", "fence_wait_ms", "redirect_ms", "stop_setup_ms", "cpu_compute_ms",
              "cpu_rows", "cpu_runs", "early_pool_graphs", "persistent_cpu_runs", "gpu_submit_ms", "gpu_wait_ms")
-VARIANTS = "default, nopool, ggml, cold-after-submit, call-cold-graphs, pool:MS, shim-threads:N, rowpf:BYTES, lru:INTERVAL, decayed:HALF_LIFE:MARGIN:INTERVAL (+ahead, +chunkN, +threadsN)"
+VARIANTS = "default, nopool, ggml, cold-after-submit, call-cold-graphs, pool:MS, shim-threads:N, llama-threads:N, rowpf:BYTES, lru:INTERVAL, decayed:HALF_LIFE:MARGIN:INTERVAL (+ahead, +chunkN, +threadsN)"
 
 
 def chunked(copies, piece: int) -> None:
@@ -66,6 +68,8 @@ def setup_variant(llm, variant: str, layout, k: int, threads: int) -> None:
         llm.hot_cache.set_debug(call_cold_graphs=True)
     elif base.startswith("shim-threads:"):
         llm.hot_cache.set_threads(int(base[13:]))
+    elif base.startswith("llama-threads:"):   # llama's single-token threads alone; the shim keeps its own
+        llama_cpp.llama_set_n_threads(llm.ctx, int(base[14:]), llm.context_params.n_threads_batch)
     elif base == "nopool":
         llm.hot_cache.set_thread_pool(None)
     elif base.startswith("pool:"):
