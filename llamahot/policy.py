@@ -20,12 +20,26 @@ def swap_plan(score: np.ndarray, resident: np.ndarray, k: int, margin: float = 0
     (score > 0). A resident is replaced only by a newcomer whose score beats it by `margin`
     (relative): the best newcomer against the weakest resident, the second against the second
     weakest, and so on.
-    All layers at once (numpy): ~0.3 ms for 48 layers x 128 experts, against ~1 ms for a loop
-    over layers.
+    Layers are independent. Most layers change nothing at a rebalance (no empty slot, and the best
+    newcomer does not beat the weakest resident), and two max/min reductions find them: only the
+    others are sorted (~0.05 ms for 48 layers x 128 experts, against ~0.3 ms sorting every layer).
     """
-    n_layers, n_expert = score.shape
     if k == 0:
         return np.zeros_like(resident)
+    newcomer = ~resident & (score > 0)
+    best_new = np.where(newcomer, score, -np.inf).max(axis=1)
+    weakest = np.where(resident, score, np.inf).min(axis=1)
+    changes = (resident.sum(axis=1) < k) & newcomer.any(axis=1)
+    changes |= best_new > weakest * (1.0 + margin) + 1e-12
+    desired = resident.copy()
+    if changes.any():
+        desired[changes] = _swap_plan_layers(score[changes], resident[changes], k, margin)
+    return desired
+
+
+def _swap_plan_layers(score: np.ndarray, resident: np.ndarray, k: int, margin: float) -> np.ndarray:
+    """swap_plan over every layer given, each sorted (all layers at once in numpy)."""
+    n_layers, n_expert = score.shape
     desired = resident.copy()
     rows = np.arange(n_layers)[:, None]
     pos = np.arange(n_expert)[None, :]
