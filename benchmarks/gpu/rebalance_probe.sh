@@ -15,9 +15,10 @@ if [ -n "$GPU_TESTS" ]; then   # the GPU tests first (greedy tokens identical to
         | tee "$out/pytest_gpu.log" | tail -5
 fi
 lscpu | grep -E "^(Model name|Thread|Core|Socket|CPU\(s\)|L3|NUMA node)" | tee "$out/lscpu.txt"
-model=/tmp/models/qwen3moe-30b-a3b-routed.gguf
+preset=${PRESET:-qwen3moe-30b-a3b-routed}   # PRESET=qwen3moe-30b-a3b: the uniform model of issue #4
+model=/tmp/models/$preset.gguf
 mkdir -p /tmp/models
-[ -f "$model" ] || python3 -m llamahot.synth qwen3moe-30b-a3b-routed "$model" > /tmp/synth.log 2>&1 || { tail /tmp/synth.log; exit 1; }
+[ -f "$model" ] || python3 -m llamahot.synth "$preset" "$model" > /tmp/synth.log 2>&1 || { tail /tmp/synth.log; exit 1; }
 variants=${2:-benchmarks/gpu/rebalance_variants.txt}
 probe=${3:-benchmarks/gpu/rebalance_probe.py}
 while IFS= read -r line; do

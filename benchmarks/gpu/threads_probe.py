@@ -15,7 +15,7 @@ single-token decode on N threads: its CPU split's OpenMP team, the shim keeping 
 Policies: `lru:I` (LRU, a rebalance every I tokens), `decayed:H:M:I` (the decayed policy with half-life
 H tokens and margin M, every I tokens), with modifiers after `+`: `ahead` (planned in the worker), `chunkN` (slot
 copies split into N KiB pieces: do big copies delay the scheduler's small ones?), `threadsN` (llama's
-and the shim's threads), e.g. `lru:1+chunk256`. Prints per-row medians and the medians of the
+and the shim's threads), `llamaN` (llama's single-token threads alone), e.g. `lru:1+chunk256`. Prints per-row medians and the medians of the
 per-repetition ratios (the machine drifts between repetitions); with --breakdown N, each llamahot
 row's per-token timeline over N teacher-forced tokens (where a token's time goes).
 
@@ -38,7 +38,7 @@ from bench import breakdown_of, configure, omp_env, probe_parser, static_cpu_pat
 # Counters shown per token for each llamahot row (what loads cost, where a stop's time goes).
 PER_TOKEN = ("experts_loaded", "rebalance_ms", "fence_waits", "fence_wait_ms", "redirect_ms", "stop_setup_ms", "cpu_compute_ms",
              "cpu_rows", "cpu_runs", "early_pool_graphs", "persistent_cpu_runs", "gpu_submit_ms", "gpu_wait_ms")
-VARIANTS = "default, nopool, ggml, cold-after-submit, call-cold-graphs, pool:MS, shim-threads:N, llama-threads:N, rowpf:BYTES, lru:INTERVAL, decayed:HALF_LIFE:MARGIN:INTERVAL (+ahead, +chunkN, +threadsN)"
+VARIANTS = "default, nopool, ggml, cold-after-submit, call-cold-graphs, pool:MS, shim-threads:N, llama-threads:N, rowpf:BYTES, lru:INTERVAL, decayed:HALF_LIFE:MARGIN:INTERVAL (+ahead, +chunkN, +threadsN, +llamaN)"
 
 
 def chunked(copies, piece: int) -> None:
@@ -91,6 +91,8 @@ def setup_variant(llm, variant: str, layout, k: int, threads: int) -> None:
     for mod in mods:
         if mod.startswith("chunk"):
             chunked(llm.hot_cache.slots.copies, int(mod[5:]) * 1024)
+        elif mod.startswith("llama"):   # as the base llama-threads:N, beside another base
+            llama_cpp.llama_set_n_threads(llm.ctx, int(mod[5:]), llm.context_params.n_threads_batch)
         elif mod != "ahead" and not mod.startswith("threads"):
             raise SystemExit(f"unknown modifier {mod!r} in {variant!r}: {VARIANTS}")
 
