@@ -130,8 +130,10 @@ class HotCache:
         self.plan_ahead = plan_ahead
         # set_thread_pool: on a GPU machine llama's own CPU work during the decode is small, so the
         # stops' threads can spin between stops (~5 % faster decode on the H100 machine, session 11);
-        # on a CPU-only machine they would compete with llama's OpenMP team for the cores.
-        self.thread_pool_spin_ms: Optional[float] = 1.0 if slot_device == "cuda" else None
+        # on a CPU-only machine they would compete with llama's OpenMP team for the cores. 20 ms, not
+        # 1: where cold rows are rare (high K) a stop found the threads asleep and waited ~50 us for
+        # the last to wake (K=96: cold rows 1.47 -> 0.75 ms per token, session 15).
+        self.thread_pool_spin_ms: Optional[float] = 20.0 if slot_device == "cuda" else None
         self.row_prefetch: int = lib.LH_ROW_PREFETCH_DEFAULT
         self._snapshot_time = 0.0
         self._decode_tokens = 0

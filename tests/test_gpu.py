@@ -32,10 +32,10 @@ def stock_in_ram(path: str) -> StockPlaced:
 
 # interval 1: a rebalance after every token, so copies and their fences are in flight at almost every stop;
 # plan_ahead: the policy in a worker thread while llama decodes; pool: the stops' CPU graphs on the shim's
-# own threads spinning that many ms (set_thread_pool; 1.0 is the default with CUDA slots), None: through
+# own threads spinning that many ms (set_thread_pool; 20.0 is the default with CUDA slots), None: through
 # ggml's OpenMP team.
 @pytest.mark.parametrize("resident,cold_on_device,interval,plan_ahead,pool",
-                         [(0, 0.0, 4, False, 1.0), (2, 0.0, 4, False, 1.0), (0, 0.5, 4, False, 1.0),
+                         [(0, 0.0, 4, False, 20.0), (2, 0.0, 4, False, 1.0), (0, 0.5, 4, False, 1.0),
                           (0, 0.0, 1, False, 1.0), (0, 0.0, 1, True, 1.0), (0, 0.0, 4, False, None)])
 def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_moe_models, resident, cold_on_device,
                                                                             interval, plan_ahead, pool):
