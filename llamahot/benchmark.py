@@ -45,6 +45,7 @@ class StockPlaced(llama_cpp.Llama):
     def model_params(self, params):
         if self._placement is not None:
             params.tensor_buft_overrides = self._placement.address
+        params.use_extra_bufts = False   # as llamahot.Llama: the same weight layout on both sides
         self.__dict__["model_params"] = params
 
 

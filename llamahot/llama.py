@@ -160,9 +160,10 @@ class Llama(llama_cpp.Llama):
             params.progress_callback = self._load_progress
         if self.hot_cache is not None:
             params.tensor_buft_overrides = self.hot_cache.tensor_buft_overrides_address
-            if self.hot_cache.slot_device != "host":
-                # Device slots copy expert slabs as they are: keep the standard layout (no CPU repacking).
-                params.use_extra_bufts = False
+            # No extra CPU buffer types (repacked weights, AMX): device slots copy expert slabs as they
+            # are, and on a CPU with AMX llama-cpp-python 0.3.36 itself crashes with them (a segfault in
+            # ggml_backend_amx_mul_mat on a Q8_0 model, an abort at a deepseek2 model's first context).
+            params.use_extra_bufts = False
         self.__dict__["model_params"] = params
 
     @property

@@ -3,9 +3,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import llama_cpp.llama_cpp
 import pytest
 
 from llamahot.synth import synth_model
+
+# Every stock llama of the tests without llama.cpp's extra CPU buffer types (weight repacking, AMX), as
+# llamahot.Llama and llamahot.benchmark.StockPlaced load theirs: both sides of every comparison use the
+# same weight layout. On a CPU with AMX, llama-cpp-python 0.3.36 itself crashes with them on (stock, no
+# llamahot involved): a segfault in ggml_backend_amx_mul_mat decoding the trained Q8_0 model, and an abort
+# at a deepseek2 model's first context (GGML_ASSERT(*cur_backend_id != -1) in ggml_backend_sched_split_graph).
+_default_model_params = llama_cpp.llama_cpp.llama_model_default_params
+
+
+def _model_params_without_extra_bufts():
+    params = _default_model_params()
+    params.use_extra_bufts = False
+    return params
+
+
+llama_cpp.llama_cpp.llama_model_default_params = _model_params_without_extra_bufts
 
 # The synthetic presets, plus the embedded model the project trained (models/, real routing).
 TRAINED_MODEL = "llamahot-code-moe"

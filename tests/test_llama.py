@@ -120,6 +120,27 @@ def test_hot_experts_none_is_stock(text_model):
     assert llm.create_completion("x = ", max_tokens=4)["choices"][0]["text"] is not None
 
 
+def test_models_load_without_extra_cpu_buffer_types(text_model):
+    """llamahot.Llama and the benchmarks' stock placement load without repacked/AMX weight buffers, whatever
+    llama.cpp's default (conftest turns the default off for plain stock llamas; this checks both classes
+    against llama.cpp's own default): on a CPU with AMX, stock llama-cpp-python 0.3.36 crashes with them."""
+    from llamahot.benchmark import StockPlaced
+    from llamahot.model_info import EXPERT_TENSOR_PATTERN
+
+    import conftest
+    original = llama_cpp.llama_cpp.llama_model_default_params
+    llama_cpp.llama_cpp.llama_model_default_params = conftest._default_model_params
+    try:
+        assert conftest._default_model_params().use_extra_bufts  # llama.cpp's default: on
+        hot = llamahot.Llama(text_model, hot_experts=2, slot_device="host", **LLAMA_KW)
+        stock = StockPlaced(text_model, cpu_pattern=EXPERT_TENSOR_PATTERN, **LLAMA_KW)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = original
+    assert not hot.model_params.use_extra_bufts and not stock.model_params.use_extra_bufts
+    hot.close()
+    stock.close()
+
+
 def test_dense_model_rejected(dense_model):
     with pytest.raises(ValueError, match=r"dense-tiny\.gguf.*not a Mixture-of-Experts"):
         llamahot.Llama(dense_model, hot_experts=4, **LLAMA_KW)
