@@ -273,7 +273,8 @@ class HotCache:
 
     def _plan_loads(self, delta: np.ndarray, n_tokens: int, last_routed: np.ndarray):
         self.policy.observe(delta, n_tokens, last_routed)
-        return self.slots.plan(self.policy.choose(self.slots.resident()))
+        resident = self.slots.resident()
+        return self.slots.plan(self.policy.choose(resident), resident)
 
     def _drop_plan(self) -> None:
         """Wait for a plan in the worker and forget it (the slots are about to change under it)."""

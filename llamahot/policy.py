@@ -33,17 +33,16 @@ def swap_plan(score: np.ndarray, resident: np.ndarray, k: int, margin: float = 0
     changes |= best_new > weakest * (1.0 + margin) + 1e-12
     desired = resident.copy()
     if changes.any():
-        desired[changes] = _swap_plan_layers(score[changes], resident[changes], k, margin)
+        desired[changes] = _swap_plan_layers(score[changes], resident[changes], newcomer[changes], k, margin)
     return desired
 
 
-def _swap_plan_layers(score: np.ndarray, resident: np.ndarray, k: int, margin: float) -> np.ndarray:
-    """swap_plan over every layer given, each sorted (all layers at once in numpy)."""
+def _swap_plan_layers(score: np.ndarray, resident: np.ndarray, newcomer: np.ndarray, k: int, margin: float) -> np.ndarray:
+    """swap_plan over every layer given, each sorted (all layers at once in numpy); newcomer as swap_plan's."""
     n_layers, n_expert = score.shape
     desired = resident.copy()
     rows = np.arange(n_layers)[:, None]
     pos = np.arange(n_expert)[None, :]
-    newcomer = ~resident & (score > 0)
     # Per layer: newcomers best first (ties by index), then every other expert.
     order_new = np.argsort(np.where(newcomer, -score, np.inf), axis=1, kind="stable")
     n_new = newcomer.sum(axis=1)

@@ -278,11 +278,12 @@ class SlotManager:
     def occupied(self) -> int:
         return int((self.expert_of_slot >= 0).sum())
 
-    def plan(self, desired: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The loads (layers, slots, experts) that make the slots hold `desired`; changes nothing."""
+    def plan(self, desired: np.ndarray, resident: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The loads (layers, slots, experts) that make the slots hold `desired`, given `resident` (this
+        manager's resident(), as the policy saw it); changes nothing."""
         if self.n_slots == 0:
             return (np.zeros(0, dtype=np.int64),) * 3
-        return plan_loads(desired, self.expert_of_slot, self.resident())
+        return plan_loads(desired, self.expert_of_slot, resident)
 
     def load(self, layers: np.ndarray, slots: np.ndarray, experts: np.ndarray) -> None:
         """Put each expert into its slot (a plan of the current slots); returns without waiting.

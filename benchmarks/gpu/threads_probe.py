@@ -57,6 +57,11 @@ def chunked(copies, piece: int) -> None:
     copies.issue = issue_in_pieces
 
 
+def set_llama_threads(llm, n: int) -> None:
+    """llama's single-token decode threads alone (its CPU split's OpenMP team); the shim keeps its own."""
+    llama_cpp.llama_set_n_threads(llm.ctx, n, llm.context_params.n_threads_batch)
+
+
 def setup_variant(llm, variant: str, layout, k: int, threads: int) -> None:
     base, *mods = variant.split("+")
     policy, interval = None, llm.hot_cache.rebalance_interval
@@ -68,8 +73,8 @@ def setup_variant(llm, variant: str, layout, k: int, threads: int) -> None:
         llm.hot_cache.set_debug(call_cold_graphs=True)
     elif base.startswith("shim-threads:"):
         llm.hot_cache.set_threads(int(base[13:]))
-    elif base.startswith("llama-threads:"):   # llama's single-token threads alone; the shim keeps its own
-        llama_cpp.llama_set_n_threads(llm.ctx, int(base[14:]), llm.context_params.n_threads_batch)
+    elif base.startswith("llama-threads:"):
+        set_llama_threads(llm, int(base[14:]))
     elif base == "nopool":
         llm.hot_cache.set_thread_pool(None)
     elif base.startswith("pool:"):
@@ -92,7 +97,7 @@ def setup_variant(llm, variant: str, layout, k: int, threads: int) -> None:
         if mod.startswith("chunk"):
             chunked(llm.hot_cache.slots.copies, int(mod[5:]) * 1024)
         elif mod.startswith("llama"):   # as the base llama-threads:N, beside another base
-            llama_cpp.llama_set_n_threads(llm.ctx, int(mod[5:]), llm.context_params.n_threads_batch)
+            set_llama_threads(llm, int(mod[5:]))
         elif mod != "ahead" and not mod.startswith("threads"):
             raise SystemExit(f"unknown modifier {mod!r} in {variant!r}: {VARIANTS}")
 
