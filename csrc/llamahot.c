@@ -1430,13 +1430,15 @@ static bool lh_pool_compute(struct lh_ctx * ctx, struct ggml_cgraph * g, int32_t
     return !atomic_load(&p->failed);
 }
 
+/* Whether a stop's CPU graph g runs on the pool (when the pool is on and g is made of nodes it runs). */
+static bool lh_on_pool(const struct lh_ctx * ctx, struct ggml_cgraph * g) {
+    return ctx->pool_spin_ns >= 0 && ggml_graph_n_nodes(g) > 0 && lh_poolable(g);
+}
+
 /* Whether a stop's CPU graph of `rows` rows reading `weight_bytes` runs on the pool, and on how many
  * threads (0: not on the pool). */
 static int32_t lh_pool_threads(struct lh_ctx * ctx, struct ggml_cgraph * g, int64_t rows, size_t weight_bytes) {
-    if (ctx->pool_spin_ns < 0 || ggml_graph_n_nodes(g) == 0 || !lh_poolable(g)) {
-        return 0;
-    }
-    return lh_stop_threads(ctx, rows, weight_bytes, lh_now_ns());
+    return lh_on_pool(ctx, g) ? lh_stop_threads(ctx, rows, weight_bytes, lh_now_ns()) : 0;
 }
 
 /* A stop with a GPU part: its cold rows start on the pool's workers before the caller submits the GPU
@@ -1478,7 +1480,7 @@ static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct 
             ggml_backend_cpu_set_n_threads(ctx->cpu, n_threads);
             ctx->graph_seq++;
             ctx->graph_t0_ns = lh_now_ns();
-            if (ctx->pool_spin_ns >= 0 && lh_poolable(cpu_graph)) {
+            if (lh_on_pool(ctx, cpu_graph)) {
                 ok = lh_pool_compute(ctx, cpu_graph, n_threads);
             } else {
                 ok = ggml_backend_graph_compute(ctx->cpu, cpu_graph) == GGML_STATUS_SUCCESS;
