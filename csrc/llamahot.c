@@ -1171,6 +1171,46 @@ static void lh_pool_barrier(struct lh_pool * p, int32_t nth) {
 }
 
 static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, void * userdata);
+/* Rows of a sliced node one thread computes: one range, or one in each half of a fused gate_up. */
+struct lh_rows {
+    int n;
+    int64_t begin[2], end[2];
+};
+static void lh_sliced_rows(struct lh_ctx * ctx, struct ggml_tensor * dst, int ith, const struct lh_rows * rows);
+
+/* Element-wise kernels of ggml's CPU backend that libggml-cpu exports without a public header (ops.h);
+ * ggml's own code for a co-sliced node's slice (lh_co_slice). Weak: absent, those nodes run as before.
+ * The parameters are ggml-cpu-impl.h's struct ggml_compute_params of the pinned ggml (the version is
+ * checked when llamahot loads the shim). Not ggml_graph_compute: it enters ggml's global critical
+ * section twice per call (ggml_cpu_init), which 16 threads at once would queue on. */
+struct lh_ggml_compute_params {
+    int ith, nth;
+    size_t wsize;
+    void * wdata;
+    struct ggml_threadpool * threadpool;
+    bool use_ref;
+};
+extern void ggml_compute_forward_glu(const struct lh_ggml_compute_params * params, struct ggml_tensor * dst) __attribute__((weak));
+extern void ggml_compute_forward_add_id(const struct lh_ggml_compute_params * params, struct ggml_tensor * dst) __attribute__((weak));
+
+/* ggml's element-wise kernels take SIMD steps of up to 16 floats (AVX-512) from a row's start and
+ * finish its tail one by one: a slice that starts at a multiple of 16 and ends at one or at the
+ * row's end gets every element from the same instructions as the whole row. */
+#define LH_SLICE_ALIGN 16
+
+/* Thread ith's rows [r0, r1) of n for nth threads: ggml's split, or (aligned) at multiples of
+ * LH_SLICE_ALIGN. */
+static void lh_slice(int64_t n, int ith, int nth, bool aligned, int64_t * r0, int64_t * r1) {
+    if (!aligned) {
+        *r0 = n * ith / nth;
+        *r1 = n * (ith + 1) / nth;
+        return;
+    }
+    const int64_t blocks = (n + LH_SLICE_ALIGN - 1) / LH_SLICE_ALIGN;
+    const int64_t b0 = blocks * ith / nth, b1 = blocks * (ith + 1) / nth;
+    *r0 = b0 * LH_SLICE_ALIGN < n ? b0 * LH_SLICE_ALIGN : n;
+    *r1 = b1 * LH_SLICE_ALIGN < n ? b1 * LH_SLICE_ALIGN : n;
+}
 
 static bool lh_computes_nothing(const struct ggml_tensor * t) {
     return t->op == GGML_OP_NONE || t->op == GGML_OP_VIEW || t->op == GGML_OP_RESHAPE ||
@@ -1260,6 +1300,194 @@ static void lh_ranges_add(struct lh_ranges * r, const struct ggml_tensor * t) {
     r->n++;
 }
 
+/* ---- Co-sliced element-wise nodes ----
+ * Between a stop's sliced matmuls come element-wise nodes (the GLU; gpt-oss's bias ADD_IDs). Each
+ * output element of those needs only the same element of its row sources, so where those are the
+ * sliced matmuls' outputs (or halves of a fused gate_up's, or co-sliced nodes), every thread computes
+ * the element-wise node on the very slice of every row it computed itself: no barrier before it, none
+ * of the threads waiting while one computes it. The matmuls feeding it are then sliced at
+ * LH_SLICE_ALIGN steps (the floats of a matmul row do not depend on the split; those of the
+ * element-wise kernels do not either at those steps, see lh_slice). */
+
+/* Sources of an element-wise node t that are rows like t's own output (the others, a bias table and
+ * its ids, are only read): GLU's two halves, ADD_ID's rows. 0 if t is not of a kind computed here. */
+static int lh_row_sources(const struct ggml_tensor * t) {
+    if (t->op == GGML_OP_GLU && t->src[1] != NULL && ggml_compute_forward_glu != NULL) {
+        return 2;   /* split form: gate and up rows */
+    }
+    if (t->op == GGML_OP_ADD_ID && ggml_compute_forward_add_id != NULL) {
+        return 1;
+    }
+    return 0;
+}
+
+/* The sliced node r is a half of (a fused gate_up whose first or second half it views), else NULL. */
+static const struct ggml_tensor * lh_half_of(const struct ggml_tensor * r) {
+    const struct ggml_tensor * s = r->view_src;
+    if (r->op != GGML_OP_VIEW || s == NULL || !lh_is_sliced(s) || s->ne[0] != 2 * r->ne[0] ||
+        (r->view_offs != 0 && r->view_offs != (size_t) r->ne[0] * s->nb[0]) ||
+        r->nb[1] != s->nb[1] || r->nb[2] != s->nb[2] || r->ne[1] != s->ne[1] || r->ne[2] != s->ne[2]) {
+        return NULL;
+    }
+    return s;
+}
+
+/* How sliced node t of g is split: 1 at aligned steps where an element-wise node of a co-sliced kind
+ * reads it whole, 2 at aligned steps in each half where one reads its halves (a fused gate_up: thread
+ * k computes slice k of the gate and slice k of the up), else (or if both) 0, as ggml splits it. */
+static int lh_slicing_for(struct ggml_cgraph * g, const struct ggml_tensor * t) {
+    int how = 0;
+    for (int j = 0; j < ggml_graph_n_nodes(g); j++) {
+        const struct ggml_tensor * u = ggml_graph_node(g, j);
+        for (int s = 0; s < lh_row_sources(u); s++) {
+            const int use = u->src[s] == t ? 1 : lh_half_of(u->src[s]) == t ? 2 : 0;
+            if (use != 0 && how != 0 && use != how) {
+                return 0;
+            }
+            how = use != 0 ? use : how;
+        }
+    }
+    return how;
+}
+
+/* Whether t is computed slice by slice: a sliced matmul, or an element-wise node of g whose row
+ * sources all are (or are halves of one, split for that), with t's shape: every thread's slice of
+ * them is then its own. */
+static bool lh_co_sliced(struct ggml_cgraph * g, const struct ggml_tensor * t) {
+    if (lh_is_sliced(t)) {
+        return true;
+    }
+    const int n_row_src = lh_row_sources(t);
+    if (n_row_src == 0 || t->type != GGML_TYPE_F32 || !ggml_is_contiguous_1(t)) {
+        return false;
+    }
+    for (int s = 0; s < n_row_src; s++) {
+        const struct ggml_tensor * r = t->src[s], * half = lh_half_of(r);
+        if (r->type != GGML_TYPE_F32 || !ggml_are_same_shape(r, t) || !ggml_is_contiguous_1(r)) {
+            return false;
+        }
+        const bool ok = half != NULL ? lh_slicing_for(g, half) == 2 :
+                        lh_is_sliced(r) ? lh_slicing_for(g, r) == 1 : lh_co_sliced(g, r);
+        if (!ok) {
+            return false;
+        }
+    }
+    return t->op != GGML_OP_ADD_ID || (t->src[1]->type == GGML_TYPE_F32 && t->src[1]->nb[0] == sizeof(float));
+}
+
+/* Thread ith of nth's rows of sliced node i of g (as lh_slicing_for splits it). */
+static struct lh_rows lh_rows_for(struct ggml_cgraph * g, int i, int ith, int nth, bool co_slicing) {
+    const struct ggml_tensor * t = ggml_graph_node(g, i);
+    const int how = co_slicing ? lh_slicing_for(g, t) : 0;
+    struct lh_rows rows = { .n = how == 2 ? 2 : 1 };
+    lh_slice(how == 2 ? t->ne[0] / 2 : t->ne[0], ith, nth, how > 0, &rows.begin[0], &rows.end[0]);
+    if (how == 2) {
+        rows.begin[1] = rows.begin[0] + t->ne[0] / 2;
+        rows.end[1] = rows.end[0] + t->ne[0] / 2;
+    }
+    return rows;
+}
+
+/* Columns [c0, c1) of every row of the co-sliced element-wise node t, by ggml's kernel for t's op on
+ * views of that slice (t's row sources and a bias table sliced alike; ids whole). */
+static void lh_co_slice(struct ggml_tensor * t, int64_t c0, int64_t c1) {
+    if (c1 <= c0) {
+        return;
+    }
+    struct ggml_tensor out = *t, src[GGML_MAX_SRC];
+    for (int s = 0; s < GGML_MAX_SRC; s++) {
+        if (t->src[s] == NULL) {
+            continue;
+        }
+        src[s] = *t->src[s];
+        if (s < lh_row_sources(t) || (t->op == GGML_OP_ADD_ID && s == 1)) {
+            src[s].ne[0] = c1 - c0;
+            src[s].data = (char *) src[s].data + c0 * src[s].nb[0];
+        }
+        out.src[s] = &src[s];
+    }
+    out.ne[0] = c1 - c0;
+    out.data = (char *) out.data + c0 * out.nb[0];
+    const struct lh_ggml_compute_params one = { .ith = 0, .nth = 1 };
+    if (t->op == GGML_OP_GLU) {
+        ggml_compute_forward_glu(&one, &out);
+    } else {
+        ggml_compute_forward_add_id(&one, &out);
+    }
+}
+
+/* Whether t's memory meets a range of r, except a range that is exactly the memory of a row source
+ * t overwrites in place (gallocr reuses it for ADD_ID): each thread rewrites only its own slice. */
+static bool lh_ranges_meet_in_place(const struct lh_ranges * r, const struct ggml_tensor * t) {
+    const char * b = (const char *) t->data, * e = b + ggml_nbytes(t);
+    for (int32_t i = 0; i < r->n; i++) {
+        if (b < r->end[i] && r->begin[i] < e) {
+            bool own = false;
+            for (int s = 0; s < lh_row_sources(t) && !own; s++) {
+                own = t->src[s]->data == t->data && r->begin[i] == b && r->end[i] == e;
+            }
+            if (!own) {
+                return true;
+            }
+        }
+    }
+    return false;
+}
+
+int64_t lh_check_co_slicing(int32_t n, int32_t rows, int32_t max_team) {
+    if (ggml_compute_forward_glu == NULL || n < 1 || rows < 1 || max_team < 1) {
+        return -1;
+    }
+    const size_t bytes = (size_t) n * (size_t) rows * sizeof(float);
+    const size_t mem = (size_t) (GGML_GLU_OP_COUNT + 4) * (bytes + 256) + GGML_GLU_OP_COUNT * ggml_graph_overhead() +
+                       64 * ggml_tensor_overhead() + ((size_t) 1 << 20);   /* + any work buffer of the compute */
+    struct ggml_init_params params = { mem, NULL, false };
+    struct ggml_context * g = ggml_init(params);
+    float * sliced = malloc(bytes);
+    if (g == NULL || sliced == NULL) {
+        ggml_free(g);
+        free(sliced);
+        return -1;
+    }
+    struct ggml_tensor * a = ggml_new_tensor_2d(g, GGML_TYPE_F32, n, rows);
+    struct ggml_tensor * b = ggml_new_tensor_2d(g, GGML_TYPE_F32, n, rows);
+    uint32_t state = 12345;
+    for (int64_t i = 0; i < (int64_t) n * rows; i++) {   /* values in [-8, 8): every branch of the kernels */
+        state = state * 1664525u + 1013904223u;
+        ((float *) a->data)[i] = (float) (state >> 8) / (float) (1 << 24) * 16.0f - 8.0f;
+        state = state * 1664525u + 1013904223u;
+        ((float *) b->data)[i] = (float) (state >> 8) / (float) (1 << 24) * 16.0f - 8.0f;
+    }
+    int64_t differ = 0;
+    for (int op = 0; op < GGML_GLU_OP_COUNT; op++) {
+        struct ggml_tensor * t = op == GGML_GLU_OP_SWIGLU_OAI ? ggml_swiglu_oai(g, a, b, 1.702f, 7.0f) :
+                                 op == GGML_GLU_OP_SWIGLU_CLAMP ? ggml_swiglu_clamp(g, a, b, 7.0f) :
+                                 ggml_glu_split(g, a, b, (enum ggml_glu_op) op);
+        struct ggml_cgraph * graph = ggml_new_graph(g);
+        ggml_build_forward_expand(graph, t);
+        if (ggml_graph_compute_with_ctx(g, graph, 1) != GGML_STATUS_SUCCESS) {
+            differ = -1;
+            break;
+        }
+        for (int32_t team = 1; team <= max_team; team++) {
+            struct ggml_tensor into = *t;
+            into.data = sliced;
+            memset(sliced, 0xff, bytes);   /* NaN: an element no slice wrote differs */
+            for (int32_t me = 0; me < team; me++) {
+                int64_t c0, c1;
+                lh_slice(n, me, team, true, &c0, &c1);
+                lh_co_slice(&into, c0, c1);
+            }
+            for (int64_t i = 0; i < (int64_t) n * rows; i++) {
+                differ += memcmp(&sliced[i], (const float *) t->data + i, sizeof(float)) != 0;
+            }
+        }
+    }
+    ggml_free(g);
+    free(sliced);
+    return differ;
+}
+
 /* One thread's share of graph g (nth threads; every thread decides the same barriers). late_caller:
  * the caller (ith 0) is busy submitting the GPU part when the job starts, so the workers share the
  * rows and the element-wise nodes go to the first worker; the caller only waits for them at the end. */
@@ -1272,25 +1500,37 @@ static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgr
         return;
     }
     const int32_t me = late_caller ? ith - 1 : ith, team = late_caller ? nth - 1 : nth;
+    const bool co_slicing = !(ctx->debug_flags & LH_DEBUG_SERIAL_ELEMENTWISE);
     struct lh_ranges read = { 0 }, written = { 0 };
     for (int i = 0; i < ggml_graph_n_nodes(g); i++) {
         struct ggml_tensor * t = ggml_graph_node(g, i);
         if (lh_computes_nothing(t)) {
             continue;
         }
+        const bool sliced = lh_is_sliced(t), co_sliced = co_slicing && !sliced && lh_co_sliced(g, t);
         /* It reads what was written, or writes what was read or written, since the last barrier:
-         * wait for the others (also when the lists are full). */
+         * wait for the others (also when the lists are full). A co-sliced node's row sources hold
+         * only what this thread wrote in the slice it reads. */
         bool meet = read.n + GGML_MAX_SRC >= LH_POOL_RANGES || written.n + 1 >= LH_POOL_RANGES ||
-                    lh_ranges_meet(&read, t) || lh_ranges_meet(&written, t);
+                    lh_ranges_meet(&read, t) ||
+                    (co_sliced ? lh_ranges_meet_in_place(&written, t) : lh_ranges_meet(&written, t));
         for (int s = 0; s < GGML_MAX_SRC && !meet; s++) {
-            meet = t->src[s] != NULL && lh_ranges_meet(&written, t->src[s]);
+            meet = t->src[s] != NULL && !(co_sliced && s < lh_row_sources(t)) && lh_ranges_meet(&written, t->src[s]);
         }
         if (meet) {
             lh_pool_barrier(p, team);
             read.n = written.n = 0;
         }
-        if (lh_is_sliced(t)) {
-            lh_sliced_mul_mat_id(t, me, team, ctx);
+        if (sliced) {
+            const struct lh_rows rows = lh_rows_for(g, i, me, team, co_slicing);
+            lh_sliced_rows(ctx, t, me, &rows);
+        } else if (co_sliced) {
+            int64_t c0, c1;
+            lh_slice(t->ne[0], me, team, true, &c0, &c1);
+            lh_co_slice(t, c0, c1);
+            if (me == 0) {   /* atomic: the caller updates its counters while early workers run */
+                __atomic_fetch_add(&ctx->counters.co_sliced_nodes, 1, __ATOMIC_RELAXED);
+            }
         } else if (me == 0 && !lh_compute_here(ctx, t)) {
             atomic_store(&p->failed, true);
         }
@@ -1797,10 +2037,10 @@ static void lh_row_stream_advance(struct lh_row_stream * s, size_t bytes) {
  * inside the node (ggml's threads quantize the input together, then wait for each other). Same
  * kernels on the same operands: the same floats, bit for bit. Alone it saves 4-25 us of a 1-row
  * graph on the H100 machine; in the decode the gain is within noise (docs/NOTES.md, session 10).
- * dst is [rows of w, ids->ne[0], ids->ne[1]] as ggml_mul_mat_id's. Each thread also stamps its
- * first entry into a sliced node of the graph (thread_in): how long the team took to start. */
-static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
-    struct lh_ctx * ctx = (struct lh_ctx *) userdata;
+ * dst is [rows of w, ids->ne[0], ids->ne[1]] as ggml_mul_mat_id's; thread ith computes `rows` of
+ * every entry (its lh_slice; both halves' slices where a fused gate_up feeds a co-sliced GLU). Each thread also stamps its first entry into a sliced node of the graph
+ * (thread_in): how long the team took to start. */
+static void lh_sliced_rows(struct lh_ctx * ctx, struct ggml_tensor * dst, int ith, const struct lh_rows * rows) {
     const bool timed = ith < LH_MAX_TIMED_THREADS;
     int64_t node = 0;
     if (timed) {
@@ -1829,7 +2069,6 @@ static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, voi
             }
         }
     }
-    const int64_t r0 = w->ne[1] * ith / nth, r1 = w->ne[1] * (ith + 1) / nth;
     const size_t row_bytes = w->nb[1];
     /* The prefetch cursor: this thread's slice of every entry's expert, in the order computed. */
     struct lh_row_stream pf;
@@ -1837,12 +2076,16 @@ static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, voi
     pf.off = 0;
     pf.bytes = 0;
     const int64_t ahead = ctx->row_prefetch;
-    if (ahead > 0 && r1 > r0 && ids->ne[0] * ids->ne[1] <= LH_PF_SEGMENTS) {
+    if (ahead > 0 && ids->ne[0] * ids->ne[1] * rows->n <= LH_PF_SEGMENTS) {
         for (int64_t t = 0; t < ids->ne[1]; t++) {
             for (int64_t i = 0; i < ids->ne[0]; i++) {
                 const int32_t e = lh_routed_expert(ids, i, t);
-                pf.base[pf.n] = (const char *) w->data + e * w->nb[2] + r0 * row_bytes;
-                pf.len[pf.n++] = (size_t) (r1 - r0) * row_bytes;
+                for (int k = 0; k < rows->n; k++) {
+                    if (rows->end[k] > rows->begin[k]) {
+                        pf.base[pf.n] = (const char *) w->data + e * w->nb[2] + rows->begin[k] * row_bytes;
+                        pf.len[pf.n++] = (size_t) (rows->end[k] - rows->begin[k]) * row_bytes;
+                    }
+                }
             }
         }
         lh_row_stream_advance(&pf, (size_t) ahead);
@@ -1853,11 +2096,13 @@ static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, voi
             const char * x = q + (size_t) (i % b->ne[1] + t * b->ne[1]) * q_row;
             const char * m = (const char *) w->data + e * w->nb[2];
             float * out = (float *) ((char *) dst->data + i * dst->nb[1] + t * dst->nb[2]);
-            for (int64_t r = r0; r < r1; r++) {
-                if (pf.n > 0) {
-                    lh_row_stream_advance(&pf, row_bytes);
+            for (int k = 0; k < rows->n; k++) {
+                for (int64_t r = rows->begin[k]; r < rows->end[k]; r++) {
+                    if (pf.n > 0) {
+                        lh_row_stream_advance(&pf, row_bytes);
+                    }
+                    traits->vec_dot((int) w->ne[0], out + r, 0, m + r * w->nb[1], 0, x, 0, 1);
                 }
-                traits->vec_dot((int) w->ne[0], out + r, 0, m + r * w->nb[1], 0, x, 0, 1);
             }
         }
     }
@@ -1867,6 +2112,12 @@ static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, voi
     if (timed && node < LH_TIMED_NODES) {
         ctx->thread_in[ith].out[node] = lh_now_ns() - ctx->graph_t0_ns;
     }
+}
+
+static void lh_sliced_mul_mat_id(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    struct lh_rows rows = { .n = 1 };
+    lh_slice(dst->ne[0], ith, nth, false, &rows.begin[0], &rows.end[0]);
+    lh_sliced_rows((struct lh_ctx *) userdata, dst, ith, &rows);
 }
 
 /* A part's expert matmul w @ b: by lh_sliced_mul_mat_id where it gives ggml's floats (a single-token

@@ -56,6 +56,9 @@ enum lh_debug_flags {
                                          its share (to measure what starting them first saves) */
     LH_DEBUG_CALL_COLD_GRAPHS = 512, /* benchmarks: build a single-token stop's cold CPU graph per call, never
                                         the layer's persistent one (to measure what replaying it saves) */
+    LH_DEBUG_SERIAL_ELEMENTWISE = 1024, /* benchmarks: the element-wise nodes between a pool graph's sliced
+                                           matmuls (the GLU) on one thread between two barriers, never each
+                                           thread's own slice (to measure what co-slicing saves) */
 };
 
 /* Callbacks timeline mode keeps (a ring of the latest). */
@@ -98,6 +101,7 @@ struct lh_counters {
     int64_t sliced_node_last_in_ns[4];
     int64_t sliced_node_last_out_ns[4];
     int64_t pool_graphs;       /* stops' CPU graphs run on the shim's own threads (lh_set_pool) */
+    int64_t co_sliced_nodes;   /* ... their element-wise nodes each thread computed on its own slices */
     int64_t early_pool_graphs; /* ... of which started before the hot part's GPU submission: the workers
                                   compute the cold rows while the caller submits */
     int64_t fence_waits;       /* stops that waited for copies into their layer's slots (lh_set_fence) */
@@ -212,6 +216,12 @@ int32_t lh_timeline(struct lh_ctx * ctx, struct lh_event * out, int32_t capacity
 /* Undo graph changes a computation left behind (one aborted between a node's ask and its answer):
  * call after every decode. Returns how many nodes it restored (0 normally). */
 int32_t lh_restore(struct lh_ctx * ctx);
+
+/* Self-check of co-slicing (tests): every GLU kind of ggml on `rows` rows of n pseudo-random floats,
+ * computed whole by ggml's graph compute and slice by slice as a pool's threads compute it, for teams
+ * of 1 to max_team threads. Returns the elements whose bits differ (0: co-slicing is exact on this
+ * CPU), or -1 if ggml could not run it or the kernels are not exported. */
+int64_t lh_check_co_slicing(int32_t n, int32_t rows, int32_t max_team);
 
 /* The ggml version the shim was compiled against (from the vendored headers). */
 const char * lh_built_ggml_version(void);

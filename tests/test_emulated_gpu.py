@@ -328,13 +328,26 @@ def test_sliced_matmuls_prefetch_their_rows_ahead(moe_model):
     llm.close()
 
 
+@pytest.mark.parametrize("n", [768, 100, 5], ids=["qwen3-ff", "ragged", "shorter-than-a-step"])
+def test_co_sliced_glu_is_bit_exact_on_this_cpu(n):
+    """Co-slicing computes each GLU kind of ggml slice by slice at LH_SLICE_ALIGN steps: every element
+    has the bits of ggml's whole-row kernel, for teams of 1 to 17 threads. (Small differences there
+    mostly vanish in the down matmul's input quantization, so the logits tests alone would not see
+    them: slicing at single elements fails this test, not them.)"""
+    from llamahot._shim import lib
+    assert lib.lh_check_co_slicing(n, 3, 17) == 0
+    assert lib.lh_check_co_slicing(0, 3, 17) == -1   # nothing to check
+
+
 @pytest.mark.parametrize("spin_ms", [0.0, 5.0], ids=["sleep-at-once", "spin"])
 def test_single_token_stops_on_the_shims_own_threads(moe_model, spin_ms):
-    """set_thread_pool: single-token stops run their CPU graphs (sliced matmuls, then the GLU and other
-    element-wise nodes on one thread with ggml's code) on the shim's own threads: logits bit-identical
-    with poison, every row identical to llama's at node level, on 1 and 2 threads; off again, ggml's
-    graph compute takes over. A stop with a GPU part starts its cold rows on the workers before the
-    caller submits that part (early); the same bits when they start after it (cold_after_submit)."""
+    """set_thread_pool: single-token stops run their CPU graphs (sliced matmuls, and the GLU and bias
+    ADD_IDs between them each thread on the slices it computed, with ggml's kernels) on the shim's own
+    threads: logits bit-identical with poison, every row identical to llama's at node level, on 1, 2
+    and 4 threads (uneven slices: 3 workers); off again, ggml's graph compute takes over. A stop with a
+    GPU part starts its cold rows on the workers before the caller submits that part (early); the same
+    bits when they start after it (cold_after_submit), and with the element-wise nodes on one thread
+    between barriers (serial_elementwise)."""
     layout = read_moe_layout(moe_model)
     expected = reference_logits(moe_model)
     llm = llamahot.Llama(moe_model, hot_experts=max(1, layout.n_expert // 4), rebalance_interval=8,
@@ -349,12 +362,30 @@ def test_single_token_stops_on_the_shims_own_threads(moe_model, spin_ms):
     # Those with a hot part on the device started before its submission (the others have no GPU part).
     assert 0 < stats["early_pool_graphs"] <= stats["pool_graphs"]
     assert 0 < stats["stop_setup_ms"] < stats["redirect_ms"]   # split, graphs, gathers: part of each stop
+    # Every graph's GLU (gpt-oss: also the gate's and up's bias ADD_IDs) ran on each thread's slices.
+    glu_and_biases = 3 if "gptoss" in moe_model else 1
+    assert stats["co_sliced_nodes"] == glu_and_biases * stats["cpu_runs"]
     # The cold rows after the submission, the caller computing its share: the same bits.
     llm.hot_cache.set_debug(poison=True, all_threads=True, cold_after_submit=True)
     llm.hot_cache.reset()
     assert_bit_identical(expected[: len(llm.tokenize(PROMPT)) + 16], greedy(llm, steps=16))
     stats = llm.hot_cache.stats()
     assert stats["pool_graphs"] > 0 and stats["early_pool_graphs"] == 0
+    assert stats["co_sliced_nodes"] == glu_and_biases * stats["sliced_graphs"] > 0   # the prompt's graphs: ggml's
+    # Four threads (three workers while the caller submits: slices of unequal length), both orders.
+    llm.hot_cache.set_threads(4)
+    for cold_after_submit in (False, True):
+        llm.hot_cache.set_debug(poison=True, all_threads=True, cold_after_submit=cold_after_submit)
+        llm.hot_cache.reset()
+        assert_bit_identical(expected[: len(llm.tokenize(PROMPT)) + 16], greedy(llm, steps=16))
+        assert llm.hot_cache.stats()["co_sliced_nodes"] == glu_and_biases * llm.hot_cache.stats()["sliced_graphs"] > 0
+    llm.hot_cache.set_threads(LLAMA_KW["n_threads"])
+    # The element-wise nodes on one thread between barriers (as before co-slicing): the same bits.
+    llm.hot_cache.set_debug(poison=True, all_threads=True, serial_elementwise=True)
+    llm.hot_cache.reset()
+    assert_bit_identical(expected[: len(llm.tokenize(PROMPT)) + 16], greedy(llm, steps=16))
+    stats = llm.hot_cache.stats()
+    assert stats["pool_graphs"] > 0 and stats["co_sliced_nodes"] == 0
     # A CPU graph that takes ggml's way (its matmuls not sliced) does not run on the pool.
     llm.hot_cache.set_debug(poison=True, all_threads=True, ggml_matmuls=True)
     llm.hot_cache.reset()
