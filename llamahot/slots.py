@@ -10,6 +10,7 @@ emulated GPU of the tests takes the same path, its copies landing only when the 
 from __future__ import annotations
 
 import ctypes
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -194,17 +195,24 @@ def plan_loads(desired: np.ndarray, expert_of_slot: np.ndarray,
 
     In each layer, the wanted newcomers (desired, not resident; in expert order) go into the free
     slots (empty, or holding an expert that `desired` drops; in slot order), as many as both allow.
+    Both are flat indices of their (few) True entries: np.nonzero of a 2-D mask costs 5x more.
     """
-    n_layers, _ = expert_of_slot.shape
-    rows = np.arange(n_layers)[:, None]
-    wanted = desired & ~resident
-    held = expert_of_slot >= 0
-    free = ~held | (resident & ~desired)[rows, np.where(held, expert_of_slot, 0)]
-    n = np.minimum(free.sum(axis=1), wanted.sum(axis=1))[:, None]
-    # np.nonzero walks row by row, so the k-th free slot of a layer pairs with its k-th newcomer.
-    layers, slots = np.nonzero(free & (np.cumsum(free, axis=1) <= n))
-    _, experts = np.nonzero(wanted & (np.cumsum(wanted, axis=1) <= n))
-    return layers, slots, experts
+    n_layers, n_slots = expert_of_slot.shape
+    n_expert = desired.shape[1]
+    dropped = resident & ~desired
+    layer_start = np.arange(0, n_layers * n_expert, n_expert)[:, None]
+    holds_dropped = dropped.take(layer_start + np.maximum(expert_of_slot, 0))
+    new_layer, experts = np.divmod(np.flatnonzero(desired & ~resident), n_expert)
+    free_layer, slots = np.divmod(np.flatnonzero((expert_of_slot < 0) | holds_dropped), n_slots)
+    # The k-th free slot of a layer takes its k-th newcomer, as many as both allow.
+    n = np.minimum(np.bincount(new_layer, minlength=n_layers), np.bincount(free_layer, minlength=n_layers))
+    use = _rank(free_layer) < n[free_layer]
+    return free_layer[use], slots[use], experts[_rank(new_layer) < n[new_layer]]
+
+
+def _rank(layer: np.ndarray) -> np.ndarray:
+    """Position of each entry among those of its layer (layer ascending)."""
+    return np.arange(len(layer)) - np.searchsorted(layer, layer)
 
 
 @dataclass
@@ -223,8 +231,12 @@ class SlotManager:
         n = self.n_layers * max(self.n_slots, 1)
         self.expert_of_slot = np.frombuffer(ffi.buffer(lib.lh_expert_of_slot(self.ctx), n * 4), dtype=np.int32)
         self.expert_of_slot = self.expert_of_slot[: self.n_layers * self.n_slots].reshape(self.n_layers, self.n_slots)
+        # Its inverse, kept by the shim with it (-1: in no slot): resident() in one comparison.
+        self.slot_of_expert = np.frombuffer(ffi.buffer(lib.lh_slot_of_expert(self.ctx), self.n_layers * self.n_expert * 4),
+                                            dtype=np.int32).reshape(self.n_layers, self.n_expert)
         self.copies = None
         self.group_of_layer = layer_groups(self.n_layers)
+        self._group_of_layer = self.group_of_layer.tolist()   # for load(), per load
         if self.n_slots > 0 and self.kind in ("cuda", "emulated-gpu"):
             n_groups = int(self.group_of_layer[-1]) + 1
             self.use_copies(_CudaCopies(n_groups) if self.kind == "cuda" else _HostCopies(n_groups))
@@ -270,10 +282,7 @@ class SlotManager:
     def resident(self) -> np.ndarray:
         """bool [n_layers, n_expert]: experts in a slot (published; with asynchronous copies
         possibly still landing)."""
-        mask = np.zeros((self.n_layers, self.n_expert), dtype=bool)
-        layers, slots = np.nonzero(self.expert_of_slot >= 0)
-        mask[layers, self.expert_of_slot[layers, slots]] = True
-        return mask
+        return self.slot_of_expert >= 0
 
     def occupied(self) -> int:
         return int((self.expert_of_slot >= 0).sum())
@@ -293,30 +302,32 @@ class SlotManager:
         before next reading that layer's slots (copies run while the GPU and CPU decode)."""
         if self.n_slots == 0:
             return
-        loads = list(zip(layers.tolist(), slots.tolist(), experts.tolist()))
-        for layer, slot, _ in loads:
-            self._check(lib.lh_slot_unpublish(self.ctx, layer, slot))
+        ctx, check = self.ctx, self._check
+        layer_list, slot_list, expert_list = layers.tolist(), slots.tolist(), experts.tolist()
+        for layer, slot in zip(layer_list, slot_list):
+            check(lib.lh_slot_unpublish(ctx, layer, slot))
+        nbytes = self.nbytes[layers].ravel().tolist()   # per load, its matrices' sizes ([n_loads, n_proj])
         if self.copies is None:
-            for layer, slot, expert in loads:
-                self._check(lib.lh_slot_load(self.ctx, layer, slot, expert))
-        elif loads:
-            # Per load, its matrices' addresses ([n_loads, n_proj]); issued group by group (the loads
-            # come in layer order, so each group's are one run).
+            for layer, slot, expert in zip(layer_list, slot_list, expert_list):
+                check(lib.lh_slot_load(ctx, layer, slot, expert))
+        elif layer_list:
+            # Per load, its matrices' addresses; issued group by group (the loads come in layer order,
+            # so each group's are one run), each group's fence set on its layers.
             src = self.src[layers, :, experts].ravel().tolist()
             dst = self.dst[layers, :, slots].ravel().tolist()
-            nbytes = self.nbytes[layers].ravel().tolist()
-            groups = self.group_of_layer[layers].tolist()
             n_proj, begin = len(self.projections), 0
-            for end in [*(np.flatnonzero(np.diff(groups)) + 1).tolist(), len(loads)]:
+            for group, run in itertools.groupby(layer_list, self._group_of_layer.__getitem__):
+                run = list(run)
+                end = begin + len(run)
                 cut = slice(begin * n_proj, end * n_proj)
-                fence = self.copies.issue(groups[begin], dst[cut], src[cut], nbytes[cut], end - begin)
-                for layer in sorted({layer for layer, _, _ in loads[begin:end]}):
-                    self._check(lib.lh_set_fence(self.ctx, layer, ffi.cast("void *", fence)))
+                fence = ffi.cast("void *", self.copies.issue(group, dst[cut], src[cut], nbytes[cut], len(run)))
+                for layer in sorted(set(run)):
+                    check(lib.lh_set_fence(ctx, layer, fence))
                 begin = end
-        for layer, slot, expert in loads:
-            self._check(lib.lh_slot_publish(self.ctx, layer, slot, expert))
-        self.stats.bytes_moved += int(self.nbytes[layers].sum())
-        self.stats.experts_loaded += len(loads)
+        for layer, slot, expert in zip(layer_list, slot_list, expert_list):
+            check(lib.lh_slot_publish(ctx, layer, slot, expert))
+        self.stats.bytes_moved += sum(nbytes)
+        self.stats.experts_loaded += len(layer_list)
         self.stats.rebalances += 1   # its stall is timed by the caller (HotCache.rebalance), policy included
         self.update_pending()
 

@@ -56,6 +56,7 @@ def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_
         assert stats["hits"] > 0 and stats["ffn_redirects"] > 0
         if k < layout.n_expert:   # cold rows: on the pool when it is on
             assert (stats["pool_graphs"] > 0) == (pool is not None)
+            assert (stats["co_sliced_nodes"] > 0) == (pool is not None)   # the GLU on each thread's slices
             assert stats["row_prefetch_bytes"] > 0   # the sliced matmuls prefetch ahead of their rows (default)
         # Single-token steps ran the layers' persistent hot graphs (K >= n_expert_used here), whose
         # inputs lie together in CUDA memory and go up in one copy.

@@ -1,10 +1,14 @@
-"""plan_loads: which copies turn the slots into a policy's desired hot set (all layers at once)."""
+"""plan_loads: which copies turn the slots into a policy's desired hot set (all layers at once); the
+resident mask the slot manager reads from the shim."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+import llamahot
 from llamahot.slots import plan_loads
+
+from conftest import LLAMA_KW
 
 
 def plan_one_layer_at_a_time(desired, expert_of_slot, resident):
@@ -49,3 +53,27 @@ def test_plan_loads_without_changes_copies_nothing():
     resident[0, [3, 1]] = True
     layers, slots, experts = plan_loads(resident.copy(), expert_of_slot, resident)
     assert layers.size == slots.size == experts.size == 0
+
+
+@pytest.mark.parametrize("slot_device", ["host", "emulated-gpu"])
+def test_resident_mask_follows_the_slots(text_model, slot_device):
+    """SlotManager.resident() reads the shim's expert -> slot map: after every rebalance (and a
+    resize) it is the mask of the experts in expert_of_slot."""
+    llm = llamahot.Llama(text_model, hot_experts=3, rebalance_interval=1, slot_device=slot_device, **LLAMA_KW)
+    cache = llm.hot_cache
+
+    def mask_of_slots():
+        slots = cache.slots
+        mask = np.zeros((slots.n_layers, slots.n_expert), bool)
+        layers, index = np.nonzero(slots.expert_of_slot >= 0)
+        mask[layers, slots.expert_of_slot[layers, index]] = True
+        return mask
+
+    llm.eval(llm.tokenize(b"def f(x):\n"))
+    for step, token in enumerate([42, 7, 99, 13, 5, 61]):
+        if step == 3:
+            cache.set_hot_experts(2)
+        llm.eval([token])
+        assert cache.slots.occupied() > 0
+        np.testing.assert_array_equal(cache.slots.resident(), mask_of_slots())
+    llm.close()
