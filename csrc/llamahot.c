@@ -1284,10 +1284,12 @@ struct lh_ranges {
     const char * end[LH_POOL_RANGES];
 };
 
-static bool lh_ranges_meet(const struct lh_ranges * r, const struct ggml_tensor * t) {
+/* Whether t's memory meets a range of r; own_range: except a range that is exactly t's own memory
+ * (a co-sliced node computed in place over its row source: each thread rewrites only its slice). */
+static bool lh_ranges_meet(const struct lh_ranges * r, const struct ggml_tensor * t, bool own_range) {
     const char * b = (const char *) t->data, * e = b + ggml_nbytes(t);
     for (int32_t i = 0; i < r->n; i++) {
-        if (b < r->end[i] && r->begin[i] < e) {
+        if (b < r->end[i] && r->begin[i] < e && !(own_range && r->begin[i] == b && r->end[i] == e)) {
             return true;
         }
     }
@@ -1416,19 +1418,12 @@ static void lh_co_slice(struct ggml_tensor * t, int64_t c0, int64_t c1) {
     }
 }
 
-/* Whether t's memory meets a range of r, except a range that is exactly the memory of a row source
- * t overwrites in place (gallocr reuses it for ADD_ID): each thread rewrites only its own slice. */
-static bool lh_ranges_meet_in_place(const struct lh_ranges * r, const struct ggml_tensor * t) {
-    const char * b = (const char *) t->data, * e = b + ggml_nbytes(t);
-    for (int32_t i = 0; i < r->n; i++) {
-        if (b < r->end[i] && r->begin[i] < e) {
-            bool own = false;
-            for (int s = 0; s < lh_row_sources(t) && !own; s++) {
-                own = t->src[s]->data == t->data && r->begin[i] == b && r->end[i] == e;
-            }
-            if (!own) {
-                return true;
-            }
+/* Whether the co-sliced node t computes in place over one of its row sources (gallocr reuses a row
+ * source's memory for ADD_ID). */
+static bool lh_in_place(const struct ggml_tensor * t) {
+    for (int s = 0; s < lh_row_sources(t); s++) {
+        if (t->src[s]->data == t->data) {
+            return true;
         }
     }
     return false;
@@ -1512,10 +1507,9 @@ static void lh_pool_run(struct lh_ctx * ctx, struct lh_pool * p, struct ggml_cgr
          * wait for the others (also when the lists are full). A co-sliced node's row sources hold
          * only what this thread wrote in the slice it reads. */
         bool meet = read.n + GGML_MAX_SRC >= LH_POOL_RANGES || written.n + 1 >= LH_POOL_RANGES ||
-                    lh_ranges_meet(&read, t) ||
-                    (co_sliced ? lh_ranges_meet_in_place(&written, t) : lh_ranges_meet(&written, t));
+                    lh_ranges_meet(&read, t, false) || lh_ranges_meet(&written, t, co_sliced && lh_in_place(t));
         for (int s = 0; s < GGML_MAX_SRC && !meet; s++) {
-            meet = t->src[s] != NULL && !(co_sliced && s < lh_row_sources(t)) && lh_ranges_meet(&written, t->src[s]);
+            meet = t->src[s] != NULL && !(co_sliced && s < lh_row_sources(t)) && lh_ranges_meet(&written, t->src[s], false);
         }
         if (meet) {
             lh_pool_barrier(p, team);
@@ -2038,8 +2032,9 @@ static void lh_row_stream_advance(struct lh_row_stream * s, size_t bytes) {
  * kernels on the same operands: the same floats, bit for bit. Alone it saves 4-25 us of a 1-row
  * graph on the H100 machine; in the decode the gain is within noise (docs/NOTES.md, session 10).
  * dst is [rows of w, ids->ne[0], ids->ne[1]] as ggml_mul_mat_id's; thread ith computes `rows` of
- * every entry (its lh_slice; both halves' slices where a fused gate_up feeds a co-sliced GLU). Each thread also stamps its first entry into a sliced node of the graph
- * (thread_in): how long the team took to start. */
+ * every entry (its lh_slice; both halves' slices where a fused gate_up feeds a co-sliced GLU). Each
+ * thread also stamps its first entry into a sliced node of the graph (thread_in): how long the team
+ * took to start. */
 static void lh_sliced_rows(struct lh_ctx * ctx, struct ggml_tensor * dst, int ith, const struct lh_rows * rows) {
     const bool timed = ith < LH_MAX_TIMED_THREADS;
     int64_t node = 0;

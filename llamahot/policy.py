@@ -80,7 +80,12 @@ def _by_layer(flat: np.ndarray, key: np.ndarray, n_expert: int):
     layer = flat // n_expert
     order = np.lexsort((key, layer))   # stable
     flat, layer, key = flat[order], layer[order], key[order]
-    return flat, layer, key, np.arange(len(layer)) - np.searchsorted(layer, layer)
+    return flat, layer, key, rank_in_layer(layer)
+
+
+def rank_in_layer(layer: np.ndarray) -> np.ndarray:
+    """Position of each entry among those of its layer (`layer` ascending)."""
+    return np.arange(len(layer)) - np.searchsorted(layer, layer)
 
 
 class DecayedFrequency:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llamahot._shim import ffi, lib
+from llamahot.policy import rank_in_layer
 
 
 # VRAM left free besides the slots: the shim's compact graphs, GPU copies of expert biases, and
@@ -206,13 +207,8 @@ def plan_loads(desired: np.ndarray, expert_of_slot: np.ndarray,
     free_layer, slots = np.divmod(np.flatnonzero((expert_of_slot < 0) | holds_dropped), n_slots)
     # The k-th free slot of a layer takes its k-th newcomer, as many as both allow.
     n = np.minimum(np.bincount(new_layer, minlength=n_layers), np.bincount(free_layer, minlength=n_layers))
-    use = _rank(free_layer) < n[free_layer]
-    return free_layer[use], slots[use], experts[_rank(new_layer) < n[new_layer]]
-
-
-def _rank(layer: np.ndarray) -> np.ndarray:
-    """Position of each entry among those of its layer (layer ascending)."""
-    return np.arange(len(layer)) - np.searchsorted(layer, layer)
+    use = rank_in_layer(free_layer) < n[free_layer]
+    return free_layer[use], slots[use], experts[rank_in_layer(new_layer) < n[new_layer]]
 
 
 @dataclass
