@@ -225,6 +225,12 @@ struct lh_ctx {
     float cold_on_device;
     struct lh_miss_scratch miss_scratch[LH_MAX_MISS_SCRATCH];
     int32_t n_miss_scratch;
+    struct lh_part_graph * dev_graphs; /* [n_moe_layers][LH_COLD_GRAPH_ROWS]: device cold parts by rows */
+    /* The device cold rows' expert copies go on a stream of their own (a second backend on the GPU)
+     * and the part waits for them with an event, so the hot part computes meanwhile; NULL where the
+     * device has no events (the emulated GPU): the copies go on `gpu`, in order. */
+    ggml_backend_t copy_gpu;
+    ggml_backend_event_t copies_done;
     struct lh_entry * dev_cold;        /* the cold entries sent to the device; matrix = scratch row */
     int32_t * dev_expert_of;           /* scratch row -> expert (like expert_of_slot for slots) */
     size_t dev_cold_cap;
@@ -354,6 +360,12 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     }
     free(ctx->ffn_mode);
     free(ctx->fences);
+    if (ctx->copies_done) {
+        ggml_backend_event_free(ctx->copies_done);
+    }
+    if (ctx->copy_gpu) {
+        ggml_backend_free(ctx->copy_gpu);
+    }
     if (ctx->gpu) {
         ggml_backend_free(ctx->gpu);
     }
@@ -383,11 +395,12 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     free(ctx->one_graph_mem);
     free(ctx->one_work);
     free(ctx->hot_graphs);
-    if (ctx->cold_graphs) {
-        for (int32_t i = 0; i < ctx->n_moe_layers * LH_COLD_GRAPH_ROWS; i++) {
-            lh_part_graph_free(&ctx->cold_graphs[i]);
+    struct lh_part_graph * by_rows[2] = { ctx->cold_graphs, ctx->dev_graphs };
+    for (int k = 0; k < 2; k++) {
+        for (int32_t i = 0; by_rows[k] != NULL && i < ctx->n_moe_layers * LH_COLD_GRAPH_ROWS; i++) {
+            lh_part_graph_free(&by_rows[k][i]);
         }
-        free(ctx->cold_graphs);
+        free(by_rows[k]);
     }
     free(ctx->dev_cold);
     free(ctx->dev_expert_of);
@@ -681,6 +694,9 @@ int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_
             lh_error(ctx, "could not initialise GPU device %s", ggml_backend_dev_name(dev));
             return -1;
         }
+        /* A stream for the device cold rows' expert copies (without events: on `gpu`, in order). */
+        ctx->copies_done = ggml_backend_event_new(dev);
+        ctx->copy_gpu = ctx->copies_done ? ggml_backend_dev_init(dev, NULL) : NULL;
     } else if (kind == LH_SLOTS_EMULATED_GPU) {
         ctx->gpu = ggml_backend_cpu_init();
         if (!ctx->gpu) {
@@ -2308,14 +2324,22 @@ static uint64_t lh_ffn_signature(const struct lh_ffn * f) {
     return h;
 }
 
+/* Which part a persistent graph computes (lh_part_graph_get). */
+enum lh_part_kind {
+    LH_PART_HOT,   /* on the device, from the slots */
+    LH_PART_COLD,  /* on the CPU, from the original weights */
+    LH_PART_DEV,   /* cold rows on the device, from scratch matrices their experts are copied into */
+};
+
 /* A layer's persistent graph for single-token decode, built on first use: its hot part on the device
- * (`rows` = n_expert_used, padded), or its cold part on the CPU with exactly `rows` rows
- * (one per row count up to LH_COLD_GRAPH_ROWS: a stop then only gathers its inputs, no graph is built
- * or allocated; ~5 us of a stop on the development box). */
-static struct lh_part_graph * lh_part_graph_get(struct lh_ctx * ctx, const struct lh_ffn * f, int64_t rows, bool cold) {
-    struct lh_part_graph ** table = cold ? &ctx->cold_graphs : &ctx->hot_graphs;
-    const int64_t per_layer = cold ? LH_COLD_GRAPH_ROWS : 1;
-    if (cold && (rows < 1 || rows > LH_COLD_GRAPH_ROWS)) {
+ * (`rows` = n_expert_used, padded), or its cold part on the CPU, or the device share of its cold rows,
+ * with exactly `rows` rows (one per row count up to LH_COLD_GRAPH_ROWS: a stop then only gathers its
+ * inputs, no graph is built or allocated; ~5 us of a stop on the development box). */
+static struct lh_part_graph * lh_part_graph_get(struct lh_ctx * ctx, const struct lh_ffn * f, int64_t rows,
+                                                enum lh_part_kind kind) {
+    struct lh_part_graph ** table = kind == LH_PART_HOT ? &ctx->hot_graphs : kind == LH_PART_COLD ? &ctx->cold_graphs : &ctx->dev_graphs;
+    const int64_t per_layer = kind == LH_PART_HOT ? 1 : LH_COLD_GRAPH_ROWS;
+    if (kind != LH_PART_HOT && (rows < 1 || rows > LH_COLD_GRAPH_ROWS)) {
         return NULL;
     }
     if (*table == NULL) {
@@ -2324,7 +2348,7 @@ static struct lh_part_graph * lh_part_graph_get(struct lh_ctx * ctx, const struc
             return NULL;
         }
     }
-    struct lh_part_graph * h = &(*table)[f->layer * per_layer + (cold ? rows - 1 : 0)];
+    struct lh_part_graph * h = &(*table)[f->layer * per_layer + (kind == LH_PART_HOT ? 0 : rows - 1)];
     const bool ggml_matmuls = ctx->debug_flags & LH_DEBUG_GGML_MATMULS;
     if (h->g != NULL && h->ggml_matmuls != ggml_matmuls) {
         lh_part_graph_free(h);  /* built the other way */
@@ -2339,13 +2363,19 @@ static struct lh_part_graph * lh_part_graph_get(struct lh_ctx * ctx, const struc
         memcpy(h->nodes, f->nodes, sizeof(f->nodes[0]) * (size_t) f->n_nodes);
         return h;
     }
+    /* The device part's scratch: shared by layers of one shape, allocated once, never moved. */
+    struct lh_miss_scratch * scratch = kind == LH_PART_DEV ? lh_miss_scratch_for(ctx, f->layer, f->down->src[2]->ne[0]) : NULL;
+    if (kind == LH_PART_DEV && scratch == NULL) {
+        return NULL;
+    }
     lh_part_graph_free(h);
     struct ggml_init_params params = {
         ggml_tensor_overhead() * (2 * LH_FFN_MAX_NODES + 16) + ggml_graph_overhead_custom(2 * LH_FFN_MAX_NODES + 8, false),
         NULL, true };
     struct lh_layer * layer = &ctx->layers[f->layer];
+    struct ggml_tensor * const * matrices = kind == LH_PART_HOT ? layer->slot : kind == LH_PART_COLD ? layer->weight : scratch->matrix;
     h->g = ggml_init(params);
-    if (h->g == NULL || !lh_ffn_build_part(ctx, h->g, f, cold ? layer->weight : layer->slot, !cold, rows, true, &h->part)) {
+    if (h->g == NULL || !lh_ffn_build_part(ctx, h->g, f, matrices, kind != LH_PART_COLD, rows, true, &h->part)) {
         lh_part_graph_free(h);
         return NULL;
     }
@@ -2356,12 +2386,12 @@ static struct lh_part_graph * lh_part_graph_get(struct lh_ctx * ctx, const struc
             h->experts_used |= ggml_graph_node(h->graph, i)->src[j] == h->part.experts;
         }
     }
-    h->buffer = ggml_backend_alloc_ctx_tensors(h->g, cold ? ctx->cpu : ctx->gpu);
+    h->buffer = ggml_backend_alloc_ctx_tensors(h->g, kind == LH_PART_COLD ? ctx->cpu : ctx->gpu);
     if (h->buffer == NULL) {
         lh_part_graph_free(h);
         return NULL;
     }
-    if (!cold) {
+    if (kind != LH_PART_COLD) {
         lh_part_one_upload(&h->part);
     }
     h->rows = rows;
@@ -2454,41 +2484,51 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         }
     }
     struct lh_part_graph * persistent = hot_on_gpu && one_token && (n_hot == ids->ne[0] || pad_slot >= 0) &&
-        !(ctx->debug_flags & LH_DEBUG_CALL_GRAPHS) ? lh_part_graph_get(ctx, f, ids->ne[0], false) : NULL;
-    /* Single-token decode: a share of the cold experts goes to the device (copied into scratch
-     * matrices, computed there) while the CPU computes the others: the last n_dev cold entries. */
+        !(ctx->debug_flags & LH_DEBUG_CALL_GRAPHS) ? lh_part_graph_get(ctx, f, ids->ne[0], LH_PART_HOT) : NULL;
+    /* Single-token decode: a share of the cold rows (the last n_dev cold entries) goes to the device.
+     * Their experts are copied into scratch matrices, first thing, on a stream of their own, and the
+     * layer's persistent graph for that many rows computes them there once the copies are done, while
+     * the CPU computes the other cold rows: the DMA engine reads host memory beside the CPU. */
     int64_t n_dev = 0;
+    struct lh_part_graph * dev_graph = NULL;
     struct lh_miss_scratch * scratch = NULL;
     if (ctx->gpu != NULL && one_token && ctx->cold_on_device > 0.0f && n_cold > 0 &&
         !(ctx->debug_flags & LH_DEBUG_SKIP_COMPUTE)) {
-        n_dev = (int64_t) ((float) n_cold * ctx->cold_on_device + 0.5f);  /* rounded */
-        n_dev = n_dev < ids->ne[0] ? n_dev : ids->ne[0];
-        scratch = n_dev > 0 ? lh_miss_scratch_for(ctx, f->layer, ids->ne[0]) : NULL;
+        n_dev = (int64_t) ((float) n_cold * ctx->cold_on_device + 0.5f);  /* rounded; share <= 1 */
+        dev_graph = n_dev > 0 ? lh_part_graph_get(ctx, f, n_dev, LH_PART_DEV) : NULL;
+        scratch = dev_graph != NULL ? lh_miss_scratch_for(ctx, f->layer, ids->ne[0]) : NULL;
         size_t cap = ctx->dev_cold_cap, cap2 = ctx->dev_cold_cap;
         if (scratch == NULL || !lh_grow((void **) &ctx->dev_cold, &cap, (size_t) n_dev, sizeof(struct lh_entry)) ||
             !lh_grow((void **) &ctx->dev_expert_of, &cap2, (size_t) n_dev, sizeof(int32_t))) {
-            n_dev = 0;
+            n_dev = 0;  /* the CPU computes them all */
         } else {
             ctx->dev_cold_cap = cap < cap2 ? cap : cap2;
             n_cold -= n_dev;
+            ggml_backend_t copier = ctx->copy_gpu != NULL ? ctx->copy_gpu : ctx->gpu;
             for (int64_t i = 0; i < n_dev; i++) {  /* entry i computes from scratch row i */
                 ctx->dev_cold[i] = ctx->cold[n_cold + i];
                 ctx->dev_expert_of[i] = ctx->dev_cold[i].matrix;
                 ctx->dev_cold[i].matrix = (int32_t) i;
+                for (int p = 0; p < LH_PROJ_COUNT; p++) {  /* from pinned host memory: asynchronous */
+                    const struct ggml_tensor * w = ctx->layers[f->layer].weight[p];
+                    if (w != NULL) {
+                        ggml_backend_tensor_set_async(copier, scratch->matrix[p], (const char *) w->data + ctx->dev_expert_of[i] * w->nb[2],
+                                                      (size_t) i * w->nb[2], w->nb[2]);
+                    }
+                }
+            }
+            if (ctx->copy_gpu != NULL) {
+                ggml_backend_event_record(ctx->copies_done, ctx->copy_gpu);
             }
         }
     }
     const bool gpu_used = hot_on_gpu || n_dev > 0;
-    struct lh_ffn_part hot = {0}, cold = {0}, dev = {0};
+    struct lh_ffn_part hot = {0}, cold = {0};
     bool ok = true;
-    if (n_dev > 0) {
-        ok = lh_ffn_build_part(ctx, g, f, scratch->matrix, true, n_dev, one_token, &dev);
-        ggml_build_forward_expand(gpu_graph, dev.out);
-    }
     /* Single-token decode whose CPU graph is the cold part alone: the layer's persistent cold graph
      * with n_cold rows. */
     struct lh_part_graph * cold_graph = n_cold > 0 && one_token && (hot_on_gpu || n_hot == 0) &&
-        !(ctx->debug_flags & LH_DEBUG_CALL_COLD_GRAPHS) ? lh_part_graph_get(ctx, f, n_cold, true) : NULL;
+        !(ctx->debug_flags & LH_DEBUG_CALL_COLD_GRAPHS) ? lh_part_graph_get(ctx, f, n_cold, LH_PART_COLD) : NULL;
     if (ok && cold_graph != NULL) {
         /* Built when fewer threads may have been set: each thread's quantized rows, for all of them. */
         ok = lh_grow(&ctx->sliced_scratch, &ctx->sliced_scratch_size, (size_t) ctx->n_threads * ctx->sliced_stride, 1);
@@ -2538,29 +2578,13 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         const struct lh_ffn_part * hot_part = persistent ? &persistent->part : &hot;
         const int64_t hot_rows = persistent ? persistent->rows : n_hot;
         const size_t hot_bytes = hot_on_gpu ? lh_part_stage_bytes(hot_part, n_hot, hot_rows) : 0;
-        char * stage = (char *) lh_staging(ctx, hot_bytes + (n_dev > 0 ? lh_part_stage_bytes(&dev, n_dev, n_dev) : 0));
+        char * stage = (char *) lh_staging(ctx, hot_bytes + (n_dev > 0 ? lh_part_stage_bytes(&dev_graph->part, n_dev, n_dev) : 0));
         if (stage == NULL) {
             if (early_threads > 0) {
                 lh_pool_run(ctx, ctx->pool, cpu_graph, 0, early_threads, true);  /* join before g goes */
             }
             ggml_free(g);
             return false;
-        }
-        if (n_dev > 0) {
-            /* The cold experts' matrices into their scratch rows (from host memory: pinned, so
-             * truly asynchronous). */
-            for (int64_t i = 0; i < n_dev; i++) {
-                for (int p = 0; p < LH_PROJ_COUNT; p++) {
-                    const struct ggml_tensor * w = ctx->layers[f->layer].weight[p];
-                    if (w != NULL) {
-                        ggml_backend_tensor_set_async(ctx->gpu, scratch->matrix[p],
-                                                      (const char *) w->data + ctx->dev_expert_of[i] * w->nb[2],
-                                                      (size_t) i * w->nb[2], w->nb[2]);
-                    }
-                }
-            }
-            dev_out_rows = lh_upload_part(ctx, &dev, dev.experts->buffer != NULL, f->input, ctx->dev_cold, n_dev, n_dev,
-                                          ctx->dev_expert_of, -1, one_token, stage + hot_bytes);
         }
         if (hot_on_gpu) {
             hot_out_rows = lh_upload_part(ctx, hot_part, persistent ? persistent->experts_used : hot.experts->buffer != NULL,
@@ -2574,13 +2598,22 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         }
         ctx->counters.gpu_runs += hot_on_gpu;
         ctx->counters.persistent_gpu_runs += persistent != NULL;
-        ctx->counters.device_cold_rows += n_dev;
         if (ok && hot_on_gpu) {
             ggml_backend_tensor_get_async(ctx->gpu, hot_part->out, hot_out_rows, 0,
                                           (size_t) n_hot * (ggml_nbytes(hot_part->out) / (size_t) hot_rows));
         }
-        if (ok && n_dev > 0) {
-            ggml_backend_tensor_get_async(ctx->gpu, dev.out, dev_out_rows, 0, ggml_nbytes(dev.out));
+        if (ok && n_dev > 0) {  /* after the hot part: it computes while the copies finish */
+            dev_out_rows = lh_upload_part(ctx, &dev_graph->part, dev_graph->experts_used, f->input, ctx->dev_cold, n_dev, n_dev,
+                                          ctx->dev_expert_of, -1, one_token, stage + hot_bytes);
+            if (ctx->copy_gpu != NULL) {
+                ggml_backend_event_wait(ctx->gpu, ctx->copies_done);
+            }
+            ok = ggml_backend_graph_compute_async(ctx->gpu, dev_graph->graph) == GGML_STATUS_SUCCESS;
+            if (ok) {
+                ggml_backend_tensor_get_async(ctx->gpu, dev_graph->part.out, dev_out_rows, 0, ggml_nbytes(dev_graph->part.out));
+            }
+            ctx->counters.device_cold_rows += n_dev;
+            ctx->counters.persistent_dev_runs++;
         }
         const int64_t t1 = lh_now_ns();
         ctx->counters.gpu_submit_ns += t1 - t0;

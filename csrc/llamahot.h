@@ -89,6 +89,8 @@ struct lh_counters {
     int64_t gpu_input_copies;  /* host-to-device copies of those runs' inputs (rows, slot and expert
                                   ids): one per persistent run, whose inputs lie together */
     int64_t device_cold_rows;  /* cold (token, k) rows computed on the device (lh_set_cold_on_device) */
+    int64_t persistent_dev_runs; /* stops whose device cold rows ran the layer's persistent graph for that
+                                    many rows, their experts copied on a stream of their own (CUDA) */
     int64_t cpu_runs;          /* redirects whose CPU graph ran (each pays the threads' start and barriers) */
     int64_t cpu_rows;          /* (token, k) rows those CPU graphs computed */
     int64_t lone_row_runs;     /* ... of which single rows run on one thread (lh_set_lone_row_idle_ns) */

@@ -468,6 +468,8 @@ class HotCache:
             # Host-to-device copies of their inputs: one per persistent run (its inputs lie together).
             "gpu_input_copies": int(counters.gpu_input_copies),
             "device_cold_rows": int(counters.device_cold_rows),
+            # Stops whose device cold rows ran the layer's persistent device graph for that many rows.
+            "persistent_dev_runs": int(counters.persistent_dev_runs),
             "cpu_runs": int(counters.cpu_runs),
             "cpu_rows": int(counters.cpu_rows),
             # CPU graphs by rows (index 8: 8 or more): how many, and their total milliseconds.

@@ -106,6 +106,8 @@ def test_cold_experts_on_the_device_stay_exact(moe_model, share):
     assert_bit_identical(reference_logits(moe_model), greedy(llm, steps=STEPS, after_each=after_each))
     stats = llm.hot_cache.stats()
     assert stats["misses"] > 0 and stats["device_cold_rows"] > 0, "cold rows went through the device"
+    # ... in the layers' persistent device graphs (one per stop that sent rows), never built per stop
+    assert 0 < stats["persistent_dev_runs"] <= stats["device_cold_rows"]
     if share == 1.0:  # every cold row of the single-token stops (the prompt's stay on the CPU)
         left_to_llama = len(llm.tokenize(PROMPT)) * layout.n_moe_layers + sum(layers_without_slots[:STEPS])
         assert stats["device_cold_rows"] >= stats["misses"] - left_to_llama * layout.n_expert_used
