@@ -2445,6 +2445,24 @@ static float * lh_upload_part(struct lh_ctx * ctx, const struct lh_ffn_part * pa
     return (float *) (at + part->inputs_bytes);
 }
 
+/* Copy the experts of the device cold rows into their scratch rows, from pinned host memory (so
+ * asynchronously), on the copy stream where there is one (the part waits for copies_done). */
+static void lh_copy_dev_experts(struct lh_ctx * ctx, int32_t layer, const struct lh_miss_scratch * scratch, int64_t n_dev) {
+    ggml_backend_t copier = ctx->copy_gpu != NULL ? ctx->copy_gpu : ctx->gpu;
+    for (int64_t i = 0; i < n_dev; i++) {
+        for (int p = 0; p < LH_PROJ_COUNT; p++) {
+            const struct ggml_tensor * w = ctx->layers[layer].weight[p];
+            if (w != NULL) {
+                ggml_backend_tensor_set_async(copier, scratch->matrix[p], (const char *) w->data + ctx->dev_expert_of[i] * w->nb[2],
+                                              (size_t) i * w->nb[2], w->nb[2]);
+            }
+        }
+    }
+    if (ctx->copy_gpu != NULL) {
+        ggml_backend_event_record(ctx->copies_done, ctx->copy_gpu);
+    }
+}
+
 /* Compute the down node's output (the layer's expert FFN per (token, k)) into dst: hot rows from
  * the slots (launched first when on the GPU), cold rows from the original weights on the CPU. */
 static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * dst) {
@@ -2486,9 +2504,10 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
     struct lh_part_graph * persistent = hot_on_gpu && one_token && (n_hot == ids->ne[0] || pad_slot >= 0) &&
         !(ctx->debug_flags & LH_DEBUG_CALL_GRAPHS) ? lh_part_graph_get(ctx, f, ids->ne[0], LH_PART_HOT) : NULL;
     /* Single-token decode: a share of the cold rows (the last n_dev cold entries) goes to the device.
-     * Their experts are copied into scratch matrices, first thing, on a stream of their own, and the
-     * layer's persistent graph for that many rows computes them there once the copies are done, while
-     * the CPU computes the other cold rows: the DMA engine reads host memory beside the CPU. */
+     * Their experts are copied into scratch matrices (lh_copy_dev_experts) as soon as the CPU's rows
+     * have started, and the layer's persistent graph for that many rows computes them there once the
+     * copies are done, while the CPU computes the other cold rows: the DMA engine reads host memory
+     * beside the CPU. */
     int64_t n_dev = 0;
     struct lh_part_graph * dev_graph = NULL;
     struct lh_miss_scratch * scratch = NULL;
@@ -2504,21 +2523,10 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         } else {
             ctx->dev_cold_cap = cap < cap2 ? cap : cap2;
             n_cold -= n_dev;
-            ggml_backend_t copier = ctx->copy_gpu != NULL ? ctx->copy_gpu : ctx->gpu;
             for (int64_t i = 0; i < n_dev; i++) {  /* entry i computes from scratch row i */
                 ctx->dev_cold[i] = ctx->cold[n_cold + i];
                 ctx->dev_expert_of[i] = ctx->dev_cold[i].matrix;
                 ctx->dev_cold[i].matrix = (int32_t) i;
-                for (int p = 0; p < LH_PROJ_COUNT; p++) {  /* from pinned host memory: asynchronous */
-                    const struct ggml_tensor * w = ctx->layers[f->layer].weight[p];
-                    if (w != NULL) {
-                        ggml_backend_tensor_set_async(copier, scratch->matrix[p], (const char *) w->data + ctx->dev_expert_of[i] * w->nb[2],
-                                                      (size_t) i * w->nb[2], w->nb[2]);
-                    }
-                }
-            }
-            if (ctx->copy_gpu != NULL) {
-                ggml_backend_event_record(ctx->copies_done, ctx->copy_gpu);
             }
         }
     }
@@ -2574,6 +2582,9 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
     /* GPU part first: gather into staging (the hot part's, then the device cold part's), upload,
      * launch, download, all asynchronous. */
     int64_t t0 = lh_now_ns();
+    if (n_dev > 0) {
+        lh_copy_dev_experts(ctx, f->layer, scratch, n_dev);
+    }
     if (gpu_used) {
         const struct lh_ffn_part * hot_part = persistent ? &persistent->part : &hot;
         const int64_t hot_rows = persistent ? persistent->rows : n_hot;

@@ -61,7 +61,15 @@ class HostPlacement:
         return int(ffi.cast("uintptr_t", self._overrides))
 
 
+# With CUDA slots, the share of a stop's cold rows sent to the GPU unless asked otherwise: one row of
+# every stop with 2 to 4 (rounded), so the DMA engine reads host memory beside the CPU
+# (benchmarks/RESULTS.md, session 17: +6 % decode at K=51 on the H100, routed model).
+DEFAULT_COLD_ON_DEVICE = 0.34
+
+
 def _check_cold_on_device(share: Any, slot_device: str) -> float:
+    if share is None:
+        return DEFAULT_COLD_ON_DEVICE if slot_device == "cuda" else 0.0
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
         raise ValueError(f"cold_on_device must be a number in 0..1 (the share of cold experts computed on the "
                          f"device), got {share!r}")
@@ -86,7 +94,7 @@ class HotCache:
 
     def __init__(self, layout: MoELayout, *, hot_experts: int, rebalance_interval: int,
                  prefill_bypass: int, slot_device: str, policy: str = "decayed", resident_layers: int = 0,
-                 cold_on_device: float = 0.0, plan_ahead: bool = False):
+                 cold_on_device: Optional[float] = None, plan_ahead: bool = False):
         # The last `resident_layers` MoE layers keep all their experts on the GPU, untouched: llamahot
         # manages (counts, slots, layer indices) the others only.
         self.resident_layers = resident_layers

@@ -76,7 +76,8 @@ class Llama(llama_cpp.Llama):
         slots everywhere (benchmarks/RESULTS.md).
       cold_on_device: with GPU slots, the share (0..1) of each layer's cold experts that a
         single-token decode step copies to the GPU and computes there while the CPU computes the
-        rest (default 0: all on the CPU). Experimental: measured in benchmarks/RESULTS.md.
+        rest (default None: 0.34 with CUDA slots, one row of a stop with 2 to 4 cold rows; else 0).
+        Measured in benchmarks/RESULTS.md.
       plan_ahead: let the policy plan each decode step's loads in a worker thread while llama
         decodes the next token, so that after a step only the copies are issued (default False).
         The hot set then follows the routing one rebalance later; prompts still rebalance at once.
@@ -96,7 +97,7 @@ class Llama(llama_cpp.Llama):
         slot_device: str = "auto",
         policy: str = "decayed",
         resident_layers: int = 0,
-        cold_on_device: float = 0.0,
+        cold_on_device: Optional[float] = None,
         plan_ahead: bool = False,
         load_progress: Optional[Callable[[float], None]] = None,
         cb_eval: Any = None,

@@ -38,8 +38,9 @@ class HotModelSettings(ModelSettings):
     policy: str = Field(default="decayed", description="'decayed', 'lru' or 'window-lfu'.")
     resident_layers: int = Field(default=0, ge=0,
                                  description="Keep every expert of the last N MoE layers on the GPU; slots for the rest.")
-    cold_on_device: float = Field(default=0.0, ge=0.0, le=1.0,
-                                  description="GPU slots: share of a layer's cold experts computed on the GPU (experimental).")
+    cold_on_device: Optional[float] = Field(default=None, ge=0.0, le=1.0,
+                                            description="GPU slots: share of a layer's cold experts computed on the GPU "
+                                                        "(default: 0.34 with CUDA slots, else 0).")
 
 
 @contextlib.contextmanager

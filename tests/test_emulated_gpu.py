@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import llamahot
+from llamahot.hot_cache import _check_cold_on_device
 from llamahot.model_info import read_moe_layout
 
 from conftest import LLAMA_KW, assert_one_input_copy_per_persistent_run
@@ -123,9 +124,13 @@ def test_cold_on_device_rejects_bad_values(text_model):
     llm = llamahot.Llama(text_model, hot_experts=1, slot_device="emulated-gpu", **LLAMA_KW)
     with pytest.raises(ValueError, match="0..1"):
         llm.hot_cache.set_cold_on_device(-0.1)
+    assert llm.hot_cache.stats()["cold_on_device"] == 0.0   # the default off CUDA slots
     llm.hot_cache.set_cold_on_device(0.5)
     assert llm.hot_cache.stats()["cold_on_device"] == 0.5
     llm.close()
+    # The default: 0.34 with CUDA slots (one row of a stop with 2 to 4 cold rows), else 0.
+    assert _check_cold_on_device(None, "cuda") == 0.34
+    assert _check_cold_on_device(None, "host") == _check_cold_on_device(None, "emulated-gpu") == 0.0
 
 
 def test_device_slots_resize_and_shadow(text_model):

@@ -30,12 +30,12 @@ def stock_in_ram(path: str) -> StockPlaced:
     return StockPlaced(path, cpu_pattern=EXPERT_TENSOR_PATTERN, n_gpu_layers=-1, **LLAMA_KW)
 
 
-# interval 1: a rebalance after every token, so copies and their fences are in flight at almost every stop;
+# cold_on_device None: the default with CUDA slots (0.34). interval 1: a rebalance after every token, so copies and their fences are in flight at almost every stop;
 # plan_ahead: the policy in a worker thread while llama decodes; pool: the stops' CPU graphs on the shim's
 # own threads spinning that many ms (set_thread_pool; 20.0 is the default with CUDA slots), None: through
 # ggml's OpenMP team.
 @pytest.mark.parametrize("resident,cold_on_device,interval,plan_ahead,pool",
-                         [(0, 0.0, 4, False, 20.0), (2, 0.0, 4, False, 1.0), (0, 0.5, 4, False, 1.0),
+                         [(0, None, 4, False, 20.0), (2, 0.0, 4, False, 1.0), (0, 0.5, 4, False, 1.0),
                           (0, 0.0, 1, False, 1.0), (0, 0.0, 1, True, 1.0), (0, 0.0, 4, False, None)])
 def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_moe_models, resident, cold_on_device,
                                                                             interval, plan_ahead, pool):
@@ -61,6 +61,7 @@ def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_
         # Single-token steps ran the layers' persistent hot graphs (K >= n_expert_used here), whose
         # inputs lie together in CUDA memory and go up in one copy.
         assert stats["persistent_gpu_runs"] > 0
+        assert stats["cold_on_device"] == (0.34 if cold_on_device is None else cold_on_device)   # None: the default
         if cold_on_device == 0:   # (the cold rows sent to the device take copies of their own)
             assert_one_input_copy_per_persistent_run(stats)
             assert stats["device_cold_rows"] == 0

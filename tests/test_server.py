@@ -84,3 +84,5 @@ def test_serve_passes_cold_on_device_and_rejects_a_bad_share(text_model):
     settings = HotModelSettings(model=text_model, hot_experts=2, cold_on_device=0.25)
     with _llamahot_as_llama(settings):
         assert server_model.llama_cpp.Llama.keywords["cold_on_device"] == 0.25
+    with _llamahot_as_llama(HotModelSettings(model=text_model, hot_experts=2)):   # llamahot's own default
+        assert server_model.llama_cpp.Llama.keywords["cold_on_device"] is None
