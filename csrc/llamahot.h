@@ -117,6 +117,8 @@ struct lh_counters {
                                   pool graph's includes the GPU submission made meanwhile */
     int64_t gpu_submit_ns;     /* uploading inputs and launching the hot part on the GPU */
     int64_t gpu_wait_ns;       /* waiting for the GPU after the CPU part finished */
+    int64_t dev_wait_ns;       /* ... of which for the device cold rows' own stream (CUDA: their copies,
+                                  graph and download; the rest waits for the hot part) */
     int64_t fence_wait_ns;     /* waiting for slot copies before a stop reads its slots (in redirect_ns) */
     int64_t stop_setup_ns;     /* a layer's stop before its GPU part or CPU graph starts: split, fence,
                                   graphs built and allocated, inputs gathered (in redirect_ns) */

@@ -507,6 +507,8 @@ class HotCache:
             "cpu_compute_ms": counters.cpu_compute_ns / 1e6,
             "gpu_submit_ms": counters.gpu_submit_ns / 1e6,
             "gpu_wait_ms": counters.gpu_wait_ns / 1e6,
+            # ... of which waiting for the device cold rows' own stream (CUDA only).
+            "dev_wait_ms": counters.dev_wait_ns / 1e6,
             # Stops that waited for copies into their slots to land, and how long (in redirect_ms).
             "fence_waits": int(counters.fence_waits),
             "fence_wait_ms": counters.fence_wait_ns / 1e6,

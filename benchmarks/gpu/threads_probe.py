@@ -40,7 +40,8 @@ from bench import breakdown_of, configure, omp_env, probe_parser, static_cpu_pat
 
 # Counters shown per token for each llamahot row (what loads cost, where a stop's time goes).
 PER_TOKEN = ("experts_loaded", "rebalance_ms", "fence_waits", "fence_wait_ms", "redirect_ms", "stop_setup_ms", "cpu_compute_ms",
-             "cpu_rows", "cpu_runs", "early_pool_graphs", "co_sliced_nodes", "device_cold_rows", "persistent_cpu_runs", "gpu_submit_ms", "gpu_wait_ms")
+             "cpu_rows", "cpu_runs", "early_pool_graphs", "co_sliced_nodes", "device_cold_rows", "persistent_cpu_runs", "gpu_submit_ms", "gpu_wait_ms",
+             "dev_wait_ms")
 VARIANTS = "default, nopool, ggml, cold-after-submit, call-cold-graphs, serial-glu, cold-dev:SHARE, pool:MS, shim-threads:N, llama-threads:N, rowpf:BYTES, lru:INTERVAL, decayed:HALF_LIFE:MARGIN:INTERVAL (+ahead, +chunkN, +threadsN, +llamaN)"
 
 
