@@ -1752,7 +1752,7 @@ static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct 
         t0 = t1;
     }
     if (gpu_used) {
-        if (n_dev > 0 && ctx->dev_gpu != NULL) {
+        if (n_dev > 0 && ctx->dev_gpu != NULL && !(ctx->debug_flags & LH_DEBUG_ONE_GPU_STREAM)) {
             const int64_t t1 = lh_now_ns();
             ggml_backend_synchronize(ctx->dev_gpu);
             ctx->counters.dev_wait_ns += lh_now_ns() - t1;
@@ -2453,7 +2453,7 @@ static float * lh_upload_part(struct lh_ctx * ctx, ggml_backend_t gpu, const str
  * graph for that many rows launched, its output downloaded. Returns where the output will be. */
 static float * lh_submit_dev_part(struct lh_ctx * ctx, const struct lh_ffn * f, const struct lh_miss_scratch * scratch,
                                   const struct lh_part_graph * dev_graph, int64_t n_dev, char * at, bool * ok) {
-    ggml_backend_t stream = ctx->dev_gpu != NULL ? ctx->dev_gpu : ctx->gpu;
+    ggml_backend_t stream = ctx->dev_gpu != NULL && !(ctx->debug_flags & LH_DEBUG_ONE_GPU_STREAM) ? ctx->dev_gpu : ctx->gpu;
     for (int64_t i = 0; i < n_dev; i++) {
         for (int p = 0; p < LH_PROJ_COUNT; p++) {
             const struct ggml_tensor * w = ctx->layers[f->layer].weight[p];

@@ -59,6 +59,8 @@ enum lh_debug_flags {
     LH_DEBUG_SERIAL_ELEMENTWISE = 1024, /* benchmarks: the element-wise nodes between a pool graph's sliced
                                            matmuls (the GLU) on one thread between two barriers, never each
                                            thread's own slice (to measure what co-slicing saves) */
+    LH_DEBUG_ONE_GPU_STREAM = 2048, /* benchmarks: the device cold rows on the hot part's stream (queued
+                                       before it), not their own (to measure what their own stream saves) */
 };
 
 /* Callbacks timeline mode keeps (a ring of the latest). */
