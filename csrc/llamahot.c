@@ -226,10 +226,11 @@ struct lh_ctx {
     struct lh_miss_scratch miss_scratch[LH_MAX_MISS_SCRATCH];
     int32_t n_miss_scratch;
     struct lh_part_graph * dev_graphs; /* [n_moe_layers][LH_COLD_GRAPH_ROWS]: device cold parts by rows */
-    /* The device cold rows' stream: a second backend on the GPU (its own CUDA stream) for their
-     * expert copies, inputs, graph and outputs, so they run beside the hot part on `gpu`; NULL on the
-     * emulated GPU, where they go on `gpu` (its copies are synchronous anyway). */
-    ggml_backend_t dev_gpu;
+    /* The device cold rows' expert copies go on a stream of their own (a second backend on the GPU)
+     * and the part waits for them with an event, so the hot part computes meanwhile; NULL where the
+     * device has no events (the emulated GPU): the copies go on `gpu`, in order. */
+    ggml_backend_t copy_gpu;
+    ggml_backend_event_t copies_done;
     struct lh_entry * dev_cold;        /* the cold entries sent to the device; matrix = scratch row */
     int32_t * dev_expert_of;           /* scratch row -> expert (like expert_of_slot for slots) */
     size_t dev_cold_cap;
@@ -359,8 +360,11 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     }
     free(ctx->ffn_mode);
     free(ctx->fences);
-    if (ctx->dev_gpu) {
-        ggml_backend_free(ctx->dev_gpu);
+    if (ctx->copies_done) {
+        ggml_backend_event_free(ctx->copies_done);
+    }
+    if (ctx->copy_gpu) {
+        ggml_backend_free(ctx->copy_gpu);
     }
     if (ctx->gpu) {
         ggml_backend_free(ctx->gpu);
@@ -690,11 +694,9 @@ int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_
             lh_error(ctx, "could not initialise GPU device %s", ggml_backend_dev_name(dev));
             return -1;
         }
-        ctx->dev_gpu = ggml_backend_dev_init(dev, NULL);   /* the device cold rows' stream */
-        if (!ctx->dev_gpu) {
-            lh_error(ctx, "could not initialise a second backend on GPU device %s", ggml_backend_dev_name(dev));
-            return -1;
-        }
+        /* A stream for the device cold rows' expert copies (without events: on `gpu`, in order). */
+        ctx->copies_done = ggml_backend_event_new(dev);
+        ctx->copy_gpu = ctx->copies_done ? ggml_backend_dev_init(dev, NULL) : NULL;
     } else if (kind == LH_SLOTS_EMULATED_GPU) {
         ctx->gpu = ggml_backend_cpu_init();
         if (!ctx->gpu) {
@@ -1752,10 +1754,10 @@ static bool lh_finish(struct lh_ctx * ctx, const struct ggml_tensor * t, struct 
         t0 = t1;
     }
     if (gpu_used) {
-        if (n_dev > 0 && ctx->dev_gpu != NULL && !(ctx->debug_flags & LH_DEBUG_ONE_GPU_STREAM)) {
+        if (n_dev > 0 && ctx->copies_done != NULL) {
             const int64_t t1 = lh_now_ns();
-            ggml_backend_synchronize(ctx->dev_gpu);
-            ctx->counters.dev_wait_ns += lh_now_ns() - t1;
+            ggml_backend_event_synchronize(ctx->copies_done);
+            ctx->counters.dev_copy_wait_ns += lh_now_ns() - t1;
         }
         ggml_backend_synchronize(ctx->gpu);
         ctx->counters.gpu_wait_ns += lh_now_ns() - t0;
@@ -2414,7 +2416,7 @@ static size_t lh_part_stage_bytes(const struct lh_ffn_part * part, int64_t n, in
 /* Gather n entries' inputs into staging at `at` and upload them to a device part; rows beyond n
  * (padding: computed, never read back) get pad_matrix and the first entry's expert (a valid index
  * for a bias lookup). Returns where the part's first n output rows are to be downloaded. */
-static float * lh_upload_part(struct lh_ctx * ctx, ggml_backend_t gpu, const struct lh_ffn_part * part, bool experts_used,
+static float * lh_upload_part(struct lh_ctx * ctx, const struct lh_ffn_part * part, bool experts_used,
                               const struct ggml_tensor * input, const struct lh_entry * entries, int64_t n, int64_t rows,
                               const int32_t * expert_of, int32_t pad_matrix, bool one_token, char * at) {
     const size_t b_bytes = ggml_nbytes(part->b), i_bytes = ggml_nbytes(part->ids);
@@ -2434,44 +2436,36 @@ static float * lh_upload_part(struct lh_ctx * ctx, ggml_backend_t gpu, const str
         span.ne[1] = span.ne[2] = span.ne[3] = 1;
         span.nb[0] = 1;
         span.nb[1] = span.nb[2] = span.nb[3] = bytes;
-        ggml_backend_tensor_set_async(gpu, &span, at, 0, bytes);
+        ggml_backend_tensor_set_async(ctx->gpu, &span, at, 0, bytes);
         ctx->counters.gpu_input_copies++;
     } else {
-        ggml_backend_tensor_set_async(gpu, part->b, at, 0, b_bytes);
-        ggml_backend_tensor_set_async(gpu, part->ids, matrix_ids, 0, i_bytes);
+        ggml_backend_tensor_set_async(ctx->gpu, part->b, at, 0, b_bytes);
+        ggml_backend_tensor_set_async(ctx->gpu, part->ids, matrix_ids, 0, i_bytes);
         ctx->counters.gpu_input_copies += 2;
         if (experts_used) {
-            ggml_backend_tensor_set_async(gpu, part->experts, expert_ids, 0, i_bytes);
+            ggml_backend_tensor_set_async(ctx->gpu, part->experts, expert_ids, 0, i_bytes);
             ctx->counters.gpu_input_copies++;
         }
     }
     return (float *) (at + part->inputs_bytes);
 }
 
-/* The device cold rows, all on their own stream, asynchronous: their experts copied into their scratch
- * rows (from pinned host memory), their inputs uploaded from staging at `at`, the layer's persistent
- * graph for that many rows launched, its output downloaded. Returns where the output will be. */
-static float * lh_submit_dev_part(struct lh_ctx * ctx, const struct lh_ffn * f, const struct lh_miss_scratch * scratch,
-                                  const struct lh_part_graph * dev_graph, int64_t n_dev, char * at, bool * ok) {
-    ggml_backend_t stream = ctx->dev_gpu != NULL && !(ctx->debug_flags & LH_DEBUG_ONE_GPU_STREAM) ? ctx->dev_gpu : ctx->gpu;
+/* Copy the experts of the device cold rows into their scratch rows, from pinned host memory (so
+ * asynchronously), on the copy stream where there is one (the part waits for copies_done). */
+static void lh_copy_dev_experts(struct lh_ctx * ctx, int32_t layer, const struct lh_miss_scratch * scratch, int64_t n_dev) {
+    ggml_backend_t copier = ctx->copy_gpu != NULL ? ctx->copy_gpu : ctx->gpu;
     for (int64_t i = 0; i < n_dev; i++) {
         for (int p = 0; p < LH_PROJ_COUNT; p++) {
-            const struct ggml_tensor * w = ctx->layers[f->layer].weight[p];
+            const struct ggml_tensor * w = ctx->layers[layer].weight[p];
             if (w != NULL) {
-                ggml_backend_tensor_set_async(stream, scratch->matrix[p], (const char *) w->data + ctx->dev_expert_of[i] * w->nb[2],
+                ggml_backend_tensor_set_async(copier, scratch->matrix[p], (const char *) w->data + ctx->dev_expert_of[i] * w->nb[2],
                                               (size_t) i * w->nb[2], w->nb[2]);
             }
         }
     }
-    float * out = lh_upload_part(ctx, stream, &dev_graph->part, dev_graph->experts_used, f->input, ctx->dev_cold, n_dev, n_dev,
-                                 ctx->dev_expert_of, -1, true, at);
-    *ok = ggml_backend_graph_compute_async(stream, dev_graph->graph) == GGML_STATUS_SUCCESS;
-    if (*ok) {
-        ggml_backend_tensor_get_async(stream, dev_graph->part.out, out, 0, ggml_nbytes(dev_graph->part.out));
+    if (ctx->copy_gpu != NULL) {
+        ggml_backend_event_record(ctx->copies_done, ctx->copy_gpu);
     }
-    ctx->counters.device_cold_rows += n_dev;
-    ctx->counters.persistent_dev_runs++;
-    return out;
 }
 
 /* Compute the down node's output (the layer's expert FFN per (token, k)) into dst: hot rows from
@@ -2515,10 +2509,10 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
     struct lh_part_graph * persistent = hot_on_gpu && one_token && (n_hot == ids->ne[0] || pad_slot >= 0) &&
         !(ctx->debug_flags & LH_DEBUG_CALL_GRAPHS) ? lh_part_graph_get(ctx, f, ids->ne[0], LH_PART_HOT) : NULL;
     /* Single-token decode: a share of the cold rows (the last n_dev cold entries) goes to the device.
-     * Once the CPU's rows have started, their experts are copied into scratch matrices and the layer's
-     * persistent graph for that many rows computes them, on a stream of their own beside the hot part
-     * (lh_submit_dev_part), while the CPU computes the other cold rows: the DMA engine reads host
-     * memory beside the CPU. */
+     * Their experts are copied into scratch matrices (lh_copy_dev_experts) as soon as the CPU's rows
+     * have started, and the layer's persistent graph for that many rows computes them there once the
+     * copies are done, while the CPU computes the other cold rows: the DMA engine reads host memory
+     * beside the CPU. */
     int64_t n_dev = 0;
     struct lh_part_graph * dev_graph = NULL;
     struct lh_miss_scratch * scratch = NULL;
@@ -2593,6 +2587,9 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
     /* GPU part first: gather into staging (the hot part's, then the device cold part's), upload,
      * launch, download, all asynchronous. */
     int64_t t0 = lh_now_ns();
+    if (n_dev > 0) {
+        lh_copy_dev_experts(ctx, f->layer, scratch, n_dev);
+    }
     if (gpu_used) {
         const struct lh_ffn_part * hot_part = persistent ? &persistent->part : &hot;
         const int64_t hot_rows = persistent ? persistent->rows : n_hot;
@@ -2605,14 +2602,11 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
             ggml_free(g);
             return false;
         }
-        if (n_dev > 0) {  /* first: its copies take longest */
-            dev_out_rows = lh_submit_dev_part(ctx, f, scratch, dev_graph, n_dev, stage + hot_bytes, &ok);
-        }
         if (hot_on_gpu) {
-            hot_out_rows = lh_upload_part(ctx, ctx->gpu, hot_part, persistent ? persistent->experts_used : hot.experts->buffer != NULL,
+            hot_out_rows = lh_upload_part(ctx, hot_part, persistent ? persistent->experts_used : hot.experts->buffer != NULL,
                                           f->input, ctx->hot, n_hot, hot_rows, expert_of, pad_slot, one_token, stage);
         }
-        if (ok && persistent != NULL) {
+        if (persistent != NULL) {
             ok = ggml_backend_graph_compute_async(ctx->gpu, persistent->graph) == GGML_STATUS_SUCCESS;
         }
         if (ok && ggml_graph_n_nodes(gpu_graph) > 0) {
@@ -2623,6 +2617,19 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
         if (ok && hot_on_gpu) {
             ggml_backend_tensor_get_async(ctx->gpu, hot_part->out, hot_out_rows, 0,
                                           (size_t) n_hot * (ggml_nbytes(hot_part->out) / (size_t) hot_rows));
+        }
+        if (ok && n_dev > 0) {  /* after the hot part: it computes while the copies finish */
+            dev_out_rows = lh_upload_part(ctx, &dev_graph->part, dev_graph->experts_used, f->input, ctx->dev_cold, n_dev, n_dev,
+                                          ctx->dev_expert_of, -1, one_token, stage + hot_bytes);
+            if (ctx->copy_gpu != NULL) {
+                ggml_backend_event_wait(ctx->gpu, ctx->copies_done);
+            }
+            ok = ggml_backend_graph_compute_async(ctx->gpu, dev_graph->graph) == GGML_STATUS_SUCCESS;
+            if (ok) {
+                ggml_backend_tensor_get_async(ctx->gpu, dev_graph->part.out, dev_out_rows, 0, ggml_nbytes(dev_graph->part.out));
+            }
+            ctx->counters.device_cold_rows += n_dev;
+            ctx->counters.persistent_dev_runs++;
         }
         const int64_t t1 = lh_now_ns();
         ctx->counters.gpu_submit_ns += t1 - t0;

@@ -59,8 +59,6 @@ enum lh_debug_flags {
     LH_DEBUG_SERIAL_ELEMENTWISE = 1024, /* benchmarks: the element-wise nodes between a pool graph's sliced
                                            matmuls (the GLU) on one thread between two barriers, never each
                                            thread's own slice (to measure what co-slicing saves) */
-    LH_DEBUG_ONE_GPU_STREAM = 2048, /* benchmarks: the device cold rows on the hot part's stream (queued
-                                       before it), not their own (to measure what their own stream saves) */
 };
 
 /* Callbacks timeline mode keeps (a ring of the latest). */
@@ -119,8 +117,8 @@ struct lh_counters {
                                   pool graph's includes the GPU submission made meanwhile */
     int64_t gpu_submit_ns;     /* uploading inputs and launching the hot part on the GPU */
     int64_t gpu_wait_ns;       /* waiting for the GPU after the CPU part finished */
-    int64_t dev_wait_ns;       /* ... of which for the device cold rows' own stream (CUDA: their copies,
-                                  graph and download; the rest waits for the hot part) */
+    int64_t dev_copy_wait_ns;  /* ... of which for the device cold rows' expert copies (CUDA; the rest is
+                                  their graph, the hot part and the downloads) */
     int64_t fence_wait_ns;     /* waiting for slot copies before a stop reads its slots (in redirect_ns) */
     int64_t stop_setup_ns;     /* a layer's stop before its GPU part or CPU graph starts: split, fence,
                                   graphs built and allocated, inputs gathered (in redirect_ns) */

@@ -41,7 +41,6 @@ DEBUG_ALL_THREADS = lib.LH_DEBUG_ALL_THREADS
 DEBUG_COLD_AFTER_SUBMIT = lib.LH_DEBUG_COLD_AFTER_SUBMIT
 DEBUG_CALL_COLD_GRAPHS = lib.LH_DEBUG_CALL_COLD_GRAPHS
 DEBUG_SERIAL_ELEMENTWISE = lib.LH_DEBUG_SERIAL_ELEMENTWISE
-DEBUG_ONE_GPU_STREAM = lib.LH_DEBUG_ONE_GPU_STREAM
 TIMELINE_CAP = lib.LH_TIMELINE_CAP
 SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
@@ -328,8 +327,7 @@ class HotCache:
     def set_debug(self, *, poison: bool = False, shadow: bool = False, per_node: bool = False,
                   skip_compute: bool = False, timeline: bool = False, call_graphs: bool = False,
                   ggml_matmuls: bool = False, all_threads: bool = False, cold_after_submit: bool = False,
-                  call_cold_graphs: bool = False, serial_elementwise: bool = False,
-                  one_gpu_stream: bool = False) -> None:
+                  call_cold_graphs: bool = False, serial_elementwise: bool = False) -> None:
         """Test-only checks. poison: NaN-fill redirected outputs before writing them; shadow: let
         llama compute, recompute, compare every row; per_node: redirect each expert matmul on its
         own (the fallback path) instead of each layer's FFN in one stop. For benchmarks:
@@ -345,16 +343,14 @@ class HotCache:
         of replaying the layer's persistent one for that many rows, to measure what replaying saves;
         serial_elementwise: a pool graph's element-wise nodes between its sliced matmuls (the GLU) run
         on one thread between two barriers instead of each thread on its own slice, to measure what
-        co-slicing saves; one_gpu_stream: the device cold rows (cold_on_device) on the hot part's CUDA
-        stream, queued before it, instead of their own, to measure what their own stream saves."""
+        co-slicing saves."""
         lib.lh_set_debug(self._ctx, (DEBUG_POISON if poison else 0) | (DEBUG_SHADOW if shadow else 0) |
                          (DEBUG_PER_NODE if per_node else 0) | (DEBUG_SKIP_COMPUTE if skip_compute else 0) |
                          (DEBUG_TIMELINE if timeline else 0) | (DEBUG_CALL_GRAPHS if call_graphs else 0) |
                          (DEBUG_GGML_MATMULS if ggml_matmuls else 0) | (DEBUG_ALL_THREADS if all_threads else 0) |
                          (DEBUG_COLD_AFTER_SUBMIT if cold_after_submit else 0) |
                          (DEBUG_CALL_COLD_GRAPHS if call_cold_graphs else 0) |
-                         (DEBUG_SERIAL_ELEMENTWISE if serial_elementwise else 0) |
-                         (DEBUG_ONE_GPU_STREAM if one_gpu_stream else 0))
+                         (DEBUG_SERIAL_ELEMENTWISE if serial_elementwise else 0))
 
     def timeline(self) -> list[tuple[int, int, int, str]]:
         """Callbacks recorded in timeline mode since the last call, oldest first: (time ns, kind
@@ -511,8 +507,8 @@ class HotCache:
             "cpu_compute_ms": counters.cpu_compute_ns / 1e6,
             "gpu_submit_ms": counters.gpu_submit_ns / 1e6,
             "gpu_wait_ms": counters.gpu_wait_ns / 1e6,
-            # ... of which waiting for the device cold rows' own stream (CUDA only).
-            "dev_wait_ms": counters.dev_wait_ns / 1e6,
+            # ... of which waiting for the device cold rows' expert copies (CUDA only).
+            "dev_copy_wait_ms": counters.dev_copy_wait_ns / 1e6,
             # Stops that waited for copies into their slots to land, and how long (in redirect_ms).
             "fence_waits": int(counters.fence_waits),
             "fence_wait_ms": counters.fence_wait_ns / 1e6,

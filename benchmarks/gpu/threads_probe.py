@@ -14,8 +14,7 @@ single-token decode on N threads: its CPU split's OpenMP team, the shim keeping 
 `call-cold-graphs` (a stop's cold CPU graph built per call, not the layer's persistent one replayed);
 `serial-glu` (the GLU between a pool graph's sliced matmuls on one thread between two barriers, not on
 each thread's own slices); `cold-dev:SHARE` (that share of each stop's cold experts DMA'd to the GPU and
-computed there while the CPU computes the rest: set_cold_on_device); `one-stream` (those rows on the hot part's
-CUDA stream, queued before it, not their own).
+computed there while the CPU computes the rest: set_cold_on_device).
 Policies: `lru:I` (LRU, a rebalance every I tokens), `decayed:H:M:I` (the decayed policy with half-life
 H tokens and margin M, every I tokens), with modifiers after `+`: `ahead` (planned in the worker), `chunkN` (slot
 copies split into N KiB pieces: do big copies delay the scheduler's small ones?), `threadsN` (llama's
@@ -42,8 +41,8 @@ from bench import breakdown_of, configure, omp_env, probe_parser, static_cpu_pat
 # Counters shown per token for each llamahot row (what loads cost, where a stop's time goes).
 PER_TOKEN = ("experts_loaded", "rebalance_ms", "fence_waits", "fence_wait_ms", "redirect_ms", "stop_setup_ms", "cpu_compute_ms",
              "cpu_rows", "cpu_runs", "early_pool_graphs", "co_sliced_nodes", "device_cold_rows", "persistent_cpu_runs", "gpu_submit_ms", "gpu_wait_ms",
-             "dev_wait_ms")
-VARIANTS = "default, nopool, ggml, cold-after-submit, call-cold-graphs, serial-glu, cold-dev:SHARE, one-stream, pool:MS, shim-threads:N, llama-threads:N, rowpf:BYTES, lru:INTERVAL, decayed:HALF_LIFE:MARGIN:INTERVAL (+ahead, +chunkN, +threadsN, +llamaN)"
+             "dev_copy_wait_ms")
+VARIANTS = "default, nopool, ggml, cold-after-submit, call-cold-graphs, serial-glu, cold-dev:SHARE, pool:MS, shim-threads:N, llama-threads:N, rowpf:BYTES, lru:INTERVAL, decayed:HALF_LIFE:MARGIN:INTERVAL (+ahead, +chunkN, +threadsN, +llamaN)"
 
 
 def chunked(copies, piece: int) -> None:
@@ -78,8 +77,6 @@ def setup_variant(llm, variant: str, layout, k: int, threads: int) -> None:
         llm.hot_cache.set_debug(call_cold_graphs=True)
     elif base == "serial-glu":
         llm.hot_cache.set_debug(serial_elementwise=True)
-    elif base == "one-stream":
-        llm.hot_cache.set_debug(one_gpu_stream=True)
     elif base.startswith("cold-dev:"):
         llm.hot_cache.set_cold_on_device(float(base[9:]))
     elif base.startswith("shim-threads:"):
