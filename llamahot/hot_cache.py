@@ -63,7 +63,7 @@ class HostPlacement:
 
 # With CUDA slots, the share of a stop's cold rows sent to the GPU unless asked otherwise: one row of
 # every stop with 2 to 4 (rounded), so the DMA engine reads host memory beside the CPU
-# (benchmarks/RESULTS.md, session 17: +6 % decode at K=51 on the H100, routed model).
+# (benchmarks/RESULTS.md, session 17: +0.6 % to +7 % decode at K=51 on the H100, routed model).
 DEFAULT_COLD_ON_DEVICE = 0.34
 
 
