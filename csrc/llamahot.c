@@ -119,6 +119,7 @@ struct lh_part_graph {
     ggml_backend_buffer_t buffer;
     struct lh_ffn_part part;
     bool experts_used;             /* whether a bias reads part.experts */
+    struct lh_miss_scratch * scratch; /* a device cold part's: the matrices its rows' experts go into */
     int64_t rows;
     bool ggml_matmuls;             /* built with LH_DEBUG_GGML_MATMULS (ggml's MUL_MAT_ID, not sliced) */
     uint64_t signature;            /* of the llama FFN it was cloned from */
@@ -2399,6 +2400,7 @@ static struct lh_part_graph * lh_part_graph_get(struct lh_ctx * ctx, const struc
     if (kind != LH_PART_COLD) {
         lh_part_one_upload(&h->part);
     }
+    h->scratch = scratch;
     h->rows = rows;
     h->ggml_matmuls = ggml_matmuls;
     h->signature = signature;
@@ -2515,14 +2517,12 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
      * beside the CPU. */
     int64_t n_dev = 0;
     struct lh_part_graph * dev_graph = NULL;
-    struct lh_miss_scratch * scratch = NULL;
     if (ctx->gpu != NULL && one_token && ctx->cold_on_device > 0.0f && n_cold > 0 &&
         !(ctx->debug_flags & LH_DEBUG_SKIP_COMPUTE)) {
         n_dev = (int64_t) ((float) n_cold * ctx->cold_on_device + 0.5f);  /* rounded; share <= 1 */
         dev_graph = n_dev > 0 ? lh_part_graph_get(ctx, f, n_dev, LH_PART_DEV) : NULL;
-        scratch = dev_graph != NULL ? lh_miss_scratch_for(ctx, f->layer, ids->ne[0]) : NULL;
         size_t cap = ctx->dev_cold_cap, cap2 = ctx->dev_cold_cap;
-        if (scratch == NULL || !lh_grow((void **) &ctx->dev_cold, &cap, (size_t) n_dev, sizeof(struct lh_entry)) ||
+        if (dev_graph == NULL || !lh_grow((void **) &ctx->dev_cold, &cap, (size_t) n_dev, sizeof(struct lh_entry)) ||
             !lh_grow((void **) &ctx->dev_expert_of, &cap2, (size_t) n_dev, sizeof(int32_t))) {
             n_dev = 0;  /* the CPU computes them all */
         } else {
@@ -2588,7 +2588,7 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
      * launch, download, all asynchronous. */
     int64_t t0 = lh_now_ns();
     if (n_dev > 0) {
-        lh_copy_dev_experts(ctx, f->layer, scratch, n_dev);
+        lh_copy_dev_experts(ctx, f->layer, dev_graph->scratch, n_dev);
     }
     if (gpu_used) {
         const struct lh_ffn_part * hot_part = persistent ? &persistent->part : &hot;
