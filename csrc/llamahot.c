@@ -155,6 +155,11 @@ struct lh_ctx {
     int64_t ubatch_base;           /* token_clock at the start of the ubatch being counted */
     struct lh_counters counters;
     bool observing;                /* false: the callback stays installed but never stops the graph */
+    int32_t observe_every;         /* single-token ubatches observed: one in this many (lh_set_observe_every) */
+    int64_t single_ubatches;       /* single-token ubatches seen, counted at the last layer's down node */
+    bool skip_ubatch;              /* the managed node being asked about is in an unobserved ubatch */
+    int32_t * ids_copy;            /* router ids read back from device memory (lh_count_routing) */
+    size_t ids_cap;
 
     /* Slots (after lh_slots_init). */
     int32_t n_slots;
@@ -290,6 +295,7 @@ struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t
     ctx->n_moe_layers = n_moe_layers;
     ctx->n_expert = n_expert;
     ctx->observing = true;
+    ctx->observe_every = 1;
     ctx->pool_spin_ns = -1;
     ctx->row_prefetch = LH_ROW_PREFETCH_DEFAULT;
     ctx->blk_to_moe = malloc(sizeof(int32_t) * (size_t) n_blocks);
@@ -361,6 +367,7 @@ void lh_ctx_free(struct lh_ctx * ctx) {
     }
     free(ctx->ffn_mode);
     free(ctx->fences);
+    free(ctx->ids_copy);
     if (ctx->copies_done) {
         ggml_backend_event_free(ctx->copies_done);
     }
@@ -411,6 +418,16 @@ void lh_ctx_free(struct lh_ctx * ctx) {
 void lh_set_user_callback(struct lh_ctx * ctx, ggml_backend_sched_eval_callback cb, void * user_data) {
     ctx->user_cb = cb;
     ctx->user_ud = user_data;
+}
+
+int32_t lh_set_observe_every(struct lh_ctx * ctx, int32_t n) {
+    if (n < 1 || (n > 1 && ctx->slot_kind != LH_SLOTS_IN_PLACE)) {
+        lh_error(ctx, "observe_every must be >= 1, and 1 unless the experts stay in place (every redirected "
+                 "ubatch is observed)");
+        return -1;
+    }
+    ctx->observe_every = n;
+    return 0;
 }
 
 void lh_set_observing(struct lh_ctx * ctx, bool observing) {
@@ -705,7 +722,7 @@ int32_t lh_slots_init(struct lh_ctx * ctx, int32_t kind, int32_t n_slots, int32_
             return -1;
         }
         ggml_backend_cpu_set_n_threads(ctx->gpu, ctx->n_threads);
-    } else if (kind != LH_SLOTS_HOST) {
+    } else if (kind != LH_SLOTS_HOST && kind != LH_SLOTS_IN_PLACE) {
         lh_error(ctx, "unknown slot kind %d", kind);
         return -1;
     }
@@ -777,7 +794,7 @@ int32_t lh_slots_resize(struct lh_ctx * ctx, int32_t n_slots) {
         ctx->expert_of_slot[i] = -1;
     }
     ctx->n_slots = n_slots;
-    if (n_slots == 0) {
+    if (n_slots == 0 || ctx->slot_kind == LH_SLOTS_IN_PLACE) {
         return 0;
     }
     for (int32_t l = 0; l < ctx->n_moe_layers; l++) {
@@ -829,6 +846,17 @@ int32_t lh_expert_slab(const struct lh_ctx * ctx, int32_t layer, int32_t proj, i
     const struct ggml_tensor * w = ctx->layers[layer].weight[proj];
     *src = (char *) w->data + (size_t) expert * w->nb[2];
     *nbytes = w->nb[2];
+    return 0;
+}
+
+int32_t lh_weight_buffer(const struct lh_ctx * ctx, int32_t layer, int32_t proj, void ** base, size_t * size) {
+    if (layer < 0 || layer >= ctx->n_moe_layers || proj < 0 || proj >= LH_PROJ_COUNT ||
+        ctx->layers[layer].weight[proj] == NULL || ctx->layers[layer].weight[proj]->buffer == NULL) {
+        return -1;
+    }
+    ggml_backend_buffer_t buffer = ctx->layers[layer].weight[proj]->buffer;
+    *base = ggml_backend_buffer_get_base(buffer);
+    *size = ggml_backend_buffer_get_size(buffer);
     return 0;
 }
 
@@ -2645,8 +2673,22 @@ static bool lh_compute_ffn(struct lh_ctx * ctx, const struct lh_ffn * f, char * 
 
 static void lh_count_routing(struct lh_ctx * ctx, const struct ggml_tensor * t, int32_t moe_layer, bool managed_ubatch) {
     const struct ggml_tensor * ids = t->src[2];
-    if (ids == NULL || ids->type != GGML_TYPE_I32 || ids->buffer == NULL || !ggml_backend_buffer_is_host(ids->buffer)) {
+    if (ids == NULL || ids->type != GGML_TYPE_I32 || ids->buffer == NULL) {
         return;
+    }
+    struct ggml_tensor ids_on_host;
+    if (!ggml_backend_buffer_is_host(ids->buffer)) {
+        /* Computed on the GPU (experts in place): read back (the scheduler synchronized before ask=false). */
+        const size_t nbytes = ggml_nbytes(ids);
+        size_t cap = ctx->ids_cap;
+        if (!lh_grow((void **) &ctx->ids_copy, &cap, nbytes / sizeof(int32_t) + 1, sizeof(int32_t))) {
+            return;
+        }
+        ctx->ids_cap = cap;
+        ggml_backend_tensor_get(ids, ctx->ids_copy, 0, nbytes);
+        ids_on_host = *ids;
+        ids_on_host.data = ctx->ids_copy;
+        ids = &ids_on_host;
     }
     const int64_t n_used = ids->ne[0];
     const int64_t n_tokens = ids->ne[1];
@@ -2681,7 +2723,8 @@ static void lh_count_routing(struct lh_ctx * ctx, const struct ggml_tensor * t, 
 
 /* Small ubatches with slots are redirected (or shadowed); the rest is only observed. */
 static bool lh_wants_redirect(const struct lh_ctx * ctx, const struct ggml_tensor * t, int32_t layer) {
-    if (ctx->cpu == NULL || t->ne[2] > ctx->prefill_bypass || !lh_redirectable(t)) {
+    if (ctx->cpu == NULL || ctx->slot_kind == LH_SLOTS_IN_PLACE || t->ne[2] > ctx->prefill_bypass ||
+        !lh_redirectable(t)) {
         return false;
     }
     return ctx->layers[layer].n_published > 0 || (ctx->debug_flags & LH_DEBUG_SHADOW);
@@ -2826,6 +2869,18 @@ static bool lh_callback(struct lh_ctx * ctx, struct ggml_tensor * t, bool ask) {
         if (e == NULL) {
             return ctx->user_wanted;
         }
+        ctx->skip_ubatch = false;
+        if (ctx->observe_every > 1 && t->src[2] != NULL && t->src[2]->ne[1] == 1) {
+            /* Experts in place: a single-token ubatch is observed one in observe_every (its stops cost
+             * the GPU a sync each); the whole ubatch decides alike, the count moving at its last node. */
+            ctx->skip_ubatch = ctx->single_ubatches % ctx->observe_every != 0;
+            if (e->moe_layer == ctx->n_moe_layers - 1 && e->proj == LH_PROJ_DOWN) {
+                ctx->single_ubatches++;
+            }
+            if (ctx->skip_ubatch) {
+                return ctx->user_wanted;
+            }
+        }
         const bool shadow = ctx->debug_flags & LH_DEBUG_SHADOW;
         if (lh_wants_redirect(ctx, t, e->moe_layer)) {
             /* Whole-FFN mode: gate/up run on untouched (their nodes are skipped at the down node's
@@ -2874,7 +2929,7 @@ static bool lh_callback(struct lh_ctx * ctx, struct ggml_tensor * t, bool ask) {
             lh_count_routing(ctx, t, e->moe_layer, true);
         }
     } else {
-        const struct lh_weight_entry * e = lh_managed(ctx, t);
+        const struct lh_weight_entry * e = ctx->skip_ubatch ? NULL : lh_managed(ctx, t);
         if (e != NULL) {
             const bool managed_ubatch = ctx->cpu != NULL && t->ne[2] <= ctx->prefill_bypass;
             if (ctx->debug_flags & LH_DEBUG_SHADOW && lh_wants_redirect(ctx, t, e->moe_layer)) {

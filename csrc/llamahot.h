@@ -35,6 +35,10 @@ enum lh_slot_kind {
     LH_SLOTS_GPU = 1,    /* the first GPU device of ggml's registry (CUDA), standard layout */
     LH_SLOTS_EMULATED_GPU = 2, /* test-only: a second CPU backend standing in for the GPU, so the GPU
                                   code path (device buffers, async copies, device graphs) runs in CI */
+    LH_SLOTS_IN_PLACE = 3, /* no slot memory: the experts stay in the model's own buffers (CUDA managed
+                              memory) and llama.cpp computes every expert; the slot maps only say which
+                              experts are resident in VRAM (hit counting), the callback only observes
+                              routing, and the caller moves the pages */
 };
 
 /* Test-only checks. */
@@ -140,6 +144,10 @@ void lh_set_user_callback(struct lh_ctx * ctx, ggml_backend_sched_eval_callback 
 /* Observing (the default) stops the graph after each MoE layer's down projection to count its
  * routing. Off, the callback stays installed but never stops: it costs only the scheduler's per-node asks. */
 void lh_set_observing(struct lh_ctx * ctx, bool observing);
+/* Experts in place (LH_SLOTS_IN_PLACE): observe one single-token ubatch in n (1, the default: all), so
+ * the routing stops cost the decode 1/n as much; larger ubatches are always observed. -1 (see
+ * lh_last_error) for n < 1, or n > 1 with slots that redirect. */
+int32_t lh_set_observe_every(struct lh_ctx * ctx, int32_t n);
 
 /* The callback to install as llama_context_params.cb_eval, with the lh_ctx as cb_eval_user_data. */
 bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
@@ -176,6 +184,8 @@ size_t lh_slot_bytes_per_layer(const struct lh_ctx * ctx);
  * (host or device memory). Same size; for copies driven from Python (cudaMemcpyAsync). */
 int32_t lh_expert_slab(const struct lh_ctx * ctx, int32_t layer, int32_t proj, int32_t expert, void ** src, size_t * nbytes);
 int32_t lh_slot_slab(const struct lh_ctx * ctx, int32_t layer, int32_t proj, int32_t slot, void ** dst, size_t * nbytes);
+/* The backend buffer that holds a recognised routed-expert weight: its base and size. */
+int32_t lh_weight_buffer(const struct lh_ctx * ctx, int32_t layer, int32_t proj, void ** base, size_t * size);
 /* Copy an expert into a slot now (all projections), synchronously. The slot must be unpublished. */
 int32_t lh_slot_load(struct lh_ctx * ctx, int32_t layer, int32_t slot, int32_t expert);
 /* A slot serves its expert only while published: publish after its copy completed (or, with a fence,

@@ -108,7 +108,7 @@ def serve(args: argparse.Namespace) -> int:
           file=sys.stderr)
     run_server(args.model, host=args.host, port=args.port, hot_experts=args.hot_experts, n_ctx=args.n_ctx,
                n_gpu_layers=-1, slot_device=args.slot_device, rebalance_interval=args.rebalance_interval,
-               resident_layers=args.resident_layers, verbose=False)
+               resident_layers=args.resident_layers, gpu_mode=args.gpu_mode, verbose=False)
     return 0
 
 
@@ -148,10 +148,13 @@ def main(argv: list[str] | None = None) -> int:
                        description="More options: python -m llamahot.server --help (all of llama_cpp.server's).")
     p.add_argument("model", help="a MoE GGUF file")
     p.add_argument("--hot-experts", type=int, default=8)
-    p.add_argument("--rebalance-interval", type=int, default=4)
+    p.add_argument("--rebalance-interval", type=int, default=None,
+                   help="tokens between rebalances (default: 4, or 64 with --gpu-mode managed)")
     p.add_argument("--resident-layers", type=int, default=0,
                    help="keep every expert of the last N MoE layers on the GPU; slots for the rest (default 0)")
     p.add_argument("--slot-device", default="auto", choices=["auto", "cuda", "host"])
+    p.add_argument("--gpu-mode", default=None, choices=["managed", "redirect"],
+                   help="with CUDA: experts in CUDA managed memory (default where supported) or VRAM slots")
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

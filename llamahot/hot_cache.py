@@ -22,14 +22,16 @@ import numpy as np
 from llamahot._shim import ffi, lib
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, MoELayout
 from llamahot.monitor import SnapshotWriter
-from llamahot.policy import make_policy
-from llamahot.slots import SlotManager, check_vram_for_slots, free_vram_bytes
+from llamahot.policy import IN_PLACE_REBALANCE_INTERVAL, REBALANCE_INTERVAL, make_policy
+from llamahot.slots import HostPages, ManagedPages, SlotManager, check_vram_for_slots, free_vram_bytes
 
 # The shim's enums (csrc/llamahot.h), by the names Python uses.
 # lh_proj of each projection name in a MoELayout.
 PROJ_INDEX = {"gate": lib.LH_PROJ_GATE, "up": lib.LH_PROJ_UP, "down": lib.LH_PROJ_DOWN, "gate_up": lib.LH_PROJ_GATE_UP}
 # "emulated-gpu" is test-only: a second CPU backend in the GPU's place, so CI runs the GPU code path.
-SLOT_KINDS = {"host": lib.LH_SLOTS_HOST, "cuda": lib.LH_SLOTS_GPU, "emulated-gpu": lib.LH_SLOTS_EMULATED_GPU}
+# "managed": CUDA with the experts in place (gpu_mode="managed"), no slot memory.
+SLOT_KINDS = {"host": lib.LH_SLOTS_HOST, "cuda": lib.LH_SLOTS_GPU, "emulated-gpu": lib.LH_SLOTS_EMULATED_GPU,
+              "managed": lib.LH_SLOTS_IN_PLACE}
 DEBUG_POISON = lib.LH_DEBUG_POISON
 DEBUG_SHADOW = lib.LH_DEBUG_SHADOW
 DEBUG_PER_NODE = lib.LH_DEBUG_PER_NODE
@@ -67,12 +69,16 @@ class HostPlacement:
 DEFAULT_COLD_ON_DEVICE = 0.34
 
 
-def _check_cold_on_device(share: Any, slot_device: str) -> float:
+def _check_cold_on_device(share: Any, slot_device: str, gpu_mode: Optional[str] = None) -> float:
     if share is None:
-        return DEFAULT_COLD_ON_DEVICE if slot_device == "cuda" else 0.0
+        return DEFAULT_COLD_ON_DEVICE if slot_device == "cuda" and gpu_mode != "managed" else 0.0
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
         raise ValueError(f"cold_on_device must be a number in 0..1 (the share of cold experts computed on the "
                          f"device), got {share!r}")
+    if share > 0 and gpu_mode == "managed":
+        raise ValueError(f"cold_on_device={share} is an option of gpu_mode='redirect'; with gpu_mode='managed' "
+                         "the GPU computes every expert already (the cold ones read from host memory). Leave it "
+                         "out, or pass gpu_mode='redirect'.")
     if share > 0 and slot_device not in ("cuda", "emulated-gpu"):
         raise ValueError(f"cold_on_device={share} needs slots on a GPU (slot_device='cuda'); with "
                          f"slot_device={slot_device!r} the cold experts are computed on the CPU anyway: use 0.")
@@ -92,9 +98,10 @@ class HotCache:
     _plan: Optional[Future] = None   # loads planned in the worker from the routing before the last eval
     _planner: Optional[ThreadPoolExecutor] = None
 
-    def __init__(self, layout: MoELayout, *, hot_experts: int, rebalance_interval: int,
+    def __init__(self, layout: MoELayout, *, hot_experts: int, rebalance_interval: Optional[int],
                  prefill_bypass: int, slot_device: str, policy: str = "decayed", resident_layers: int = 0,
-                 cold_on_device: Optional[float] = None, plan_ahead: bool = False):
+                 cold_on_device: Optional[float] = None, plan_ahead: bool = False,
+                 gpu_mode: Optional[str] = None):
         # The last `resident_layers` MoE layers keep all their experts on the GPU, untouched: llamahot
         # manages (counts, slots, layer indices) the others only.
         self.resident_layers = resident_layers
@@ -102,14 +109,21 @@ class HotCache:
         layout = layout.without_last(resident_layers)
         self.layout = layout
         self.hot_experts = hot_experts
-        self.rebalance_interval = rebalance_interval
         self.prefill_bypass = prefill_bypass
         self.slot_device = slot_device
-        self.cold_on_device = _check_cold_on_device(cold_on_device, slot_device)
+        # With CUDA: "managed" (experts in place, in CUDA managed memory) or "redirect" (slots + stops);
+        # the emulated GPU of the tests takes either path.
+        self.gpu_mode = gpu_mode if slot_device in ("cuda", "emulated-gpu") else None
+        self.in_place = self.gpu_mode == "managed"
+        if rebalance_interval is None:
+            rebalance_interval = IN_PLACE_REBALANCE_INTERVAL if self.in_place else REBALANCE_INTERVAL
+        self.rebalance_interval = rebalance_interval
+        self.cold_on_device = _check_cold_on_device(cold_on_device, slot_device, self.gpu_mode)
         _check_plan_ahead(plan_ahead)
         self.policy_name = policy
         # Fails fast on a bad name, before any model is loaded.
-        self.policy = make_policy(policy, layout.n_moe_layers, layout.n_expert, hot_experts, rebalance_interval)
+        self.policy = make_policy(policy, layout.n_moe_layers, layout.n_expert, hot_experts, rebalance_interval,
+                                  in_place=self.in_place)
 
         blk_to_moe = layout.blk_to_moe()
         ctx = lib.lh_ctx_new(layout.n_blocks, ffi.from_buffer("int32_t[]", blk_to_moe),
@@ -126,8 +140,11 @@ class HotCache:
         self._final: Optional[tuple[np.ndarray, dict]] = None  # snapshot kept after release()
 
         # Placement of the managed layers' routed-expert tensors in host memory (what `-ot exps=CPU`
-        # does); with resident layers (a layout cut short) the others stay where llama puts them.
-        self._placement = HostPlacement(layout.expert_pattern() if resident_layers else EXPERT_TENSOR_PATTERN)
+        # does); with resident layers (a layout cut short) the others stay where llama puts them. In
+        # place (gpu_mode="managed") nothing is overridden: the experts load on the GPU with the rest.
+        pattern = layout.expert_pattern() if resident_layers else EXPERT_TENSOR_PATTERN
+        self._placement = None if self.in_place else HostPlacement(pattern)
+        self._pages: Optional[ManagedPages] = None
 
         self.slots: Optional[SlotManager] = None
         self._snapshot: Optional[SnapshotWriter] = None
@@ -143,6 +160,10 @@ class HotCache:
         # 1: where cold rows are rare (high K) a stop found the threads asleep and waited ~50 us for
         # the last to wake (K=96: cold rows 1.47 -> 0.75 ms per token, session 15).
         self.thread_pool_spin_ms: Optional[float] = 20.0 if slot_device == "cuda" else None
+        # In place, each observed decode step stops llama.cpp's graph at every MoE layer to read the
+        # routing (~1 ms a token on the H100). Reading one step in 4 saved that but cost more in hit rate
+        # (76.3 against 84.8 tok/s, session 18), so every step is read unless asked otherwise.
+        self.observe_every = 1
         self.row_prefetch: int = lib.LH_ROW_PREFETCH_DEFAULT
         self._snapshot_time = 0.0
         self._decode_tokens = 0
@@ -152,8 +173,9 @@ class HotCache:
 
     # -- wiring into llama.cpp (used by llamahot.Llama) ------------------------------------
     @property
-    def tensor_buft_overrides_address(self) -> int:
-        return self._placement.address
+    def tensor_buft_overrides_address(self) -> Optional[int]:
+        """The tensor_buft_overrides for llama_model_params (None: none, the experts stay in place)."""
+        return self._placement.address if self._placement is not None else None
 
     @property
     def eval_callback_address(self) -> int:
@@ -185,27 +207,37 @@ class HotCache:
         if rc != 0:
             raise RuntimeError(f"llamahot: the warm-up decode failed (llama_decode returned {rc})")
         projections = tuple(PROJ_INDEX[p] for p in self.layout.projections)
+        where = "in llamahot's managed memory" if self.in_place else "through the CPU"
         for layer in range(self.layout.n_moe_layers):
             found = lib.lh_layer_weight_count(self._ctx, layer)
             if found != len(projections):
                 raise RuntimeError(
                     f"llamahot: MoE layer {layer} (block {self.layout.moe_blocks[layer]}) ran "
-                    f"{found} of its {len(projections)} routed-expert matmuls through the CPU, so its "
+                    f"{found} of its {len(projections)} routed-expert matmuls {where}, so its "
                     "experts cannot be managed. Is a tensor_buft_override or n_cpu_moe setting moving "
                     "them elsewhere? Leave expert placement to llamahot."
                 )
+        if self.in_place:
+            self._pages = ManagedPages() if self.slot_device == "cuda" else HostPages()
+            self._pages.keep_on_gpu(self._weight_buffers(projections))
         if self.slot_device == "cuda":
             check_vram_for_slots(self.hot_experts, free_vram_bytes(), self.layout.expert_matrix_bytes,
                                  self.layout.n_moe_layers, self.layout.n_expert)
-        if lib.lh_slots_init(self._ctx, SLOT_KINDS[self.slot_device], self.hot_experts,
+        if lib.lh_slots_init(self._ctx, SLOT_KINDS[self._slot_kind], self.hot_experts,
                              self.prefill_bypass, n_threads) != 0:
             raise RuntimeError(f"llamahot: could not set up {self.hot_experts} {self.slot_device} slots per "
                                f"layer: {ffi.string(lib.lh_last_error(self._ctx)).decode()}")
-        self.slots = SlotManager(self._ctx, self.slot_device, self.layout.n_moe_layers, self.layout.n_expert,
-                                 self.hot_experts, projections)
-        self.set_cold_on_device(self.cold_on_device)
-        self.set_thread_pool(self.thread_pool_spin_ms)
-        self.set_row_prefetch(self.row_prefetch)
+        self.slots = SlotManager(self._ctx, self._slot_kind, self.layout.n_moe_layers, self.layout.n_expert,
+                                 self.hot_experts, projections, pages=self._pages)
+        if self.in_place:
+            # The experts' pages go to host memory, mapped for the GPU; the prompt fills K per layer.
+            self.slots.map_experts_cold()
+            self.slots.evict_all()
+            self.set_observe_every(self.observe_every)
+        else:
+            self.set_cold_on_device(self.cold_on_device)
+            self.set_thread_pool(self.thread_pool_spin_ms)
+            self.set_row_prefetch(self.row_prefetch)
         lib.lh_reset_counters(self._ctx)
         if self._user_callback is not None:
             callback, user_data = self._user_callback
@@ -214,6 +246,20 @@ class HotCache:
                                      ffi.cast("void *", user_data or 0))
         self._model_name = model_name or os.path.basename(self.layout.path)
         self._new_snapshot()
+
+    def _weight_buffers(self, projections: tuple[int, ...]) -> list[tuple[int, int]]:
+        """(base, size) of the buffers holding the managed layers' expert tensors, each once."""
+        base, size = ffi.new("void **"), ffi.new("size_t *")
+        found = set()
+        for layer in range(self.layout.n_moe_layers):
+            for proj in projections:
+                if lib.lh_weight_buffer(self._ctx, layer, proj, base, size) == 0:
+                    found.add((int(ffi.cast("uintptr_t", base[0])), int(size[0])))
+        return sorted(found)
+
+    @property
+    def _slot_kind(self) -> str:
+        return "managed" if self.in_place else self.slot_device
 
     def end_of_eval(self) -> int:
         """Undo graph changes a failed or aborted decode left behind; returns how many (0 normally)."""
@@ -306,6 +352,7 @@ class HotCache:
             check_vram_for_slots(grow, free_vram_bytes(), self.layout.expert_matrix_bytes,
                                  self.layout.n_moe_layers, self.layout.n_expert)
         self._drop_plan()
+        self.slots.evict_all()   # experts in place: the old hot set's pages leave VRAM
         self.slots.close()
         error = None
         if lib.lh_slots_resize(self._ctx, k) != 0:
@@ -315,8 +362,8 @@ class HotCache:
         stats = self.slots.stats
         self.hot_experts = k
         self.policy.k = k
-        self.slots = SlotManager(self._ctx, self.slot_device, self.layout.n_moe_layers, self.layout.n_expert, k,
-                                 self.slots.projections, stats)
+        self.slots = SlotManager(self._ctx, self._slot_kind, self.layout.n_moe_layers, self.layout.n_expert, k,
+                                 self.slots.projections, stats, pages=self._pages)
         self._filled = False
         self._snapshot.close()
         self._new_snapshot()  # its shape depends on K
@@ -363,7 +410,7 @@ class HotCache:
     def set_cold_on_device(self, share: float) -> None:
         """Single-token decode with device slots: copy this share (0..1) of each layer's cold experts
         to the device and compute them there while the CPU computes the rest (0: all on the CPU)."""
-        share = _check_cold_on_device(share, self.slot_device)
+        share = _check_cold_on_device(share, self.slot_device, self.gpu_mode)
         if lib.lh_set_cold_on_device(self._ctx, share) != 0:
             raise RuntimeError(f"llamahot: {ffi.string(lib.lh_last_error(self._ctx)).decode()}")
         self.cold_on_device = share
@@ -423,6 +470,30 @@ class HotCache:
         if plan_ahead is not None:
             self.plan_ahead = plan_ahead
 
+    def set_page_moves(self, *, read_mostly: bool = False, background: bool = True) -> None:
+        """Experts in place (gpu_mode="managed"; benchmarks): how expert pages move (see
+        llamahot.slots.ManagedPages): read_mostly: read-only copies on the GPU instead of migrations;
+        background: the driver calls in a worker thread instead of the caller. The hot set is emptied
+        and refills at the next eval."""
+        if not self.in_place or self.slots is None:
+            raise RuntimeError("llamahot: set_page_moves applies to gpu_mode='managed' (experts in place)")
+        self._drop_plan()
+        self.slots.evict_all()
+        self._pages.set_mode(read_mostly=read_mostly, background=background)
+        self._filled = False
+
+    def set_observe_every(self, n: int) -> None:
+        """Experts in place: read the routing of one single-token decode step in n (prompts always);
+        1: every step. Hit rates are then counted over the observed steps."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"observe_every must be an integer >= 1, got {n!r}")
+        if n > 1 and not self.in_place:
+            raise ValueError(f"observe_every={n} needs the experts to stay in place (gpu_mode='managed'): "
+                             "redirected steps are all observed")
+        if self._ctx is not None and self.slots is not None and lib.lh_set_observe_every(self._ctx, n) != 0:
+            raise RuntimeError(f"llamahot: {ffi.string(lib.lh_last_error(self._ctx)).decode()}")
+        self.observe_every = n
+
     def set_observing(self, observing: bool) -> None:
         """Count and redirect (default), or leave the callback installed but idle (to measure its cost)."""
         if self._ctx is not None:
@@ -461,6 +532,7 @@ class HotCache:
         return {
             "hot_experts": self.hot_experts,
             "slot_device": self.slot_device,
+            "gpu_mode": self.gpu_mode,
             "policy": self.policy_name,
             "n_moe_layers": self.layout.n_moe_layers,
             "n_expert": self.layout.n_expert,
@@ -575,6 +647,9 @@ class HotCache:
         self._final = (self._counts.copy(), self.stats())
         if self.slots is not None:
             self.slots.close()
+        if self._pages is not None:
+            self._pages.close()
+            self._pages = None
         if self._snapshot is not None:
             self._snapshot.close()
             self._snapshot = None
@@ -593,7 +668,10 @@ class HotCache:
         return counters
 
     def _slot_bytes(self) -> int:
-        """Memory of all slots (0 before they are set up, or with K = 0)."""
+        """Memory of all slots (0 before they are set up, or with K = 0); in place, the VRAM K experts
+        per layer take."""
+        if self.in_place:
+            return self.hot_experts * self.layout.expert_matrix_bytes * self.layout.n_moe_layers if self.slots else 0
         return int(lib.lh_slot_bytes_per_layer(self._ctx)) * self.layout.n_moe_layers
 
     def _new_snapshot(self) -> None:

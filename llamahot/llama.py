@@ -1,6 +1,7 @@
 """llamahot.Llama: llama_cpp.Llama with the routed experts of a MoE model managed by llamahot."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -12,6 +13,9 @@ from llamahot.hot_cache import HotCache
 from llamahot.model_info import read_moe_layout
 
 SLOT_DEVICES = ("auto", "cuda", "host")
+GPU_MODES = ("managed", "redirect")
+# Read by ggml-cuda at each allocation: set, its buffers are CUDA managed memory (cudaMallocManaged).
+UNIFIED_MEMORY_ENV = "GGML_CUDA_ENABLE_UNIFIED_MEMORY"
 EMULATED_GPU = "emulated-gpu"  # test-only: the GPU code path on a CPU backend (tests/test_emulated_gpu.py)
 
 
@@ -56,17 +60,74 @@ def _resolve_slot_device(slot_device: Any) -> str:
     return slot_device
 
 
+def _set_env(name: str, value: str) -> Callable[[], None]:
+    """Set an environment variable; returns a function that restores it (once)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    restored = False
+
+    def restore() -> None:
+        nonlocal restored
+        if not restored:
+            restored = True
+            if before is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = before
+    return restore
+
+
+def managed_memory_supported() -> bool:
+    """Whether the current CUDA device can run the experts in place: CUDA managed memory that the GPU
+    and the CPU may access concurrently (Linux, Pascal or newer; not Windows or WSL)."""
+    from cuda.bindings import runtime as cudart
+
+    err, device = cudart.cudaGetDevice()
+    if err != cudart.cudaError_t.cudaSuccess:
+        return False
+    err, value = cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrConcurrentManagedAccess, device)
+    return err == cudart.cudaError_t.cudaSuccess and value == 1
+
+
+def _resolve_gpu_mode(gpu_mode: Any, slot_device: str) -> Optional[str]:
+    if gpu_mode is not None and gpu_mode not in GPU_MODES:
+        raise ValueError(f"gpu_mode must be None or one of {', '.join(map(repr, GPU_MODES))}, got {gpu_mode!r}")
+    if slot_device == EMULATED_GPU:
+        return gpu_mode or "redirect"   # tests: either path, the stops' by default
+    if slot_device != "cuda":
+        return None   # host slots: nothing on a GPU to choose
+    if gpu_mode == "managed" and not managed_memory_supported():
+        raise RuntimeError(
+            "gpu_mode='managed' keeps the experts in CUDA managed memory, which needs a GPU with concurrent "
+            "managed access (Linux, Pascal or newer); this GPU reports none (Windows or WSL?). Use "
+            "gpu_mode='redirect' (the default).")
+    return gpu_mode or "redirect"
+
+
 class Llama(llama_cpp.Llama):
     """Drop-in replacement for llama_cpp.Llama that keeps the hot experts of every MoE layer in slots.
 
     New keyword arguments (everything else is llama_cpp.Llama's):
-      hot_experts: slots per MoE layer (0 <= K <= n_expert). None behaves exactly like
-        llama_cpp.Llama: no expert placement, no callback. With K set, every routed-expert tensor
-        is placed in host memory (like `-ot exps=CPU`), the rest on the GPU (n_gpu_layers=-1 by
-        default), and routing is observed through llama.cpp's eval callback.
-      rebalance_interval: tokens between rebalances of the hot set (default 4; benchmarks/RESULTS.md).
+      hot_experts: slots per MoE layer (0 <= K <= n_expert): the experts of each layer kept in VRAM.
+        None behaves exactly like llama_cpp.Llama: no expert placement, no callback. With K set,
+        everything but the routed experts goes on the GPU (n_gpu_layers=-1 by default), the routed
+        experts as gpu_mode says, and routing is observed through llama.cpp's eval callback.
+      rebalance_interval: tokens between rebalances of the hot set (default None: 4, or 64 with
+        gpu_mode="managed", where moving an expert costs more; benchmarks/RESULTS.md).
       prefill_bypass: ubatches with more tokens than this are left to llama.cpp (default 32).
       slot_device: "auto" (CUDA if llama-cpp-python was built with it, else host), "cuda" or "host".
+        With "host" the routed experts lie in host memory (like `-ot exps=CPU`) and the hot ones'
+        matmuls run on copies in host slots: exact, for tests and machines without a GPU.
+      gpu_mode: with CUDA, how the experts are kept (default None: "redirect"):
+        "managed" (new, opt-in): the routed-expert tensors stay on the GPU in CUDA managed memory,
+          llama.cpp computes every expert there in its own CUDA graphs, and llamahot moves the pages:
+          the K hot experts of each layer in VRAM, the cold ones in host memory, which the GPU reads
+          over PCIe. Outputs are bit-identical to llama_cpp.Llama with the whole model on the GPU;
+          prefill ~2.5x faster than "redirect", decode on par once its sticky policy settles
+          (benchmarks/RESULTS.md, session 18). Not yet measured with a model larger than VRAM.
+        "redirect": the routed experts in host memory (like `-ot exps=CPU`), the hot ones copied to VRAM
+          slots, and each MoE layer's matmuls redirected there through the eval callback; the CPU
+          computes the cold ones. Outputs are those of llama_cpp.Llama with the experts in RAM.
       policy: which experts are hot: "decayed" (default: decayed routing counts with hysteresis),
         "lru" or "window-lfu".
       resident_layers: keep every expert of the last N MoE layers on the GPU, where llama.cpp
@@ -92,13 +153,14 @@ class Llama(llama_cpp.Llama):
         model_path: str,
         *,
         hot_experts: Optional[int] = None,
-        rebalance_interval: int = 4,
+        rebalance_interval: Optional[int] = None,
         prefill_bypass: int = 32,
         slot_device: str = "auto",
         policy: str = "decayed",
         resident_layers: int = 0,
         cold_on_device: Optional[float] = None,
         plan_ahead: bool = False,
+        gpu_mode: Optional[str] = None,
         load_progress: Optional[Callable[[float], None]] = None,
         cb_eval: Any = None,
         cb_eval_user_data: Optional[int] = None,
@@ -107,17 +169,24 @@ class Llama(llama_cpp.Llama):
         self.hot_cache: Optional[HotCache] = None
         self._user_cb_eval = (cb_eval, cb_eval_user_data)
         self._load_progress = None
-        if load_progress is not None:
+        # Set for gpu_mode="managed" (a list, not an attribute: the callback must not hold self alive).
+        restore_env: list[Optional[Callable[[], None]]] = [None]
+        if hot_experts is not None or load_progress is not None:
             def report(fraction: float, _user_data) -> bool:
-                load_progress(float(fraction))
+                if fraction >= 1.0 and restore_env[0] is not None:
+                    restore_env[0]()   # the weights are loaded: the context's buffers are plain VRAM
+                if load_progress is not None:
+                    load_progress(float(fraction))
                 return True  # go on loading
             self._load_progress = llama_cpp.llama_progress_callback(report)  # kept alive with self
         if hot_experts is not None:
             _check_int("hot_experts", hot_experts, 0)
-            _check_int("rebalance_interval", rebalance_interval, 1)
+            if rebalance_interval is not None:
+                _check_int("rebalance_interval", rebalance_interval, 1)
             _check_int("prefill_bypass", prefill_bypass, 0)
             _check_int("resident_layers", resident_layers, 0)
             device = _resolve_slot_device(slot_device)
+            mode = _resolve_gpu_mode(gpu_mode, device)
             layout = read_moe_layout(model_path)
             if hot_experts > layout.n_expert:
                 raise ValueError(
@@ -127,24 +196,34 @@ class Llama(llama_cpp.Llama):
             self.hot_cache = HotCache(layout, hot_experts=hot_experts, rebalance_interval=rebalance_interval,
                                       prefill_bypass=prefill_bypass, slot_device=device, policy=policy,
                                       resident_layers=resident_layers, cold_on_device=cold_on_device,
-                                      plan_ahead=plan_ahead)
+                                      plan_ahead=plan_ahead, gpu_mode=mode)
             layout = self.hot_cache.layout
             if cb_eval is not None:
                 self.hot_cache.chain_user_callback(cb_eval, cb_eval_user_data)
             kwargs.setdefault("n_gpu_layers", -1)
             if device == "cuda":
-                # Experts then load into pinned host memory (CUDA_Host) instead of a pageable mmap:
-                # slot copies run at full PCIe speed and truly asynchronously.
+                # Redirect: experts then load into pinned host memory (CUDA_Host) instead of a pageable
+                # mmap, so slot copies run at full PCIe speed and truly asynchronously. Managed: no mmap'd
+                # copy of the file stays in the page cache beside the experts' host pages.
                 kwargs.setdefault("use_mmap", False)
             if kwargs.get("verbose", True):
                 print(
                     f"llamahot: {layout.arch}, {self.hot_cache.full_layout.n_moe_layers} MoE layers x {layout.n_expert} experts "
                     f"({layout.n_expert_used} used); routed-expert tensors ({layout.expert_tensor_bytes / 2**20:.1f} MiB, "
-                    f"of {layout.n_moe_layers} layers) placed in host memory; hot_experts={hot_experts}, "
-                    f"resident_layers={resident_layers}, slot_device={device}",
+                    f"of {layout.n_moe_layers} layers) placed in "
+                    f"{'CUDA managed memory' if mode == 'managed' else 'host memory'}; hot_experts={hot_experts}, "
+                    f"resident_layers={resident_layers}, slot_device={device}"
+                    f"{f', gpu_mode={mode}' if mode else ''}",
                     file=sys.stderr,
                 )
-        super().__init__(model_path, **kwargs)
+        if self.hot_cache is not None and self.hot_cache.in_place:
+            # The model's CUDA weight buffers in managed memory, so llamahot can move expert pages.
+            restore_env[0] = _set_env(UNIFIED_MEMORY_ENV, "1")
+        try:
+            super().__init__(model_path, **kwargs)
+        finally:
+            if restore_env[0] is not None:
+                restore_env[0]()
         if self.hot_cache is not None:
             self.hot_cache.attach(self.ctx, self.model, self.context_params.n_threads)
 
@@ -160,7 +239,8 @@ class Llama(llama_cpp.Llama):
         if self._load_progress is not None:
             params.progress_callback = self._load_progress
         if self.hot_cache is not None:
-            params.tensor_buft_overrides = self.hot_cache.tensor_buft_overrides_address
+            if self.hot_cache.tensor_buft_overrides_address is not None:
+                params.tensor_buft_overrides = self.hot_cache.tensor_buft_overrides_address
             # No extra CPU buffer types (repacked weights, AMX): device slots copy expert slabs as they
             # are, and on a CPU with AMX llama-cpp-python 0.3.36 itself crashes with them (a segfault in
             # ggml_backend_amx_mul_mat on a Q8_0 model, an abort at a deepseek2 model's first context).
@@ -214,6 +294,6 @@ class Llama(llama_cpp.Llama):
             state.update(hot_experts=cache.hot_experts, rebalance_interval=cache.rebalance_interval,
                          prefill_bypass=cache.prefill_bypass, slot_device=cache.slot_device,
                          policy=cache.policy_name, resident_layers=cache.resident_layers,
-                         cold_on_device=cache.cold_on_device, plan_ahead=cache.plan_ahead)
+                         cold_on_device=cache.cold_on_device, plan_ahead=cache.plan_ahead, gpu_mode=cache.gpu_mode)
         return state
 

@@ -176,13 +176,24 @@ class WindowLFU:
 POLICIES = {cls.name: cls for cls in (DecayedFrequency, LRU, WindowLFU)}
 
 
-def make_policy(name: str, n_layers: int, n_expert: int, k: int, rebalance_interval: int):
-    """A policy by name with its default parameters; window-LFU's window is at least one rebalance
-    interval (and at least 60 tokens, its best on the traces of benchmarks/RESULTS.md)."""
+# Rebalance intervals by default, and the decayed policy's parameters with the experts in place
+# (gpu_mode="managed"), where moving an expert's pages costs the GPU ~1 ms against ~0.05 ms for a slot
+# copy: there a sticky policy that moves almost no experts once settled wins (benchmarks/RESULTS.md,
+# session 18: 94.7 tok/s against 83.3 for every 16 / half-life 512 / margin 2 and 73.8 for the slots'
+# every 4 / 128 / 0.25, at K=51 on the H100).
+REBALANCE_INTERVAL = 4
+IN_PLACE_REBALANCE_INTERVAL = 64
+IN_PLACE_DECAYED = dict(half_life=2048.0, margin=3.0)
+
+
+def make_policy(name: str, n_layers: int, n_expert: int, k: int, rebalance_interval: int, in_place: bool = False):
+    """A policy by name with its default parameters (the decayed one's stickier with the experts in
+    place); window-LFU's window is at least one rebalance interval (and at least 60 tokens, its best on
+    the traces of benchmarks/RESULTS.md)."""
     if name not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}, got {name!r}")
     if name == "decayed":
-        return DecayedFrequency(n_layers, n_expert, k)
+        return DecayedFrequency(n_layers, n_expert, k, **(IN_PLACE_DECAYED if in_place else {}))
     if name == "window-lfu":
         return WindowLFU(n_layers, n_expert, k, window=max(rebalance_interval, 60))
     return LRU(n_layers, n_expert, k)

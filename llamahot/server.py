@@ -32,15 +32,18 @@ class HotModelSettings(ModelSettings):
     """llama_cpp.server's model settings plus llamahot's (None: a plain llama_cpp.Llama)."""
 
     hot_experts: Optional[int] = Field(default=None, ge=0, description="Hot-expert slots per MoE layer.")
-    rebalance_interval: int = Field(default=4, ge=1, description="Tokens between rebalances of the hot set.")
+    rebalance_interval: Optional[int] = Field(default=None, ge=1, description="Tokens between rebalances of the hot "
+                                              "set (default: 4, or 64 with gpu_mode 'managed').")
     prefill_bypass: int = Field(default=32, ge=0, description="Larger ubatches are left to llama.cpp.")
     slot_device: str = Field(default="auto", description="'auto', 'cuda' or 'host'.")
+    gpu_mode: Optional[str] = Field(default=None, description="With CUDA: 'managed' (experts in CUDA managed memory, "
+                                    "the default where supported) or 'redirect' (VRAM slots, cold experts on the CPU).")
     policy: str = Field(default="decayed", description="'decayed', 'lru' or 'window-lfu'.")
     resident_layers: int = Field(default=0, ge=0,
                                  description="Keep every expert of the last N MoE layers on the GPU; slots for the rest.")
     cold_on_device: Optional[float] = Field(default=None, ge=0.0, le=1.0,
                                             description="GPU slots: share of a layer's cold experts computed on the GPU "
-                                                        "(default: 0.34 with CUDA slots, else 0).")
+                                                        "(default: 0.34 with CUDA slots redirected, else 0).")
 
 
 @contextlib.contextmanager
@@ -51,7 +54,7 @@ def _llamahot_as_llama(settings: HotModelSettings) -> Iterator[None]:
     server_model.llama_cpp.Llama = functools.partial(
         llamahot.Llama, hot_experts=settings.hot_experts, rebalance_interval=settings.rebalance_interval,
         prefill_bypass=settings.prefill_bypass, slot_device=settings.slot_device, policy=settings.policy,
-        resident_layers=settings.resident_layers, cold_on_device=settings.cold_on_device)
+        resident_layers=settings.resident_layers, cold_on_device=settings.cold_on_device, gpu_mode=settings.gpu_mode)
     try:
         yield
     finally:

@@ -6,11 +6,19 @@ slots are filled with cuda-python (`cudaMemcpyBatchAsync`, else `cudaMemcpyAsync
 stream: a slot is unpublished before its copy is issued and published right after, with a fence for
 its layer (a CUDA event) that the shim waits for before it next reads that layer's slots. The
 emulated GPU of the tests takes the same path, its copies landing only when the shim waits.
+
+Experts in place (gpu_mode="managed"): there is no slot memory. The expert tensors stay in CUDA managed
+memory and llama.cpp computes every expert on the GPU; a "slot" is VRAM that one expert's pages occupy.
+Loading an expert advises its pages to VRAM and prefetches them there, evicting advises and prefetches
+them back to host memory, where the GPU reads cold experts over PCIe (cuda-python cudaMemAdvise and
+cudaMemPrefetchAsync on a stream of their own). The driver keeps the pages coherent while they move,
+so a slot is published at once, with no fence.
 """
 from __future__ import annotations
 
 import ctypes
 import itertools
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -189,6 +197,172 @@ class _HostCopies:
             self._wait(ffi.cast("void *", group + 1))
 
 
+class ManagedPages:
+    """Where the pages of experts in CUDA managed memory live: host memory (cold, mapped in the GPU's page
+    tables so its kernels read them over PCIe without faults) or VRAM (hot).
+
+    The driver's page moves cost ~0.5 ms per expert matrix set in and more out (H100, session 18), far more
+    than the copy itself, and they block the calling thread: they run in a worker thread of their own,
+    in order, while llama decodes (cuda-python releases the GIL). The driver keeps pages coherent while
+    they move, so nothing waits for them.
+
+    Two ways to move (set_mode, for A/B; the hot set must be empty when it changes):
+    - migrate: a hot expert's pages are advised to VRAM and prefetched there, an evicted one's advised
+      and prefetched back to host memory (a copy each way);
+    - read-mostly: pages stay preferred in host memory; a hot expert is marked read-mostly and
+      prefetched to the GPU, which makes a read-only copy there; evicting unmarks it, which drops the
+      GPU's copy (no copy back: the host's is still valid)."""
+
+    def __init__(self, *, read_mostly: bool = False, background: bool = True):
+        from cuda.bindings import runtime as cudart
+        self.rt = cudart
+        err, device = cudart.cudaGetDevice()
+        self._check(err, "cudaGetDevice")
+        self.host = cudart.cudaMemLocation()
+        self.host.type = cudart.cudaMemLocationType.cudaMemLocationTypeHost
+        self.gpu = cudart.cudaMemLocation()
+        self.gpu.type = cudart.cudaMemLocationType.cudaMemLocationTypeDevice
+        self.gpu.id = device
+        err, self.stream = cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking)
+        self._check(err, "cudaStreamCreateWithFlags")
+        self.read_mostly = read_mostly
+        self.background = background
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamahot-pages")
+        self._queued: list[tuple[Future, int]] = []   # (moves, loads among them), in order
+
+    def _check(self, result, what: str) -> None:
+        err = result[0] if isinstance(result, tuple) else result
+        if err != self.rt.cudaError_t.cudaSuccess:
+            raise RuntimeError(f"llamahot: {what} failed: {err}")
+
+    def set_mode(self, *, read_mostly: bool, background: bool) -> None:
+        self.wait()
+        self.read_mostly, self.background = read_mostly, background
+
+    def keep_on_gpu(self, buffers: list[tuple[int, int]]) -> None:
+        """The model's weight buffers that hold the experts (all of them CUDA managed memory: checked):
+        their pages stay in VRAM (the experts' own ranges are advised otherwise next)."""
+        for base, size in buffers:
+            err, attributes = self.rt.cudaPointerGetAttributes(base)
+            if err != self.rt.cudaError_t.cudaSuccess or attributes.type != self.rt.cudaMemoryType.cudaMemoryTypeManaged:
+                raise RuntimeError(
+                    "llamahot: the expert tensors are not in CUDA managed memory, so gpu_mode='managed' cannot "
+                    "move them (was GGML_CUDA_ENABLE_UNIFIED_MEMORY changed while the model loaded, or are they "
+                    "placed by a tensor_buft_override of yours?). Leave expert placement to llamahot.")
+            self._check(self.rt.cudaMemAdvise(base, size, self.rt.cudaMemoryAdvise.cudaMemAdviseSetPreferredLocation,
+                                              self.gpu), "cudaMemAdvise(preferred location: GPU)")
+
+    def map_cold(self, base: int, size: int) -> None:
+        """Expert pages: preferred in host memory and mapped in the GPU's page tables, so its kernels
+        read them there over PCIe without faulting them over."""
+        advice = self.rt.cudaMemoryAdvise
+        self._check(self.rt.cudaMemAdvise(base, size, advice.cudaMemAdviseSetPreferredLocation, self.host),
+                    "cudaMemAdvise(preferred location: host)")
+        self._check(self.rt.cudaMemAdvise(base, size, advice.cudaMemAdviseSetAccessedBy, self.gpu),
+                    "cudaMemAdvise(accessed by: GPU)")
+
+    def move(self, ranges: list[tuple[int, int]], to_gpu: bool, n_loads: int = 0) -> None:
+        """Bring (address, bytes) ranges into VRAM or send them out of it (queued in order)."""
+        self._submit(self._move, list(ranges), to_gpu, n_loads)
+
+    def reset_to_host(self, ranges: list[tuple[int, int]]) -> None:
+        """Every page of the ranges back in host memory, whichever way it was brought in (whole tensors)."""
+        self._submit(self._reset, list(ranges), None, 0)
+
+    def _submit(self, fn, ranges, to_gpu, n_loads: int) -> None:
+        if self.background:
+            self._queued.append((self._worker.submit(fn, ranges, to_gpu), n_loads))
+        else:
+            fn(ranges, to_gpu)
+
+    def _move(self, ranges: list[tuple[int, int]], to_gpu: bool) -> None:
+        rt, advice = self.rt, self.rt.cudaMemoryAdvise
+        for address, nbytes in ranges:
+            if self.read_mostly:
+                mark = advice.cudaMemAdviseSetReadMostly if to_gpu else advice.cudaMemAdviseUnsetReadMostly
+                self._check(rt.cudaMemAdvise(address, nbytes, mark, self.gpu), "cudaMemAdvise(read mostly)")
+                if to_gpu:
+                    self._check(rt.cudaMemPrefetchAsync(address, nbytes, self.gpu, 0, self.stream),
+                                "cudaMemPrefetchAsync")
+            else:
+                where = self.gpu if to_gpu else self.host
+                self._check(rt.cudaMemAdvise(address, nbytes, advice.cudaMemAdviseSetPreferredLocation, where),
+                            "cudaMemAdvise(preferred location)")
+                self._check(rt.cudaMemPrefetchAsync(address, nbytes, where, 0, self.stream), "cudaMemPrefetchAsync")
+
+    def _reset(self, ranges: list[tuple[int, int]], _unused) -> None:
+        rt, advice = self.rt, self.rt.cudaMemoryAdvise
+        for address, nbytes in ranges:
+            self._check(rt.cudaMemAdvise(address, nbytes, advice.cudaMemAdviseUnsetReadMostly, self.gpu),
+                        "cudaMemAdvise(read mostly)")
+            self._check(rt.cudaMemAdvise(address, nbytes, advice.cudaMemAdviseSetPreferredLocation, self.host),
+                        "cudaMemAdvise(preferred location)")
+            self._check(rt.cudaMemPrefetchAsync(address, nbytes, self.host, 0, self.stream), "cudaMemPrefetchAsync")
+        self._check(rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    def in_flight(self) -> int:
+        """Loads whose moves are still queued or running; never waits (a failed move raises here)."""
+        while self._queued and self._queued[0][0].done():
+            self._queued.pop(0)[0].result()
+        return sum(n for _, n in self._queued)
+
+    def wait(self) -> None:
+        while self._queued:
+            self._queued.pop(0)[0].result()
+        self._check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    def close(self) -> None:
+        if self.stream is None:
+            return
+        try:
+            self.wait()
+        finally:
+            self._worker.shutdown()
+            self.rt.cudaStreamDestroy(self.stream)
+            self.stream = None
+
+
+class HostPages:
+    """The emulated GPU's stand-in for ManagedPages (tests): experts in place in host memory, each
+    move recorded, so CI checks which pages would go where while llama.cpp computes as stock."""
+
+    def __init__(self):
+        self.on_gpu: set[int] = set()          # range addresses whose pages would be in VRAM
+        self.cold: list[tuple[int, int]] = []   # ranges mapped cold (map_cold)
+        self.kept: list[tuple[int, int]] = []   # buffers kept on the GPU (keep_on_gpu)
+        self.moves = 0
+        self.read_mostly, self.background = False, True
+
+    def keep_on_gpu(self, buffers: list[tuple[int, int]]) -> None:
+        self.kept = list(buffers)
+
+    def map_cold(self, base: int, size: int) -> None:
+        self.cold.append((base, size))
+
+    def move(self, ranges: list[tuple[int, int]], to_gpu: bool, n_loads: int = 0) -> None:
+        for address, nbytes in ranges:
+            inside = [a for a in self.on_gpu if address <= a < address + nbytes]
+            self.on_gpu.difference_update(inside)
+            if to_gpu:
+                self.on_gpu.add(address)
+            self.moves += 1
+
+    def reset_to_host(self, ranges: list[tuple[int, int]]) -> None:
+        self.move(ranges, to_gpu=False)   # a whole tensor at once drops its experts
+
+    def set_mode(self, *, read_mostly: bool, background: bool) -> None:
+        self.read_mostly, self.background = read_mostly, background
+
+    def in_flight(self) -> int:
+        return 0
+
+    def wait(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def plan_loads(desired: np.ndarray, expert_of_slot: np.ndarray,
                resident: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The copies that make the slots hold `desired`, all layers at once: (layers, slots, experts),
@@ -216,12 +390,13 @@ class SlotManager:
     """Keeps the shim's slots in line with a policy's desired hot set."""
 
     ctx: object
-    kind: str                       # "host" | "cuda" | "emulated-gpu"
+    kind: str                       # "host" | "cuda" | "emulated-gpu" | "managed" (experts in place)
     n_layers: int
     n_expert: int
     n_slots: int
     projections: tuple[int, ...]
     stats: TransferStats = field(default_factory=TransferStats)
+    pages: "ManagedPages | None" = None   # kind "managed": moves the experts' pages (owned by the caller)
 
     def __post_init__(self):
         n = self.n_layers * max(self.n_slots, 1)
@@ -231,6 +406,8 @@ class SlotManager:
         self.slot_of_expert = np.frombuffer(ffi.buffer(lib.lh_slot_of_expert(self.ctx), self.n_layers * self.n_expert * 4),
                                             dtype=np.int32).reshape(self.n_layers, self.n_expert)
         self.copies = None
+        if self.kind == "managed" and self.pages is None:
+            raise ValueError("SlotManager: kind 'managed' needs the ManagedPages of the experts' memory")
         self.group_of_layer = layer_groups(self.n_layers)
         self._group_of_layer = self.group_of_layer.tolist()   # for load(), per load
         if self.n_slots > 0 and self.kind in ("cuda", "emulated-gpu"):
@@ -250,14 +427,16 @@ class SlotManager:
         the shim per copy cost more than issuing the copies)."""
         n_proj = len(self.projections)
         self.nbytes = np.zeros((self.n_layers, n_proj), dtype=np.uint64)
-        if self.copies is not None:
+        if self.copies is not None or self.pages is not None:
             self.src = np.zeros((self.n_layers, n_proj, self.n_expert), dtype=np.uint64)
+        if self.copies is not None:
             self.dst = np.zeros((self.n_layers, n_proj, self.n_slots), dtype=np.uint64)
         for layer in range(self.n_layers):
             for i, proj in enumerate(self.projections):
                 self.nbytes[layer, i], src = self._slabs(lib.lh_expert_slab, layer, proj, self.n_expert)
-                if self.copies is not None:
+                if self.copies is not None or self.pages is not None:
                     self.src[layer, i] = src
+                if self.copies is not None:
                     nbytes, self.dst[layer, i] = self._slabs(lib.lh_slot_slab, layer, proj, self.n_slots)
                     if nbytes != self.nbytes[layer, i]:
                         raise RuntimeError(f"llamahot: the slots of layer {layer} hold {nbytes} bytes per matrix, "
@@ -300,10 +479,16 @@ class SlotManager:
             return
         ctx, check = self.ctx, self._check
         layer_list, slot_list, expert_list = layers.tolist(), slots.tolist(), experts.tolist()
+        evicted = self.expert_of_slot[layers, slots]
         for layer, slot in zip(layer_list, slot_list):
             check(lib.lh_slot_unpublish(ctx, layer, slot))
         nbytes = self.nbytes[layers].ravel().tolist()   # per load, its matrices' sizes ([n_loads, n_proj])
-        if self.copies is None:
+        if self.pages is not None:
+            # Out first: the evicted experts' VRAM is what the newcomers take.
+            out = evicted >= 0
+            self.pages.move(self._ranges(layers[out], evicted[out]), to_gpu=False)
+            self.pages.move(self._ranges(layers, experts), to_gpu=True, n_loads=len(layer_list))
+        elif self.copies is None:
             for layer, slot, expert in zip(layer_list, slot_list, expert_list):
                 check(lib.lh_slot_load(ctx, layer, slot, expert))
         elif layer_list:
@@ -327,8 +512,35 @@ class SlotManager:
         self.stats.rebalances += 1   # its stall is timed by the caller (HotCache.rebalance), policy included
         self.update_pending()
 
+    def _ranges(self, layers: np.ndarray, experts: np.ndarray) -> list[tuple[int, int]]:
+        """(address, bytes) of every matrix of each (layer, expert)."""
+        return list(zip(self.src[layers, :, experts].ravel().tolist(), self.nbytes[layers].ravel().tolist()))
+
+    def _tensor_ranges(self) -> list[tuple[int, int]]:
+        """(address, bytes) of every managed expert tensor, whole."""
+        return [(int(self.src[layer, i, 0]), int(self.nbytes[layer, i]) * self.n_expert)
+                for layer in range(self.n_layers) for i in range(len(self.projections))]
+
+    def map_experts_cold(self) -> None:
+        """Experts in place, once after the load: every expert tensor's pages preferred in host memory
+        and mapped for the GPU."""
+        for address, nbytes in self._tensor_ranges():
+            self.pages.map_cold(address, nbytes)
+
+    def evict_all(self) -> None:
+        """Experts in place: every expert's pages to host memory (whole tensors at once), slots emptied."""
+        if self.pages is None:
+            return
+        self.pages.reset_to_host(self._tensor_ranges())
+        for layer in range(self.n_layers):
+            for slot in range(self.n_slots):
+                self._check(lib.lh_slot_unpublish(self.ctx, layer, slot))
+
     def update_pending(self) -> None:
         """stats.pending: loads whose copies may still be landing (cheap, never waits)."""
+        if self.pages is not None:
+            self.stats.pending = self.pages.in_flight()
+            return
         self.stats.pending = self.copies.in_flight() if self.copies is not None else 0
 
     def _check(self, rc: int) -> None:
@@ -337,6 +549,9 @@ class SlotManager:
 
     def close(self) -> None:
         """Wait for the copies in flight and drop the fences (their events go with the copies)."""
+        if self.pages is not None:   # the moves in flight finish; the pages object stays with its owner
+            self.pages.wait()
+            self.pages = None
         if self.copies is not None:
             self.copies.close()
             for layer in range(self.n_layers):

@@ -128,9 +128,13 @@ def test_cold_on_device_rejects_bad_values(text_model):
     llm.hot_cache.set_cold_on_device(0.5)
     assert llm.hot_cache.stats()["cold_on_device"] == 0.5
     llm.close()
-    # The default: 0.34 with CUDA slots (one row of a stop with 2 to 4 cold rows), else 0.
-    assert _check_cold_on_device(None, "cuda") == 0.34
+    # The default: 0.34 with CUDA slots redirected (one row of a stop with 2 to 4 cold rows), else 0;
+    # with the experts in place (gpu_mode="managed") the GPU computes them all, so any share is refused.
+    assert _check_cold_on_device(None, "cuda", "redirect") == 0.34
+    assert _check_cold_on_device(None, "cuda", "managed") == 0.0
     assert _check_cold_on_device(None, "host") == _check_cold_on_device(None, "emulated-gpu") == 0.0
+    with pytest.raises(ValueError, match="gpu_mode='redirect'"):
+        _check_cold_on_device(0.5, "cuda", "managed")
 
 
 def test_device_slots_resize_and_shadow(text_model):
@@ -414,4 +418,92 @@ def test_single_token_stops_on_the_shims_own_threads(moe_model, spin_ms):
     assert llm.hot_cache.stats()["pool_graphs"] == 0 and llm.hot_cache.stats()["cpu_runs"] > 0
     with pytest.raises(ValueError, match="milliseconds"):
         llm.hot_cache.set_thread_pool(-1)
+    llm.close()
+
+
+# -- experts in place (gpu_mode="managed"): the bookkeeping, with pages that would move recorded -----
+
+def resident_ranges(llm) -> set[int]:
+    """Addresses of every matrix of every expert the slot maps call resident (in VRAM on CUDA)."""
+    slots = llm.hot_cache.slots
+    layers, experts = np.nonzero(slots.resident())
+    return set(slots.src[layers, :, experts].ravel().tolist())
+
+
+def test_experts_in_place_compute_as_stock_and_move_the_hot_pages(moe_model):
+    """gpu_mode="managed" on the emulated GPU: llama.cpp computes every expert itself (no stop
+    redirects), so logits are stock's bit for bit, while the pages the hot set names are the ones
+    moved to the GPU, evicted ones move out, and changing K moves the rest out."""
+    from llamahot.benchmark import StockPlaced
+
+    layout = read_moe_layout(moe_model)
+    stock = StockPlaced(moe_model, cpu_pattern=None, logits_all=True, **LLAMA_KW)
+    expected = greedy(stock, steps=24)
+    stock.close()
+    for k in sorted({layout.n_expert_used, layout.n_expert // 2}):
+        llm = llamahot.Llama(moe_model, hot_experts=k, rebalance_interval=1, slot_device="emulated-gpu",
+                             gpu_mode="managed", logits_all=True, **LLAMA_KW)
+        pages = llm.hot_cache._pages
+        slots = llm.hot_cache.slots
+        # Every expert tensor mapped cold once, inside the weight buffers kept on the GPU.
+        tensors = slots._tensor_ranges()
+        assert sorted(pages.cold) == sorted(tensors)
+        assert all(any(b <= a and a + n <= b + size for b, size in pages.kept) for a, n in tensors)
+        moved = []
+        logits = greedy(llm, steps=24, after_each=lambda m: moved.append(resident_ranges(m) == pages.on_gpu))
+        assert all(moved), "the pages on the GPU differ from the hot set after some step"
+        assert_bit_identical(logits, expected)
+        stats = llm.hot_cache.stats()
+        assert stats["gpu_mode"] == "managed" and stats["cold_on_device"] == 0.0
+        assert stats["ffn_redirects"] == 0 and stats["redirected_nodes"] == 0
+        assert stats["hits"] > 0 and stats["misses"] > 0 and stats["experts_loaded"] > k
+        assert stats["slot_bytes"] == k * layout.expert_matrix_bytes * layout.n_moe_layers
+        assert (llm.hot_cache.hot_sets() >= 0).sum(axis=1).max() == k
+        llm.hot_cache.set_hot_experts(1)   # the old hot set's pages leave with the change
+        assert pages.on_gpu == set()
+        greedy(llm, steps=4)
+        assert resident_ranges(llm) == pages.on_gpu and len(pages.on_gpu) <= layout.n_moe_layers * len(slots.projections)
+        assert llm.hot_cache.open_mutations() == 0
+        llm.close()
+
+
+def test_experts_in_place_refuse_redirect_options_and_default_to_a_sticky_policy(text_model):
+    with pytest.raises(ValueError, match="gpu_mode='redirect'"):
+        llamahot.Llama(text_model, hot_experts=1, slot_device="emulated-gpu", gpu_mode="managed",
+                       cold_on_device=0.5, **LLAMA_KW)
+    # Moving pages costs more than a slot copy: rebalance every 64 tokens, decayed half-life 2048, margin 3;
+    # routing read at every step (one in n is an option).
+    llm = llamahot.Llama(text_model, hot_experts=1, slot_device="emulated-gpu", gpu_mode="managed", **LLAMA_KW)
+    policy = llm.hot_cache.policy
+    assert llm.hot_cache.rebalance_interval == 64 and policy.margin == 3.0
+    assert policy.decay_per_token == pytest.approx(0.5 ** (1 / 2048))
+    assert llm.hot_cache.observe_every == 1
+    with pytest.raises(ValueError, match="observe_every"):
+        llm.hot_cache.set_observe_every(0)
+    llm.close()
+    llm = llamahot.Llama(text_model, hot_experts=1, slot_device="emulated-gpu", **LLAMA_KW)   # redirect
+    assert llm.hot_cache.rebalance_interval == 4 and llm.hot_cache.policy.margin == 0.25
+    with pytest.raises(ValueError, match="stay in place"):   # every redirected step must be observed
+        llm.hot_cache.set_observe_every(2)
+    llm.close()
+
+
+def test_experts_in_place_observe_one_step_in_n_and_stay_exact(text_model):
+    from llamahot.benchmark import StockPlaced
+
+    stock = StockPlaced(text_model, cpu_pattern=None, logits_all=True, **LLAMA_KW)
+    expected = greedy(stock, steps=17)
+    stock.close()
+    llm = llamahot.Llama(text_model, hot_experts=2, slot_device="emulated-gpu", gpu_mode="managed",
+                         rebalance_interval=1, logits_all=True, **LLAMA_KW)
+    for every, observed in ((4, 5), (1, 17)):   # steps 0, 4, 8, 12, 16 of 17; then all
+        llm.hot_cache.set_observe_every(every)
+        llm.hot_cache.reset()
+        logits = greedy(llm, steps=17)
+        assert_bit_identical(logits, expected)
+        prompt = len(llm.tokenize(PROMPT))
+        stats = llm.hot_cache.stats()
+        assert stats["tokens"] == prompt + observed, every    # the prompt always, then one step in `every`
+        assert stats["hits"] + stats["misses"] == (prompt + observed) * read_moe_layout(text_model).n_expert_used \
+            * llm.hot_cache.layout.n_moe_layers
     llm.close()

@@ -1,11 +1,15 @@
 """The CUDA slot device (run on the GPU machine; skipped on CPU-only builds).
 
-Hot experts are computed by ggml's CUDA backend, so results are not bit-identical to the CPU. Two
-gates: on the project's trained model, whose predictions are confident (no near-ties between the
-top two logits on the prompt used), greedy tokens identical to stock placement (experts in RAM);
-on the random-weight presets, whose logits are nearly flat (GPU rounding flips their argmax within
-a few tokens, stock all-on-GPU's too), teacher-forced logits as close to stock RAM as stock
-all-on-GPU's are.
+gpu_mode="managed" (opt-in): llama.cpp computes every expert on the GPU, the cold ones read from
+host memory, so logits must be bit-identical to stock llama_cpp.Llama with the whole model on the GPU,
+on every fixture, while pages move under it.
+
+gpu_mode="redirect": hot experts are computed by ggml's CUDA backend, cold ones by the CPU, so results
+are not bit-identical to either stock placement. Two gates: on the project's trained model, whose
+predictions are confident (no near-ties between the top two logits on the prompt used), greedy tokens
+identical to stock placement (experts in RAM); on the random-weight presets, whose logits are nearly
+flat (GPU rounding flips their argmax within a few tokens, stock all-on-GPU's too), teacher-forced
+logits as close to stock RAM as stock all-on-GPU's are.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import llamahot
 from llamahot.benchmark import StockPlaced, greedy_run
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, read_moe_layout
 
-from conftest import LLAMA_KW, TRAINED_MODEL, assert_one_input_copy_per_persistent_run
+from conftest import LLAMA_KW, MOE_PRESETS, TRAINED_MODEL, assert_one_input_copy_per_persistent_run
 
 pytestmark = pytest.mark.gpu
 
@@ -48,7 +52,8 @@ def test_cuda_slots_greedy_tokens_match_experts_in_ram_on_the_trained_model(all_
     assert (top2[:, 1] - top2[:, 0]).min() > 0.1, "the prompt no longer gives confident predictions"
     for k in (layout.n_expert_used, layout.n_expert // 2, layout.n_expert):
         llm = llamahot.Llama(path, hot_experts=k, resident_layers=resident, rebalance_interval=interval,
-                             slot_device="cuda", cold_on_device=cold_on_device, plan_ahead=plan_ahead, **LLAMA_KW)
+                             slot_device="cuda", gpu_mode="redirect", cold_on_device=cold_on_device,
+                             plan_ahead=plan_ahead, **LLAMA_KW)
         llm.hot_cache.set_debug(all_threads=pool is not None)   # the small model's stops on the pool's threads too
         llm.hot_cache.set_thread_pool(pool)
         tokens, logits = greedy_run(llm, STEPS, prompt=CONFIDENT_PROMPT)
@@ -86,10 +91,69 @@ def test_cuda_slots_logits_as_close_to_ram_as_stock_gpu(all_moe_models, preset):
     all_gpu.close()
     gpu_diff = np.abs(gpu_logits - ram_logits).max()
     for k in (layout.n_expert_used, layout.n_expert):
-        llm = llamahot.Llama(path, hot_experts=k, rebalance_interval=4, slot_device="cuda", **LLAMA_KW)
+        llm = llamahot.Llama(path, hot_experts=k, rebalance_interval=4, slot_device="cuda", gpu_mode="redirect",
+                             **LLAMA_KW)
         _, logits = greedy_run(llm, 64, forced=reference, prompt=CONFIDENT_PROMPT)
         assert llm.hot_cache.stats()["ffn_redirects"] > 0
         assert np.isfinite(logits).all()
         assert np.abs(logits - ram_logits).max() <= 1.5 * gpu_diff + 1e-3, (np.abs(logits - ram_logits).max(), gpu_diff)
         assert llm.hot_cache.open_mutations() == 0
         llm.close()
+
+
+# -- experts in place (gpu_mode="managed") -------------------------------------------------------------
+
+def teacher_forced_logits(llm, forced: list[int]) -> np.ndarray:
+    return greedy_run(llm, len(forced), forced=forced, prompt=CONFIDENT_PROMPT)[1]
+
+
+@pytest.mark.parametrize("preset", MOE_PRESETS)
+def test_managed_experts_logits_bit_identical_to_stock_all_on_gpu(all_moe_models, preset):
+    """Every fixture layout (fused gate_up, biases), K from none to all, rebalances after every token
+    (pages moving at almost every step), resident layers and a planner thread: logits equal stock's
+    all-on-GPU logits bit for bit, teacher-forced over stock's own greedy continuation."""
+    path = all_moe_models[preset]
+    layout = read_moe_layout(path)
+    stock = llama_cpp.Llama(path, n_gpu_layers=-1, **LLAMA_KW)
+    forced, expected = greedy_run(stock, 48, prompt=CONFIDENT_PROMPT)
+    stock.close()
+    cases = [(k, 0, 1, False) for k in (0, layout.n_expert_used, layout.n_expert // 2, layout.n_expert)]
+    cases += [(layout.n_expert_used, 2, 4, True)]
+    for k, resident, interval, plan_ahead in cases:
+        llm = llamahot.Llama(path, hot_experts=k, resident_layers=resident, rebalance_interval=interval,
+                             plan_ahead=plan_ahead, slot_device="cuda", gpu_mode="managed", **LLAMA_KW)
+        logits = teacher_forced_logits(llm, forced)
+        stats = llm.hot_cache.stats()
+        case = f"{preset} K={k} resident={resident}"
+        assert stats["gpu_mode"] == "managed" and stats["cold_on_device"] == 0.0, case
+        assert stats["ffn_redirects"] == 0 and stats["redirected_nodes"] == 0, case   # llama.cpp computed all
+        assert stats["tokens"] > 0 and llm.hot_cache.routing_counts().sum() > 0, case   # routing read back
+        if 0 < k:
+            assert stats["hits"] > 0 and stats["experts_loaded"] > 0, case
+            assert stats["slot_bytes"] == k * layout.expert_matrix_bytes * (layout.n_moe_layers - resident), case
+        if k < layout.n_expert:
+            assert stats["misses"] > 0, case
+        assert np.array_equal(logits, expected), f"{case}: max |diff| {np.abs(logits - expected).max()}"
+        assert llm.hot_cache.open_mutations() == 0
+        llm.close()
+
+
+def test_managed_experts_change_k_in_place_and_stay_exact(all_moe_models):
+    """set_hot_experts moves the old hot set's pages out and fills the new K; logits stay stock's."""
+    path = all_moe_models["qwen3moe-mini"]
+    stock = llama_cpp.Llama(path, n_gpu_layers=-1, **LLAMA_KW)
+    forced, expected = greedy_run(stock, 24, prompt=CONFIDENT_PROMPT)
+    stock.close()
+    llm = llamahot.Llama(path, hot_experts=4, rebalance_interval=1, slot_device="cuda", gpu_mode="managed",
+                         **LLAMA_KW)
+    for k in (4, 16, 0, 8):
+        llm.hot_cache.set_hot_experts(k)
+        assert np.array_equal(teacher_forced_logits(llm, forced), expected), f"K={k}"
+        assert (llm.hot_cache.hot_sets() >= 0).sum(axis=1).max() <= k
+    llm.close()
+
+
+def test_managed_mode_rejects_redirect_options(all_moe_models):
+    path = all_moe_models["qwen3moe-tiny"]
+    with pytest.raises(ValueError, match="gpu_mode='redirect'"):
+        llamahot.Llama(path, hot_experts=4, slot_device="cuda", gpu_mode="managed", cold_on_device=0.5, **LLAMA_KW)

@@ -166,6 +166,20 @@ def test_bad_slot_device_rejected(text_model):
         llamahot.Llama(text_model, hot_experts=2, slot_device="tpu", **LLAMA_KW)
 
 
+def test_gpu_mode_is_checked_and_resolved(text_model, monkeypatch):
+    from llamahot import llama as llama_module
+    with pytest.raises(ValueError, match="gpu_mode must be None or one of 'managed', 'redirect'"):
+        llamahot.Llama(text_model, hot_experts=2, gpu_mode="unified", **LLAMA_KW)
+    assert llama_module._resolve_gpu_mode("managed", "host") is None   # host slots: nothing on a GPU
+    assert llama_module._resolve_gpu_mode(None, "emulated-gpu") == "redirect"
+    monkeypatch.setattr(llama_module, "managed_memory_supported", lambda: True)
+    assert llama_module._resolve_gpu_mode(None, "cuda") == "redirect"   # the default
+    assert llama_module._resolve_gpu_mode("managed", "cuda") == "managed"
+    monkeypatch.setattr(llama_module, "managed_memory_supported", lambda: False)   # e.g. Windows, WSL
+    with pytest.raises(RuntimeError, match="concurrent managed access.*gpu_mode='redirect'"):
+        llama_module._resolve_gpu_mode("managed", "cuda")
+
+
 @pytest.mark.skipif(bool(llama_cpp.llama_supports_gpu_offload()), reason="checks the CPU-only build")
 def test_cuda_slots_on_cpu_build_say_what_to_install(text_model):
     with pytest.raises(RuntimeError, match="GGML_CUDA=on"):

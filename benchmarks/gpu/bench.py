@@ -7,7 +7,8 @@ Modes (16 threads, n_ctx 2048, ubatch 512):
   stock RAM      llama_cpp.Llama, every routed-expert tensor in host memory (`-ot exps=CPU`), rest on GPU
   stock static   llama_cpp.Llama with the experts of the last G layers on the GPU and the others in host
                  memory (like `--n-cpu-moe`), G chosen so the experts on the GPU take the VRAM of K slots
-  llamahot K     llamahot.Llama(hot_experts=K, slot_device="cuda") — one instance, K changed in place
+  llamahot K     llamahot.Llama(hot_experts=K, slot_device="cuda", gpu_mode=--gpu-mode) — one instance, K
+                 changed in place (--redirect-row: also a second instance with gpu_mode="redirect" at each K)
   llamahot idle  the same instance with K = 0 and the callback never stopping
   stock GPU      llama_cpp.Llama, everything on the GPU
 Per K, the modes take turns (order rotated) for `reps` repetitions of: a short prompt then `--tokens`
@@ -265,12 +266,38 @@ def policy_variants(n_layers: int, n_expert: int, k: int, threads: int) -> list[
     ]
 
 
-def configure(llm, policy, interval: int, plan_ahead: bool, threads: int, lone_row_idle_ms: float = 0.0) -> None:
-    """Put a llamahot.Llama on a policy setting and a thread count (llama's and the shim's)."""
+def managed_variants(n_layers: int, n_expert: int, k: int, threads: int) -> list[tuple]:
+    """Rows of --policy-variants with the experts in place: (label, then configure()'s arguments: policy,
+    interval, plan ahead, threads, lone-row ms, page moves (read_mostly, background), routing read every n
+    steps). A page move costs far more than a slot copy, so
+    slower, stickier policies are tried beside the default, and the two ways to move pages."""
+    def decayed(half_life, margin):
+        return DecayedFrequency(n_layers, n_expert, k, half_life=half_life, margin=margin)
+    return [
+        ("routing read one step in 4", decayed(2048, 3.0), 64, False, threads, 0.0, (False, True), 4),
+        ("read-mostly copies", decayed(2048, 3.0), 64, False, threads, 0.0, (True, True), 1),
+        ("every 16, half-life 512, margin 2", decayed(512, 2.0), 16, False, threads, 0.0, (False, True), 1),
+    ]
+
+
+def configure(llm, policy, interval: int, plan_ahead: bool, threads: int, lone_row_idle_ms: float = 0.0,
+              page_moves: tuple[bool, bool] | None = None, observe_every: int | None = None) -> bool:
+    """Put a llamahot.Llama on a policy setting and a thread count (llama's and the shim's), and with the
+    experts in place on a way to move pages ((read_mostly, background); None: the default). Returns
+    whether the page moves changed (the hot set was emptied)."""
+    changed = False
+    pages = llm.hot_cache._pages
+    if pages is not None:
+        read_mostly, background = page_moves or (False, True)
+        if (pages.read_mostly, pages.background) != (read_mostly, background):
+            llm.hot_cache.set_page_moves(read_mostly=read_mostly, background=background)
+            changed = True
+        llm.hot_cache.set_observe_every(observe_every or 1)
     llm.hot_cache.use_policy(policy, rebalance_interval=interval, plan_ahead=plan_ahead)
     llama_cpp.llama_set_n_threads(llm.ctx, threads, llm.context_params.n_threads_batch)
     llm.hot_cache.set_threads(threads)
     llm.hot_cache.set_lone_row_idle_ms(lone_row_idle_ms)
+    return changed
 
 
 def main() -> int:
@@ -290,6 +317,10 @@ def main() -> int:
                         help="teacher-forced decode over this text (real routing) instead of greedy decode")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="stop starting new K blocks after this many seconds (results so far are kept)")
+    parser.add_argument("--gpu-mode", choices=("managed", "redirect"), default="redirect",
+                        help="llamahot's gpu_mode on CUDA (managed: experts in place; redirect: slots and stops)")
+    parser.add_argument("--redirect-row", action="store_true",
+                        help="with --gpu-mode managed, also a row of a gpu_mode='redirect' instance at each K")
     parser.add_argument("--mechanism-ab", action=argparse.BooleanOptionalAction, default=True,
                         help="A/B rows at the first K on CUDA: hot graph built per call, slot copies one by one")
     parser.add_argument("--lone-row-ms", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
@@ -309,6 +340,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
     device = "cuda" if gpu else "host"
+    mode = args.gpu_mode if gpu else None
+    redirect = mode != "managed"   # the stops' rows (floor, mechanism A/B, resident mix, breakdowns)
     layout = read_moe_layout(args.model)
     ks = list(dict.fromkeys(min(int(k), layout.n_expert) for k in args.ks.split(",")))  # in the order given
     check_ks = sorted({min(int(k), layout.n_expert) for k in args.check_ks.split(",") if k})
@@ -318,13 +351,13 @@ def main() -> int:
     layer_expert_bytes = layout.expert_tensor_bytes / layout.n_moe_layers
     print(f"model {Path(args.model).name}: {layout.arch}, {layout.n_moe_layers} MoE layers x {layout.n_expert} "
           f"experts ({layout.n_expert_used} used), experts {layout.expert_tensor_bytes / 2**30:.2f} GiB; "
-          f"slot device {device}; {platform.node()}", flush=True)
+          f"slot device {device}, gpu_mode {mode}; {platform.node()}", flush=True)
 
     t0 = time.perf_counter()
     ram = StockPlaced(args.model, cpu_pattern=EXPERT_TENSOR_PATTERN, **kw)
     ram_mmap = StockPlaced(args.model, cpu_pattern=EXPERT_TENSOR_PATTERN, use_mmap=True, **kw)
     all_gpu = StockPlaced(args.model, cpu_pattern=None, **kw)
-    hot = llamahot.Llama(args.model, hot_experts=max(ks), slot_device=device, **kw)
+    hot = llamahot.Llama(args.model, hot_experts=max(ks), slot_device=device, gpu_mode=mode, **kw)
     print(f"loaded stock RAM, stock GPU, llamahot in {time.perf_counter() - t0:.1f} s", flush=True)
     long_prompt = prefill_tokens(ram, args.prefill)
     # Teacher forcing: each measured run reads the next window of the text (16 prompt tokens + --tokens).
@@ -335,7 +368,7 @@ def main() -> int:
         windows = [text_ids[i:i + size] for i in range(0, len(text_ids) - size + 1, size)]
         print(f"teacher-forced decode over {Path(args.text).name}: {len(windows)} windows of {size} tokens")
     runs_of: dict[str, int] = {}
-    results: dict = {"model": Path(args.model).name, "device": device, "threads": args.threads,
+    results: dict = {"model": Path(args.model).name, "device": device, "gpu_mode": mode, "threads": args.threads,
                      "decode": f"teacher-forced over {Path(args.text).name}" if args.text else "greedy",
                      "layout": {"n_moe_layers": layout.n_moe_layers, "n_expert": layout.n_expert,
                                 "n_expert_used": layout.n_expert_used,
@@ -411,21 +444,23 @@ def main() -> int:
     n_layers, n_used, n_expert = layout.n_moe_layers, layout.n_expert_used, layout.n_expert
     hot.hot_cache.set_hot_experts(n_expert)
     greedy_run(hot, 16)  # first fill
-    run_block([("stock GPU", all_gpu), (f"llamahot K={n_expert}", hot), (FLOOR, hot)],
+    run_block([("stock GPU", all_gpu), (f"llamahot K={n_expert}", hot)] + ([(FLOOR, hot)] if redirect else []),
               lambda name, llm: hot.hot_cache.set_debug(skip_compute=name == FLOOR))
     hot.hot_cache.set_debug()
-    hot.hot_cache.reset()
-    for run in range(2):  # routing popularity of the decode the benchmark measures
-        decode_rate(hot, args.tokens, text_tokens=windows[-1 - run] if windows else None)
-    popularity = hot.hot_cache.routing_counts()
-    t_of = {name: 1 / statistics.median(r["decode_tok_s"] for r in samples[name])
-            for name in ("stock GPU", "stock RAM", f"llamahot K={n_expert}", FLOOR)}
-    costs = {"layer_ms": (t_of[f"llamahot K={n_expert}"] - t_of["stock GPU"]) / n_layers * 1e3,
-             "miss_ms": (t_of["stock RAM"] - t_of[FLOOR]) / (n_layers * n_used) * 1e3}
-    plans = {k: plan_resident(k, n_layers, n_expert, n_used, popularity, **costs) for k in ks}
-    results["speed"]["resident_plan"] = {"costs": costs, "plans": {str(k): p for k, p in plans.items()}}
-    print(f"plan: a managed layer costs {costs['layer_ms']:.3f} ms/token, a miss {costs['miss_ms']:.3f} ms; "
-          + ", ".join(f"K={k}: {g} resident + {k2} slots" for k, (g, k2, _) in plans.items()), flush=True)
+    plans = {k: (0, k, 0.0) for k in ks}   # experts in place: no layer trips to plan around
+    if redirect:
+        hot.hot_cache.reset()
+        for run in range(2):  # routing popularity of the decode the benchmark measures
+            decode_rate(hot, args.tokens, text_tokens=windows[-1 - run] if windows else None)
+        popularity = hot.hot_cache.routing_counts()
+        t_of = {name: 1 / statistics.median(r["decode_tok_s"] for r in samples[name])
+                for name in ("stock GPU", "stock RAM", f"llamahot K={n_expert}", FLOOR)}
+        costs = {"layer_ms": (t_of[f"llamahot K={n_expert}"] - t_of["stock GPU"]) / n_layers * 1e3,
+                 "miss_ms": (t_of["stock RAM"] - t_of[FLOOR]) / (n_layers * n_used) * 1e3}
+        plans = {k: plan_resident(k, n_layers, n_expert, n_used, popularity, **costs) for k in ks}
+        results["speed"]["resident_plan"] = {"costs": costs, "plans": {str(k): p for k, p in plans.items()}}
+        print(f"plan: a managed layer costs {costs['layer_ms']:.3f} ms/token, a miss {costs['miss_ms']:.3f} ms; "
+              + ", ".join(f"K={k}: {g} resident + {k2} slots" for k, (g, k2, _) in plans.items()), flush=True)
 
     measured_ks = []
     breakdowns: dict[str, dict[str, float]] = {}
@@ -443,14 +478,20 @@ def main() -> int:
         resident, k2, _ = plans[k]
         hybrid = None
         if resident > 0:
-            hybrid = llamahot.Llama(args.model, hot_experts=k2, resident_layers=resident, slot_device=device, **kw)
+            hybrid = llamahot.Llama(args.model, hot_experts=k2, resident_layers=resident, slot_device=device,
+                                    gpu_mode=mode, **kw)
             greedy_run(hybrid, 16)  # first fill
             modes.append((hybrid_name(k, resident, k2), hybrid))
-        if k == layout.n_expert:  # the stops alone, nothing computed: the floor of this design
+        redirected = None
+        if args.redirect_row and not redirect:   # the same K with the other design, interleaved
+            redirected = llamahot.Llama(args.model, hot_experts=k, slot_device=device, gpu_mode="redirect", **kw)
+            greedy_run(redirected, 16)  # first fill
+            modes.append((f"llamahot K={k}, redirect", redirected))
+        if k == layout.n_expert and redirect:  # the stops alone, nothing computed: the floor of this design
             modes.append((FLOOR, hot))
         # What the per-layer persistent hot graphs save. (A/B rows of cold_on_device, measured in session 7 —
         # 0.25 tied with 0, 0.5 and 0.75 were slower, benchmarks/RESULTS.md — are no longer run.)
-        if k == ks[0] and device == "cuda" and args.mechanism_ab:
+        if k == ks[0] and device == "cuda" and args.mechanism_ab and redirect:
             modes.append((f"llamahot K={k}{CALL_GRAPHS}", hot))
             if getattr(hot.hot_cache.slots.copies, "batch", False):
                 modes.append((f"llamahot K={k}{ONE_BY_ONE}", hot))
@@ -467,7 +508,10 @@ def main() -> int:
 
         for ms in args.lone_row_ms:   # rare single cold rows on one thread (sleeping pool threads)
             add_row(f"llamahot K={k}, lone row on one thread after {ms:g} ms idle", hot, (*default_setting, ms))
-        if args.policy_variants and k == ks[0]:
+        if args.policy_variants and k == ks[0] and not redirect:
+            for label, *setting in managed_variants(n_layers, n_expert, k, args.threads):
+                add_row(f"llamahot K={k}, {label}", hot, tuple(setting))
+        elif args.policy_variants and k == ks[0]:
             for label, interval, policy, ahead, threads in policy_variants(n_layers, n_expert, k, args.threads):
                 add_row(f"llamahot K={k}, {label}", hot, (policy, interval, ahead, threads))
             # Stock with fewer threads too: llamahot's planner thread takes a core.
@@ -476,12 +520,21 @@ def main() -> int:
         batch = getattr(copies, "batch", False)
         results["speed"].setdefault("batched_copies", {})[str(k)] = batch
 
+        current = [default_setting]
+
         def setup(name: str, llm) -> None:
             hot.hot_cache.set_debug(skip_compute=name == FLOOR, call_graphs=name.endswith(CALL_GRAPHS))
             if batch:
                 copies.batch = not name.endswith(ONE_BY_ONE)
             if llm is hot:
-                configure(hot, *settings.get(name, default_setting))
+                setting = settings.get(name, default_setting)
+                if configure(hot, *setting) or setting is not current[0]:
+                    # A new setting (a policy, a way to move pages) first settles its hot set on a window
+                    # that is not measured, so the sample measures its steady state.
+                    decode_rate(hot, args.tokens, text_tokens=windows[-3] if windows else None)
+                    if hot.hot_cache._pages is not None:
+                        hot.hot_cache._pages.wait()
+                current[0] = setting
             elif llm is static:
                 llama_cpp.llama_set_n_threads(static.ctx, settings.get(name, args.threads), args.threads)
 
@@ -493,17 +546,19 @@ def main() -> int:
         print(f"K={k}: slot copies {'batched (cudaMemcpyBatchAsync)' if copies is not None and copies.batch else 'one by one'}",
               flush=True)
         results["speed"].setdefault("static_for_k", {})[str(k)] = f"stock static {gpu_layers} layers"
-        breakdowns[f"llamahot K={k}"] = breakdown_of(hot, skip_compute=False)
+        if redirect:
+            breakdowns[f"llamahot K={k}"] = breakdown_of(hot, skip_compute=False)
         static.close()
-        if hybrid is not None:
-            hybrid.close()
+        for extra in (hybrid, redirected):
+            if extra is not None:
+                extra.close()
         measured_ks.append(k)
         save()
         print(f"K={k}: measured after {time.perf_counter() - started:.0f} s", flush=True)
     ks = measured_ks
 
     # -- where a token's time goes (callback timelines), at the largest K measured --------------
-    if ks:
+    if ks and redirect:
         for name, skip in ((FLOOR, True), ("llamahot idle (K unchanged)", None)):
             hot.hot_cache.set_observing(skip is not None)
             breakdowns[name] = breakdown_of(hot, skip_compute=bool(skip))

@@ -22,7 +22,7 @@ if [ -n "$GDB_TEST" ]; then   # a C backtrace of a crashing test (cuda-gdb also 
         $GDB_TEST > "$out/gdb.log" 2>&1
     grep -B2 -A25 "SIGSEGV" "$out/gdb.log" | cut -c1-200 | head -40
     tail -5 "$out/gdb.log"
-else
+elif [ -z "$NO_TESTS" ]; then   # NO_TESTS=1: the benchmark alone (tests/test_gpu.py ran in an earlier call)
     # Without plugin autoload: a pytest plugin of the machine's own Python environment made the first
     # model load crash in llama_model::print_info (CUDA build: static C++ runtimes; docs/NOTES.md).
     PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 \
