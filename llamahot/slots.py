@@ -59,8 +59,7 @@ def free_vram_bytes() -> int:
     from cuda.bindings import runtime as cudart
 
     err, free, _total = cudart.cudaMemGetInfo()
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise RuntimeError(f"llamahot: cudaMemGetInfo failed: {err}")
+    check_cuda(cudart, err, "cudaMemGetInfo")
     return int(free)
 
 
@@ -84,6 +83,18 @@ def layer_groups(n_layers: int) -> np.ndarray:
     copies are issued together and share one fence: few calls into CUDA per rebalance, while the
     first layers, whose stops come first in a token, wait only for small groups."""
     return np.floor(np.log2(np.arange(n_layers) + 1)).astype(np.int64)
+
+
+def check_cuda(cudart, err, what: str) -> None:
+    """Raise, saying what to do, when a cuda-python runtime call returned an error."""
+    if err == cudart.cudaError_t.cudaErrorInsufficientDriver:
+        raise RuntimeError(
+            f"llamahot: {what} failed: the installed cuda-python is newer than this machine's CUDA "
+            "driver. Install the cuda-python of your CUDA major version, e.g. "
+            "`pip install \"cuda-python<13\"` for CUDA 12."
+        )
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"llamahot: {what} failed: {err}")
 
 
 class _CudaCopies:
@@ -122,14 +133,7 @@ class _CudaCopies:
         self.loads_in_flight = 0
 
     def _check(self, err, what: str) -> None:
-        if err == self.rt.cudaError_t.cudaErrorInsufficientDriver:
-            raise RuntimeError(
-                f"llamahot: {what} failed: the installed cuda-python is newer than this machine's CUDA "
-                "driver. Install the cuda-python of your CUDA major version, e.g. "
-                "`pip install \"cuda-python<13\"` for CUDA 12."
-            )
-        if err != self.rt.cudaError_t.cudaSuccess:
-            raise RuntimeError(f"llamahot: {what} failed: {err}")
+        check_cuda(self.rt, err, what)
 
     def issue(self, group: int, dsts: list[int], srcs: list[int], sizes: list[int], n_loads: int) -> int:
         """Copy srcs to dsts (host to device), then record the group's event; returns it (the fence)."""
@@ -231,9 +235,7 @@ class ManagedPages:
         self._queued: list[tuple[Future, int]] = []   # (moves, loads among them), in order
 
     def _check(self, result, what: str) -> None:
-        err = result[0] if isinstance(result, tuple) else result
-        if err != self.rt.cudaError_t.cudaSuccess:
-            raise RuntimeError(f"llamahot: {what} failed: {err}")
+        check_cuda(self.rt, result[0] if isinstance(result, tuple) else result, what)
 
     def set_mode(self, *, read_mostly: bool, background: bool) -> None:
         self.wait()
@@ -427,14 +429,15 @@ class SlotManager:
         the shim per copy cost more than issuing the copies)."""
         n_proj = len(self.projections)
         self.nbytes = np.zeros((self.n_layers, n_proj), dtype=np.uint64)
-        if self.copies is not None or self.pages is not None:
+        keep_src = self.copies is not None or self.pages is not None   # copied from, or moved in place
+        if keep_src:
             self.src = np.zeros((self.n_layers, n_proj, self.n_expert), dtype=np.uint64)
         if self.copies is not None:
             self.dst = np.zeros((self.n_layers, n_proj, self.n_slots), dtype=np.uint64)
         for layer in range(self.n_layers):
             for i, proj in enumerate(self.projections):
                 self.nbytes[layer, i], src = self._slabs(lib.lh_expert_slab, layer, proj, self.n_expert)
-                if self.copies is not None or self.pages is not None:
+                if keep_src:
                     self.src[layer, i] = src
                 if self.copies is not None:
                     nbytes, self.dst[layer, i] = self._slabs(lib.lh_slot_slab, layer, proj, self.n_slots)

@@ -77,3 +77,15 @@ def test_resident_mask_follows_the_slots(text_model, slot_device):
         assert cache.slots.occupied() > 0
         np.testing.assert_array_equal(cache.slots.resident(), mask_of_slots())
     llm.close()
+
+
+def test_cuda_errors_say_what_failed_and_what_to_do():
+    """One check for every cuda-python call of the slot copies, the page moves and the VRAM query."""
+    cudart = pytest.importorskip("cuda.bindings.runtime")
+    from llamahot.slots import check_cuda
+
+    check_cuda(cudart, cudart.cudaError_t.cudaSuccess, "cudaMemAdvise")
+    with pytest.raises(RuntimeError, match="cudaMemAdvise failed: the installed cuda-python is newer than"):
+        check_cuda(cudart, cudart.cudaError_t.cudaErrorInsufficientDriver, "cudaMemAdvise")
+    with pytest.raises(RuntimeError, match="cudaMemGetInfo failed: .*InvalidValue"):
+        check_cuda(cudart, cudart.cudaError_t.cudaErrorInvalidValue, "cudaMemGetInfo")
