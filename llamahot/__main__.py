@@ -5,6 +5,7 @@
   llamahot synth PRESET OUT  write a synthetic test model
   llamahot serve MODEL       an OpenAI-compatible server (llama_cpp.server) with hot experts
   llamahot bench MODEL       decode speed of stock placement vs llamahot at a few K, side by side
+  llamahot profile MODEL TEXT... OUT   record a routing profile (which experts a text routes to)
 """
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ def serve(args: argparse.Namespace) -> int:
           file=sys.stderr)
     run_server(args.model, host=args.host, port=args.port, hot_experts=args.hot_experts, n_ctx=args.n_ctx,
                n_gpu_layers=-1, slot_device=args.slot_device, rebalance_interval=args.rebalance_interval,
-               resident_layers=args.resident_layers, gpu_mode=args.gpu_mode, verbose=False)
+               resident_layers=args.resident_layers, gpu_mode=args.gpu_mode,
+               routing_profile=args.routing_profile, verbose=False)
     return 0
 
 
@@ -117,6 +119,29 @@ def bench(args: argparse.Namespace) -> int:
 
     ks = [int(k) for k in args.hot_experts.split(",")]
     print(format_rows(compare(args.model, ks, tokens=args.tokens, reps=args.reps, n_ctx=args.n_ctx)))
+    return 0
+
+
+def profile(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from llamahot.model_info import read_moe_layout
+    from llamahot.profile import load_profile, record_profile
+
+    layout = read_moe_layout(args.model)
+    missing = [t for t in args.text if not Path(t).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no such text file: {', '.join(missing)}")
+    texts = [Path(t).read_bytes() for t in args.text]
+    n = record_profile(args.model, texts, args.out, window=args.window, max_tokens=args.max_tokens,
+                       slot_device=args.slot_device)
+    prof = load_profile(args.out, layout)
+    rates = np.sort(prof.rates(layout), axis=1)[:, ::-1]
+    k = max(1, round(0.4 * layout.n_expert))
+    share = rates[:, :k].sum(axis=1) / np.maximum(rates.sum(axis=1), 1e-12)
+    print(f"{args.out}: {n} tokens recorded, {prof.tokens.max():.0f} in all; the {k} most-routed experts of each "
+          f"layer take {100 * share.mean():.1f}% of its routing (mean over layers). Use it with "
+          f"Llama(..., routing_profile={str(args.out)!r}).")
     return 0
 
 
@@ -154,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep every expert of the last N MoE layers on the GPU; slots for the rest (default 0)")
     p.add_argument("--slot-device", default="auto", choices=["auto", "cuda", "host"])
     p.add_argument("--gpu-mode", default=None, choices=["managed", "redirect"],
-                   help="with CUDA: experts in CUDA managed memory (default where supported) or VRAM slots")
+                   help="with CUDA: VRAM slots (redirect, the default) or experts in CUDA managed memory")
+    p.add_argument("--routing-profile", default=None,
+                   help="a routing profile file (see `llamahot profile`): the hot set at start, updated at exit")
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -166,6 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--n-ctx", type=int, default=2048)
     p.set_defaults(func=bench)
+    p = sub.add_parser("profile", help="record a routing profile from text (the hot set to start from)",
+                       description="Adds the routing of the texts to OUT (made if missing), by prompt processing.")
+    p.add_argument("model", help="a MoE GGUF file")
+    p.add_argument("text", nargs="+", help="text files like what the model will be used for")
+    p.add_argument("out", help="the profile file (.npz) to make or add to")
+    p.add_argument("--window", type=int, default=512, help="tokens per prompt (default 512)")
+    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    p.add_argument("--slot-device", default="auto", choices=["auto", "cuda", "host"])
+    p.set_defaults(func=profile)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

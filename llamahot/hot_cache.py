@@ -10,9 +10,13 @@ slot maps the shim reads.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
+import functools
 import os
 import time
+import warnings
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
 
@@ -23,6 +27,7 @@ from llamahot._shim import ffi, lib
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, MoELayout
 from llamahot.monitor import SnapshotWriter
 from llamahot.policy import IN_PLACE_REBALANCE_INTERVAL, REBALANCE_INTERVAL, make_policy
+from llamahot.profile import RoutingProfile, load_profile
 from llamahot.slots import HostPages, ManagedPages, SlotManager, check_vram_for_slots, free_vram_bytes
 
 # The shim's enums (csrc/llamahot.h), by the names Python uses.
@@ -101,7 +106,7 @@ class HotCache:
     def __init__(self, layout: MoELayout, *, hot_experts: int, rebalance_interval: Optional[int],
                  prefill_bypass: int, slot_device: str, policy: str = "decayed", resident_layers: int = 0,
                  cold_on_device: Optional[float] = None, plan_ahead: bool = False,
-                 gpu_mode: Optional[str] = None):
+                 gpu_mode: Optional[str] = None, routing_profile: Optional[str | os.PathLike] = None):
         # The last `resident_layers` MoE layers keep all their experts on the GPU, untouched: llamahot
         # manages (counts, slots, layer indices) the others only.
         self.resident_layers = resident_layers
@@ -124,6 +129,17 @@ class HotCache:
         # Fails fast on a bad name, before any model is loaded.
         self.policy = make_policy(policy, layout.n_moe_layers, layout.n_expert, hot_experts, rebalance_interval,
                                   in_place=self.in_place)
+        # A routing profile (llamahot.profile), read before the model loads so a bad one fails fast:
+        # the policy's prior, and where this context's routing is added when it closes.
+        self.routing_profile = None if routing_profile is None else os.fspath(routing_profile)
+        self._profile: Optional[RoutingProfile] = None
+        self._save_at_exit = None
+        if self.routing_profile is not None:
+            self._profile = load_profile(self.routing_profile, layout)
+            self._set_prior(self.policy)
+            # Applications (and llama_cpp.server) often exit without closing their Llama.
+            self._save_at_exit = functools.partial(_save_profile_at_exit, weakref.ref(self))
+            atexit.register(self._save_at_exit)
 
         blk_to_moe = layout.blk_to_moe()
         ctx = lib.lh_ctx_new(layout.n_blocks, ffi.from_buffer("int32_t[]", blk_to_moe),
@@ -137,7 +153,9 @@ class HotCache:
         self._misses = _int64_view(lib.lh_misses(ctx), n_layers)
         self._last_routed = _int64_view(lib.lh_last_routed(ctx), n_layers * n_expert).reshape(n_layers, n_expert)
         self._seen = np.zeros((n_layers, n_expert), dtype=np.int64)  # counts already fed to the policy
+        self._history = np.zeros((n_layers, n_expert), dtype=np.int64)  # all routing, across reset()
         self._final: Optional[tuple[np.ndarray, dict]] = None  # snapshot kept after release()
+        self._saved = np.zeros((n_layers, n_expert), dtype=np.int64)  # history already in the profile
 
         # Placement of the managed layers' routed-expert tensors in host memory (what `-ot exps=CPU`
         # does); with resident layers (a layout cut short) the others stay where llama puts them. In
@@ -239,6 +257,10 @@ class HotCache:
             self.set_thread_pool(self.thread_pool_spin_ms)
             self.set_row_prefetch(self.row_prefetch)
         lib.lh_reset_counters(self._ctx)
+        if self.hot_experts and self._profile is not None and self._profile.tokens.any():
+            # The profile's hot set before the first prompt; the prompt then rebalances as usual.
+            resident = self.slots.resident()
+            self.slots.load(*self.slots.plan(self.policy.choose(resident), resident))
         if self._user_callback is not None:
             callback, user_data = self._user_callback
             address = ctypes.cast(callback, ctypes.c_void_p).value
@@ -298,8 +320,7 @@ class HotCache:
         copies (never waits for them). ahead: plan in the worker while the next token decodes; the
         copies are issued after that token (after_eval), so they serve one token later."""
         start = time.perf_counter()
-        delta = self._counts - self._seen
-        self._seen += delta
+        delta = self._fold()
         n_tokens, self._tokens_since_rebalance = self._tokens_since_rebalance, 0
         self._drop_plan()
         if ahead and self._filled:
@@ -463,6 +484,7 @@ class HotCache:
             _check_plan_ahead(plan_ahead)
         self._drop_plan()
         policy.k = self.hot_experts
+        self._set_prior(policy)
         self.policy = policy
         self.policy_name = getattr(policy, "name", type(policy).__name__)
         if rebalance_interval is not None:
@@ -623,6 +645,7 @@ class HotCache:
     def reset(self) -> None:
         """Zero the counters and statistics (e.g. between benchmark runs); the hot sets stay."""
         if self._final is None:
+            self._fold()
             lib.lh_reset_counters(self._ctx)
             self._seen[:] = 0
         if self.slots is not None:
@@ -645,6 +668,11 @@ class HotCache:
             self._planner.shutdown()
             self._planner = None
         self._final = (self._counts.copy(), self.stats())
+        self._fold()
+        if self._save_at_exit is not None:
+            atexit.unregister(self._save_at_exit)
+            self._save_at_exit = None
+            self._save_profile_or_warn()
         if self.slots is not None:
             self.slots.close()
         if self._pages is not None:
@@ -661,7 +689,46 @@ class HotCache:
         # Reached only when the owning Llama is gone, and with it the llama context.
         self.release()
 
+    def routing_history(self) -> np.ndarray:
+        """int64 [n_moe_layers, n_expert]: all routing observed since the context was made (reset()
+        zeroes routing_counts(), not this); what a routing profile records."""
+        if self._ctx is not None:
+            self._fold()
+        return self._history.copy()
+
+    def save_routing_profile(self, path: Optional[str | os.PathLike] = None) -> None:
+        """Add the routing observed since the last save to the routing profile and write it (to
+        `path`, default the routing_profile this cache was made with), atomically."""
+        path = self.routing_profile if path is None else os.fspath(path)
+        if path is None:
+            raise ValueError("llamahot: no routing profile path: pass one, or make the Llama with routing_profile=PATH")
+        profile = self._profile if self._profile is not None else RoutingProfile.empty(self.layout)
+        profile.add(self.layout, self.routing_history() - self._saved)
+        profile.save(path)
+        self._saved = self._history.copy()
+        self._profile = profile
+
     # -- internals -------------------------------------------------------------------------
+    def _save_profile_or_warn(self) -> None:
+        if not (self.routing_history() != self._saved).any():
+            return   # nothing new (e.g. the model failed to load): the file stays as it is
+        try:
+            self.save_routing_profile()
+        except OSError as exc:   # closing goes on; the previous profile file is untouched
+            warnings.warn(f"llamahot: could not save the routing profile {self.routing_profile}: {exc}", stacklevel=3)
+
+    def _fold(self) -> np.ndarray:
+        """Routing since the last call (the shim's counters less what was already seen), added to the
+        history; returns it."""
+        delta = self._counts - self._seen
+        self._seen += delta
+        self._history += delta
+        return delta
+
+    def _set_prior(self, policy) -> None:
+        if self._profile is not None:
+            policy.set_prior(self._profile.rates(self.layout))
+
     def _counters(self):
         counters = ffi.new("struct lh_counters *")
         lib.lh_get_counters(self._ctx, counters)
@@ -696,6 +763,12 @@ class HotCache:
             hits_per_layer=self._hits, misses_per_layer=self._misses,
             expert_of_slot=self.slots.expert_of_slot, routing_counts=self._counts,
         )
+
+
+def _save_profile_at_exit(cache_ref) -> None:
+    cache = cache_ref()
+    if cache is not None and cache._ctx is not None:
+        cache._save_profile_or_warn()
 
 
 def _int64_view(pointer, n: int) -> np.ndarray:

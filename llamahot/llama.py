@@ -143,6 +143,12 @@ class Llama(llama_cpp.Llama):
         decodes the next token, so that after a step only the copies are issued (default False).
         The hot set then follows the routing one rebalance later; prompts still rebalance at once.
         The planner takes a core: give llama one thread fewer than you have cores.
+      routing_profile: a file of long-run routing counts (llamahot.profile; default None: none). If
+        it exists, the hot set is loaded from it before the first token and the policy keeps it as a
+        prior beside the routing it observes; when the Llama closes, the routing it observed is added
+        and the file rewritten (atomically). Make one from text with `llamahot profile MODEL TEXT OUT`.
+        Most useful with gpu_mode="managed", whose sticky policy otherwise needs hundreds of tokens to
+        settle (benchmarks/RESULTS.md, session 19).
       load_progress: a function called with the fraction of the model loaded (0.0 .. 1.0).
       cb_eval, cb_eval_user_data: an application's own ggml_backend_sched_eval_callback (a ctypes
         llama_cpp.ggml_backend_sched_eval_callback); llamahot owns the context's callback and chains it.
@@ -161,6 +167,7 @@ class Llama(llama_cpp.Llama):
         cold_on_device: Optional[float] = None,
         plan_ahead: bool = False,
         gpu_mode: Optional[str] = None,
+        routing_profile: Optional[str | os.PathLike] = None,
         load_progress: Optional[Callable[[float], None]] = None,
         cb_eval: Any = None,
         cb_eval_user_data: Optional[int] = None,
@@ -196,7 +203,7 @@ class Llama(llama_cpp.Llama):
             self.hot_cache = HotCache(layout, hot_experts=hot_experts, rebalance_interval=rebalance_interval,
                                       prefill_bypass=prefill_bypass, slot_device=device, policy=policy,
                                       resident_layers=resident_layers, cold_on_device=cold_on_device,
-                                      plan_ahead=plan_ahead, gpu_mode=mode)
+                                      plan_ahead=plan_ahead, gpu_mode=mode, routing_profile=routing_profile)
             layout = self.hot_cache.layout
             if cb_eval is not None:
                 self.hot_cache.chain_user_callback(cb_eval, cb_eval_user_data)
@@ -275,6 +282,13 @@ class Llama(llama_cpp.Llama):
             self.hot_cache.end_of_eval()
         self.hot_cache.after_eval(len(tokens), time.perf_counter() - start)
 
+    def save_routing_profile(self, path: Optional[str | os.PathLike] = None) -> None:
+        """Write the routing profile now (default: to routing_profile), adding what was observed since the
+        last save; close() does the same."""
+        if self.hot_cache is None:
+            raise ValueError("llamahot: this Llama observes no routing (hot_experts=None)")
+        self.hot_cache.save_routing_profile(path)
+
     def close(self) -> None:
         """Free the model and context, then the shim state the context's callback pointed at."""
         if self.hot_cache is not None:
@@ -294,6 +308,7 @@ class Llama(llama_cpp.Llama):
             state.update(hot_experts=cache.hot_experts, rebalance_interval=cache.rebalance_interval,
                          prefill_bypass=cache.prefill_bypass, slot_device=cache.slot_device,
                          policy=cache.policy_name, resident_layers=cache.resident_layers,
-                         cold_on_device=cache.cold_on_device, plan_ahead=cache.plan_ahead, gpu_mode=cache.gpu_mode)
+                         cold_on_device=cache.cold_on_device, plan_ahead=cache.plan_ahead, gpu_mode=cache.gpu_mode,
+                         routing_profile=cache.routing_profile)
         return state
 
