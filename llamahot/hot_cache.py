@@ -238,7 +238,7 @@ class HotCache:
         if self.in_place:
             self._pages = ManagedPages() if self.slot_device == "cuda" else HostPages()
             self._pages.keep_on_gpu(self._weight_buffers(projections))
-        if self.slot_device == "cuda":
+        if self.slot_device == "cuda" and not self.in_place:   # in place: checked before the load
             check_vram_for_slots(self.hot_experts, free_vram_bytes(), self.layout.expert_matrix_bytes,
                                  self.layout.n_moe_layers, self.layout.n_expert)
         if lib.lh_slots_init(self._ctx, SLOT_KINDS[self._slot_kind], self.hot_experts,
@@ -268,6 +268,19 @@ class HotCache:
                                      ffi.cast("void *", user_data or 0))
         self._model_name = model_name or os.path.basename(self.layout.path)
         self._new_snapshot()
+
+    def measure_vram_in_place(self, model_bytes: int) -> None:
+        """Experts in place, before the model loads: the VRAM the hot experts may take is what is free now
+        less the model's other weights (they stay in VRAM). After the load the runtime's free memory says
+        little: the driver keeps VRAM its managed pages used after they move to host. Checks K."""
+        other_weights = model_bytes - self.layout.expert_tensor_bytes
+        self._vram_in_place = free_vram_bytes() - other_weights
+        self.check_vram_in_place(self.hot_experts)
+
+    def check_vram_in_place(self, k: int) -> None:
+        check_vram_for_slots(k, self._vram_in_place, self.layout.expert_matrix_bytes, self.layout.n_moe_layers,
+                             self.layout.n_expert, free_what="is free for them (VRAM free before the load, less "
+                             "the model's other weights)")
 
     def _weight_buffers(self, projections: tuple[int, ...]) -> list[tuple[int, int]]:
         """(base, size) of the buffers holding the managed layers' expert tensors, each once."""
@@ -369,9 +382,12 @@ class HotCache:
         if self.slots is None:
             raise RuntimeError("llamahot: the slots are not set up (the Llama was closed?)")
         if self.slot_device == "cuda" and k > self.hot_experts:
-            grow = k - self.hot_experts  # the old slots' memory is freed before the new ones are made
-            check_vram_for_slots(grow, free_vram_bytes(), self.layout.expert_matrix_bytes,
-                                 self.layout.n_moe_layers, self.layout.n_expert)
+            if self.in_place:
+                self.check_vram_in_place(k)
+            else:
+                grow = k - self.hot_experts  # the old slots' memory is freed before the new ones are made
+                check_vram_for_slots(grow, free_vram_bytes(), self.layout.expert_matrix_bytes,
+                                     self.layout.n_moe_layers, self.layout.n_expert)
         self._drop_plan()
         self.slots.evict_all()   # experts in place: the old hot set's pages leave VRAM
         self.slots.close()

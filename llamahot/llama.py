@@ -224,6 +224,8 @@ class Llama(llama_cpp.Llama):
                     file=sys.stderr,
                 )
         if self.hot_cache is not None and self.hot_cache.in_place:
+            if self.hot_cache.slot_device == "cuda":
+                self.hot_cache.measure_vram_in_place(os.path.getsize(model_path))
             # The model's CUDA weight buffers in managed memory, so llamahot can move expert pages.
             restore_env[0] = _set_env(UNIFIED_MEMORY_ENV, "1")
         try:

@@ -126,11 +126,11 @@ def load_profile(path: str | os.PathLike, layout: MoELayout) -> RoutingProfile:
     return RoutingProfile(blocks, counts, layout.arch, layout.n_expert_used, str(meta.get("model")))
 
 
-def record_profile(model_path: str, texts: list[bytes], out: str | os.PathLike, *, window: int = 512,
+def record_profile(model_path: str, texts: list[bytes | list[int]], out: str | os.PathLike, *, window: int = 512,
                    max_tokens: int | None = None, **llama_kwargs) -> int:
-    """Add the routing of `texts` to the profile `out` (made if missing), by prompt processing: each
-    text is cut into windows of `window` tokens, each evaluated as a new prompt, as a teacher-forced
-    decode over the text would route them. Returns the tokens recorded."""
+    """Add the routing of `texts` (bytes, or token ids) to the profile `out` (made if missing), by prompt
+    processing: each text is cut into windows of `window` tokens, each evaluated as a new prompt, as a
+    teacher-forced decode over the text would route them. Returns the tokens recorded."""
     from llamahot.llama import Llama
 
     # logits_all: llama.cpp otherwise drops the rows whose logits are not wanted before the last layer,
@@ -140,7 +140,7 @@ def record_profile(model_path: str, texts: list[bytes], out: str | os.PathLike, 
     recorded = 0
     try:
         for text in texts:
-            ids = llm.tokenize(text, add_bos=False)
+            ids = llm.tokenize(text, add_bos=False) if isinstance(text, bytes) else list(text)
             for start in range(0, len(ids), window):
                 if max_tokens is not None and recorded >= max_tokens:
                     return recorded

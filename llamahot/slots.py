@@ -40,7 +40,7 @@ def largest_k_that_fits(free_bytes: int, slot_bytes_per_expert: int, n_layers: i
 
 
 def check_vram_for_slots(k: int, free_bytes: int, slot_bytes_per_expert: int, n_layers: int, n_expert: int,
-                         reserve: int = VRAM_RESERVE) -> None:
+                         reserve: int = VRAM_RESERVE, free_what: str = "is free after loading the model") -> None:
     """Raise ValueError naming the largest K that fits when K slots per layer do not fit."""
     need = k * slot_bytes_per_expert * n_layers
     if need + reserve <= free_bytes:
@@ -49,8 +49,8 @@ def check_vram_for_slots(k: int, free_bytes: int, slot_bytes_per_expert: int, n_
     raise ValueError(
         f"hot_experts={k} needs {need / 2**30:.2f} GiB of VRAM for its slots ({k} x "
         f"{slot_bytes_per_expert / 2**20:.2f} MiB per expert x {n_layers} layers) plus "
-        f"{reserve / 2**30:.2f} GiB of headroom, but only {free_bytes / 2**30:.2f} GiB is free after loading "
-        f"the model. The largest hot_experts that fits is {fits}."
+        f"{reserve / 2**30:.2f} GiB of headroom, but only {max(free_bytes, 0) / 2**30:.2f} GiB {free_what}. "
+        f"The largest hot_experts that fits is {fits}."
     )
 
 

@@ -507,3 +507,27 @@ def test_experts_in_place_observe_one_step_in_n_and_stay_exact(text_model):
         assert stats["hits"] + stats["misses"] == (prompt + observed) * read_moe_layout(text_model).n_expert_used \
             * llm.hot_cache.layout.n_moe_layers
     llm.close()
+
+
+def test_experts_in_place_check_vram_against_what_was_free_before_the_load(text_model, monkeypatch):
+    """In place, VRAM is checked before the model loads (the driver keeps VRAM its managed pages used, so
+    the free memory after the load says little): free then, less the model's non-expert weights."""
+    import os
+
+    layout = read_moe_layout(text_model)
+    llm = llamahot.Llama(text_model, hot_experts=2, slot_device="emulated-gpu", gpu_mode="managed", **LLAMA_KW)
+    cache = llm.hot_cache
+    per_k = layout.expert_matrix_bytes * layout.n_moe_layers
+    other = os.path.getsize(text_model) - layout.expert_tensor_bytes
+    free = other + 5 * per_k + per_k // 2 + 512 * 2**20
+    monkeypatch.setattr("llamahot.hot_cache.free_vram_bytes", lambda: free)
+    cache.measure_vram_in_place(os.path.getsize(text_model))   # K=2 fits
+    assert cache._vram_in_place == free - other
+    cache.check_vram_in_place(5)
+    with pytest.raises(ValueError, match=r"hot_experts=6 needs .* free for them \(VRAM free before the load, less "
+                                         r"the model's other weights\)\. The largest hot_experts that fits is 5\."):
+        cache.check_vram_in_place(6)
+    monkeypatch.setattr("llamahot.hot_cache.free_vram_bytes", lambda: other)
+    with pytest.raises(ValueError, match="only 0.00 GiB is free for them"):
+        cache.measure_vram_in_place(os.path.getsize(text_model))
+    llm.close()

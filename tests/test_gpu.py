@@ -157,3 +157,33 @@ def test_managed_mode_rejects_redirect_options(all_moe_models):
     path = all_moe_models["qwen3moe-tiny"]
     with pytest.raises(ValueError, match="gpu_mode='redirect'"):
         llamahot.Llama(path, hot_experts=4, slot_device="cuda", gpu_mode="managed", cold_on_device=0.5, **LLAMA_KW)
+
+
+@pytest.mark.parametrize("gpu_mode", ["managed", "redirect"])
+def test_routing_profile_fills_vram_before_the_first_token_and_stays_exact(all_moe_models, gpu_mode, tmp_path):
+    """A profile's hot set goes to VRAM at load (pages moved, or slots copied with cuda-python) and the
+    outputs stay as without one: in place bit-identical to stock all-on-GPU, redirected the trained
+    model's greedy tokens identical to stock experts-in-RAM."""
+    from llamahot.profile import load_profile, record_profile
+
+    path = all_moe_models[TRAINED_MODEL]
+    layout = read_moe_layout(path)
+    profile = tmp_path / "p.npz"
+    text = open(llamahot.policy.__file__, "rb").read()
+    record_profile(path, [text], profile, window=256, slot_device="cuda")
+    top = np.argsort(-load_profile(profile, layout).rates(layout), axis=1, kind="stable")
+    stock = llama_cpp.Llama(path, n_gpu_layers=-1, **LLAMA_KW) if gpu_mode == "managed" else stock_in_ram(path)
+    expected, expected_logits = greedy_run(stock, STEPS, prompt=CONFIDENT_PROMPT)
+    stock.close()
+    k = layout.n_expert // 2
+    llm = llamahot.Llama(path, hot_experts=k, slot_device="cuda", gpu_mode=gpu_mode, routing_profile=profile, **LLAMA_KW)
+    hot = llm.hot_cache.hot_sets()
+    assert [set(row.tolist()) for row in hot] == [set(row[:k].tolist()) for row in top]
+    assert llm.hot_cache.stats()["experts_loaded"] == k * layout.n_moe_layers
+    tokens, logits = greedy_run(llm, STEPS, prompt=CONFIDENT_PROMPT)
+    assert llm.hot_cache.stats()["hits"] > 0
+    if gpu_mode == "managed":
+        assert np.array_equal(logits, expected_logits)
+    else:
+        assert tokens == expected
+    llm.close()

@@ -27,6 +27,7 @@ import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from llamahot.benchmark import PROMPT as SHORT_PROMPT
 from llamahot.benchmark import StockPlaced, decode_rate, finish, greedy_run, last_logits
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, MoELayout, read_moe_layout
 from llamahot.policy import LRU, DecayedFrequency
+from llamahot.profile import record_profile
 
 
 
@@ -269,14 +271,13 @@ def policy_variants(n_layers: int, n_expert: int, k: int, threads: int) -> list[
 def managed_variants(n_layers: int, n_expert: int, k: int, threads: int) -> list[tuple]:
     """Rows of --policy-variants with the experts in place: (label, then configure()'s arguments: policy,
     interval, plan ahead, threads, lone-row ms, page moves (read_mostly, background), routing read every n
-    steps). A page move costs far more than a slot copy, so
-    slower, stickier policies are tried beside the default, and the two ways to move pages."""
+    steps). Session 18 tried read-mostly copies and faster policies here (benchmarks/RESULTS.md); with a
+    routing profile the policy hardly moves, so reading the routing less often may now pay."""
     def decayed(half_life, margin):
         return DecayedFrequency(n_layers, n_expert, k, half_life=half_life, margin=margin)
     return [
-        ("routing read one step in 4", decayed(2048, 3.0), 64, False, threads, 0.0, (False, True), 4),
-        ("read-mostly copies", decayed(2048, 3.0), 64, False, threads, 0.0, (True, True), 1),
-        ("every 16, half-life 512, margin 2", decayed(512, 2.0), 16, False, threads, 0.0, (False, True), 1),
+        (f"routing read one step in {n}", decayed(2048, 3.0), 64, False, threads, 0.0, (False, True), n)
+        for n in (4, 16)
     ]
 
 
@@ -321,6 +322,11 @@ def main() -> int:
                         help="llamahot's gpu_mode on CUDA (managed: experts in place; redirect: slots and stops)")
     parser.add_argument("--redirect-row", action="store_true",
                         help="with --gpu-mode managed, also a row of a gpu_mode='redirect' instance at each K")
+    parser.add_argument("--profile-windows", type=int, default=0,
+                        help="with --text: record a routing profile from this many windows of the text's second "
+                             "half (never measured) and start every llamahot instance from it")
+    parser.add_argument("--no-profile-row", action="store_true",
+                        help="with --profile-windows, also a row of an instance without the profile at each K")
     parser.add_argument("--mechanism-ab", action=argparse.BooleanOptionalAction, default=True,
                         help="A/B rows at the first K on CUDA: hot graph built per call, slot copies one by one")
     parser.add_argument("--lone-row-ms", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
@@ -357,23 +363,52 @@ def main() -> int:
     ram = StockPlaced(args.model, cpu_pattern=EXPERT_TENSOR_PATTERN, **kw)
     ram_mmap = StockPlaced(args.model, cpu_pattern=EXPERT_TENSOR_PATTERN, use_mmap=True, **kw)
     all_gpu = StockPlaced(args.model, cpu_pattern=None, **kw)
-    hot = llamahot.Llama(args.model, hot_experts=max(ks), slot_device=device, gpu_mode=mode, **kw)
-    print(f"loaded stock RAM, stock GPU, llamahot in {time.perf_counter() - t0:.1f} s", flush=True)
-    long_prompt = prefill_tokens(ram, args.prefill)
     # Teacher forcing: each measured run reads the next window of the text (16 prompt tokens + --tokens).
     windows: list[list[int]] = []
+    long_prompt = None
+    profile_kw: dict = {}
+    results_profile: dict | None = None
     if args.text:
         text_ids = ram.tokenize(Path(args.text).read_bytes(), add_bos=False)
         size = 16 + args.tokens
         windows = [text_ids[i:i + size] for i in range(0, len(text_ids) - size + 1, size)]
         print(f"teacher-forced decode over {Path(args.text).name}: {len(windows)} windows of {size} tokens")
+        # Prefill on the same kind of text (a repeated short prompt routes to a handful of experts, and
+        # in place its routing would then steer the hot set away from the text measured).
+        middle = len(text_ids) // 2
+        long_prompt = text_ids[middle: middle + args.prefill]
+        if args.profile_windows:
+            # Windows of the second half, before the last three (used to settle settings and to plan):
+            # decode samples read windows from the start, so the profile never saw the text measured.
+            recorded = windows[len(windows) // 2:-3][: args.profile_windows]
+            profile_path = out / "profile.npz"
+            profile_path.unlink(missing_ok=True)
+            t1 = time.perf_counter()
+            n = record_profile(args.model, recorded, profile_path, window=size, slot_device=device,
+                               n_threads=args.threads, n_threads_batch=args.threads, n_gpu_layers=-1)
+            print(f"routing profile: {n} tokens ({len(recorded)} windows) in {time.perf_counter() - t1:.1f} s", flush=True)
+
+            copies = Path(tempfile.mkdtemp(prefix="llamahot-bench-"))
+
+            def profile_kw_for(name: str) -> dict:   # each instance its own copy: closing one adds to it
+                copy = copies / f"{name}.npz"
+                copy.write_bytes(profile_path.read_bytes())
+                return {"routing_profile": copy}
+            profile_kw = {"hot": profile_kw_for("hot")}
+            results_profile = {"windows": len(recorded), "tokens": n, "record_s": time.perf_counter() - t1}
+    hot = llamahot.Llama(args.model, hot_experts=max(ks), slot_device=device, gpu_mode=mode, **kw,
+                         **profile_kw.get("hot", {}))
+    print(f"loaded stock RAM, stock GPU, llamahot in {time.perf_counter() - t0:.1f} s", flush=True)
+    if long_prompt is None or len(long_prompt) < args.prefill:
+        long_prompt = prefill_tokens(ram, args.prefill)
     runs_of: dict[str, int] = {}
     results: dict = {"model": Path(args.model).name, "device": device, "gpu_mode": mode, "threads": args.threads,
                      "decode": f"teacher-forced over {Path(args.text).name}" if args.text else "greedy",
                      "layout": {"n_moe_layers": layout.n_moe_layers, "n_expert": layout.n_expert,
                                 "n_expert_used": layout.n_expert_used,
                                 "expert_gib": layout.expert_tensor_bytes / 2**30},
-                     "correctness": {}, "speed": {}}
+                     "correctness": {}, "speed": {}, "profile": results_profile if profile_kw else None,
+                     "prefill_text": "the text" if args.text else "a repeated short prompt"}
 
     # -- correctness: greedy tokens and logits against stock experts-in-RAM -----------------------
     def save() -> None:  # after every section, so a run cut short still leaves its results
@@ -484,9 +519,15 @@ def main() -> int:
             modes.append((hybrid_name(k, resident, k2), hybrid))
         redirected = None
         if args.redirect_row and not redirect:   # the same K with the other design, interleaved
-            redirected = llamahot.Llama(args.model, hot_experts=k, slot_device=device, gpu_mode="redirect", **kw)
+            redirected = llamahot.Llama(args.model, hot_experts=k, slot_device=device, gpu_mode="redirect", **kw,
+                                        **(profile_kw_for("redirect") if profile_kw else {}))
             greedy_run(redirected, 16)  # first fill
             modes.append((f"llamahot K={k}, redirect", redirected))
+        unprofiled = None
+        if profile_kw and args.no_profile_row:   # the same K starting cold, as without a profile
+            unprofiled = llamahot.Llama(args.model, hot_experts=k, slot_device=device, gpu_mode=mode, **kw)
+            greedy_run(unprofiled, 16)  # first fill
+            modes.append((f"llamahot K={k}, no profile", unprofiled))
         if k == layout.n_expert and redirect:  # the stops alone, nothing computed: the floor of this design
             modes.append((FLOOR, hot))
         # What the per-layer persistent hot graphs save. (A/B rows of cold_on_device, measured in session 7 —
@@ -549,7 +590,7 @@ def main() -> int:
         if redirect:
             breakdowns[f"llamahot K={k}"] = breakdown_of(hot, skip_compute=False)
         static.close()
-        for extra in (hybrid, redirected):
+        for extra in (hybrid, redirected, unprofiled):
             if extra is not None:
                 extra.close()
         measured_ks.append(k)
