@@ -46,6 +46,7 @@ struct lh_weight_entry {
     const struct ggml_tensor * key;
     int32_t moe_layer;
     int32_t proj;
+    bool offload_copy;   /* the scheduler's copy of the weight in a GPU split (lh_managed) */
 };
 
 /* The routed-expert weights of one MoE layer and their slot tensors. */
@@ -159,6 +160,7 @@ struct lh_ctx {
     int64_t single_ubatches;       /* single-token ubatches seen, counted at the last layer's down node */
     bool skip_ubatch;              /* the managed node being asked about is in an unobserved ubatch */
     int32_t * ids_copy;            /* router ids read back from device memory (lh_count_routing) */
+    struct lh_weight_entry offload_entry;   /* the last offloaded weight copy classified (lh_managed) */
     size_t ids_cap;
 
     /* Slots (after lh_slots_init). */
@@ -550,19 +552,19 @@ int32_t lh_layer_weight_count(const struct lh_ctx * ctx, int32_t layer) {
 /* Recognise a routed-expert weight by its canonical llama.cpp name. Called once per weight:
  * after that the weight is found by pointer. Weight copies the scheduler makes for big
  * ubatches ("CUDA0#blk.0...#0") are not weights and do not match. */
-static void lh_classify_weight(const struct lh_ctx * ctx, const struct ggml_tensor * w, int32_t * moe_layer, int32_t * proj) {
+/* The MoE layer and projection of a routed-expert weight named `name` (the tensor's own name, or the
+ * part of a scheduler copy's name that names its source), with w's shape. */
+static void lh_classify_name(const struct lh_ctx * ctx, const char * name, const struct ggml_tensor * w,
+                             int32_t * moe_layer, int32_t * proj) {
     *moe_layer = -1;
     *proj = -1;
-    if (w->buffer == NULL || ggml_backend_buffer_get_usage(w->buffer) != GGML_BACKEND_BUFFER_USAGE_WEIGHTS) {
-        return;
-    }
     int blk = -1;
     char kind[16] = {0};
     int consumed = 0;
-    if (sscanf(w->name, "blk.%d.ffn_%15[a-z_]%n", &blk, kind, &consumed) != 2) {
+    if (sscanf(name, "blk.%d.ffn_%15[a-z_]%n", &blk, kind, &consumed) != 2) {
         return;
     }
-    if (strcmp(w->name + consumed, ".weight") != 0 || blk < 0 || blk >= ctx->n_blocks) {
+    if (strcmp(name + consumed, ".weight") != 0 || blk < 0 || blk >= ctx->n_blocks) {
         return;
     }
     int32_t p;
@@ -584,6 +586,35 @@ static void lh_classify_weight(const struct lh_ctx * ctx, const struct ggml_tens
     *proj = p;
 }
 
+static void lh_classify_weight(const struct lh_ctx * ctx, const struct ggml_tensor * w, int32_t * moe_layer, int32_t * proj) {
+    *moe_layer = -1;
+    *proj = -1;
+    if (w->buffer == NULL || ggml_backend_buffer_get_usage(w->buffer) != GGML_BACKEND_BUFFER_USAGE_WEIGHTS) {
+        return;
+    }
+    lh_classify_name(ctx, w->name, w, moe_layer, proj);
+}
+
+/* llama.cpp offloads the expert matmuls of big ubatches (>= 32 tokens with CUDA) to the GPU: the
+ * scheduler copies the weight into its split, naming the copy "<backend>#<weight name>#<copy>", and
+ * makes new copies at every graph split (so they are parsed, not remembered). Their routing is
+ * counted; nothing is redirected. */
+static bool lh_classify_offload_copy(const struct lh_ctx * ctx, const struct ggml_tensor * w,
+                                     struct lh_weight_entry * entry) {
+    const char * first = strchr(w->name, '#');
+    const char * last = strrchr(w->name, '#');
+    if (first == NULL || last <= first + 1 || (size_t) (last - first - 1) >= sizeof(w->name)) {
+        return false;
+    }
+    char source[sizeof(w->name)];
+    memcpy(source, first + 1, (size_t) (last - first - 1));
+    source[last - first - 1] = '\0';
+    lh_classify_name(ctx, source, w, &entry->moe_layer, &entry->proj);
+    entry->key = w;
+    entry->offload_copy = true;
+    return entry->moe_layer >= 0;
+}
+
 /* Find (or classify and remember) the weight of a MUL_MAT_ID node. */
 static const struct lh_weight_entry * lh_lookup_weight(struct lh_ctx * ctx, const struct ggml_tensor * w) {
     const uint32_t mask = ctx->table_cap - 1;
@@ -594,7 +625,7 @@ static const struct lh_weight_entry * lh_lookup_weight(struct lh_ctx * ctx, cons
         }
         i = (i + 1) & mask;
     }
-    static const struct lh_weight_entry unmanaged = { NULL, -1, -1 };
+    static const struct lh_weight_entry unmanaged = { NULL, -1, -1, false };
     int32_t moe_layer, proj;
     lh_classify_weight(ctx, w, &moe_layer, &proj);
     /* Keep the table at most half full; past that, unmanaged tensors are simply re-classified. */
@@ -607,6 +638,7 @@ static const struct lh_weight_entry * lh_lookup_weight(struct lh_ctx * ctx, cons
     ctx->table[i].key = w;
     ctx->table[i].moe_layer = moe_layer;
     ctx->table[i].proj = proj;
+    ctx->table[i].offload_copy = false;
     ctx->table_used++;
     if (moe_layer >= 0) {
         ctx->counters.weights_known++;
@@ -620,7 +652,10 @@ static const struct lh_weight_entry * lh_managed(struct lh_ctx * ctx, const stru
         return NULL;
     }
     const struct lh_weight_entry * e = lh_lookup_weight(ctx, t->src[0]);
-    return e->moe_layer >= 0 ? e : NULL;
+    if (e->moe_layer >= 0) {
+        return e;
+    }
+    return lh_classify_offload_copy(ctx, t->src[0], &ctx->offload_entry) ? &ctx->offload_entry : NULL;
 }
 
 /* Shapes and types the compact recomputation handles (all llama.cpp MoE FFNs today). */
@@ -2722,12 +2757,13 @@ static void lh_count_routing(struct lh_ctx * ctx, const struct ggml_tensor * t, 
 }
 
 /* Small ubatches with slots are redirected (or shadowed); the rest is only observed. */
-static bool lh_wants_redirect(const struct lh_ctx * ctx, const struct ggml_tensor * t, int32_t layer) {
+static bool lh_wants_redirect(const struct lh_ctx * ctx, const struct ggml_tensor * t,
+                              const struct lh_weight_entry * e) {
     if (ctx->cpu == NULL || ctx->slot_kind == LH_SLOTS_IN_PLACE || t->ne[2] > ctx->prefill_bypass ||
-        !lh_redirectable(t)) {
+        e->offload_copy || !lh_redirectable(t)) {
         return false;
     }
-    return ctx->layers[layer].n_published > 0 || (ctx->debug_flags & LH_DEBUG_SHADOW);
+    return ctx->layers[e->moe_layer].n_published > 0 || (ctx->debug_flags & LH_DEBUG_SHADOW);
 }
 
 /* Shadow mode: llama computed node t; recompute it (per node, or the whole FFN when t is the
@@ -2882,7 +2918,7 @@ static bool lh_callback(struct lh_ctx * ctx, struct ggml_tensor * t, bool ask) {
             }
         }
         const bool shadow = ctx->debug_flags & LH_DEBUG_SHADOW;
-        if (lh_wants_redirect(ctx, t, e->moe_layer)) {
+        if (lh_wants_redirect(ctx, t, e)) {
             /* Whole-FFN mode: gate/up run on untouched (their nodes are skipped at the down node's
              * ask, before the run that contains them is computed); one stop, at the down node. */
             const bool ffn_mode = lh_ffn_mode(ctx, e->moe_layer);
@@ -2931,8 +2967,9 @@ static bool lh_callback(struct lh_ctx * ctx, struct ggml_tensor * t, bool ask) {
     } else {
         const struct lh_weight_entry * e = ctx->skip_ubatch ? NULL : lh_managed(ctx, t);
         if (e != NULL) {
-            const bool managed_ubatch = ctx->cpu != NULL && t->ne[2] <= ctx->prefill_bypass;
-            if (ctx->debug_flags & LH_DEBUG_SHADOW && lh_wants_redirect(ctx, t, e->moe_layer)) {
+            /* (a ubatch llama.cpp offloaded to the GPU is not the slots' to hit or miss) */
+            const bool managed_ubatch = ctx->cpu != NULL && t->ne[2] <= ctx->prefill_bypass && !e->offload_copy;
+            if (ctx->debug_flags & LH_DEBUG_SHADOW && lh_wants_redirect(ctx, t, e)) {
                 if (e->proj != LH_PROJ_DOWN && lh_ffn_mode(ctx, e->moe_layer)) {
                     lh_shadow_keep_input(ctx, t);   /* compared as a whole FFN at the down node */
                 } else {
