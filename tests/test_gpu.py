@@ -170,7 +170,10 @@ def test_routing_profile_fills_vram_before_the_first_token_and_stays_exact(all_m
     layout = read_moe_layout(path)
     profile = tmp_path / "p.npz"
     text = open(llamahot.policy.__file__, "rb").read()
-    record_profile(path, [text], profile, window=256, slot_device="cuda")
+    n = record_profile(path, [text], profile, window=256, slot_device="cuda")
+    # Every token counted in every layer, though llama.cpp ran these prompts' expert matmuls on the GPU
+    # (its op offload copies the weights: the shim counts those nodes too).
+    assert load_profile(profile, layout).tokens.tolist() == [n] * layout.n_moe_layers
     top = np.argsort(-load_profile(profile, layout).rates(layout), axis=1, kind="stable")
     stock = llama_cpp.Llama(path, n_gpu_layers=-1, **LLAMA_KW) if gpu_mode == "managed" else stock_in_ram(path)
     expected, expected_logits = greedy_run(stock, STEPS, prompt=CONFIDENT_PROMPT)
