@@ -26,7 +26,8 @@ import numpy as np
 from llamahot._shim import ffi, lib
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, MoELayout
 from llamahot.monitor import SnapshotWriter
-from llamahot.policy import IN_PLACE_REBALANCE_INTERVAL, REBALANCE_INTERVAL, make_policy
+from llamahot.policy import (IN_PLACE_LEARN_TOKENS, IN_PLACE_OBSERVE_EVERY, IN_PLACE_REBALANCE_INTERVAL,
+                             REBALANCE_INTERVAL, make_policy)
 from llamahot.profile import RoutingProfile, load_profile
 from llamahot.slots import HostPages, ManagedPages, SlotManager, check_vram_for_slots, free_vram_bytes
 
@@ -178,10 +179,10 @@ class HotCache:
         # 1: where cold rows are rare (high K) a stop found the threads asleep and waited ~50 us for
         # the last to wake (K=96: cold rows 1.47 -> 0.75 ms per token, session 15).
         self.thread_pool_spin_ms: Optional[float] = 20.0 if slot_device == "cuda" else None
-        # In place, each observed decode step stops llama.cpp's graph at every MoE layer to read the
-        # routing (~1 ms a token on the H100). Reading one step in 4 saved that but cost more in hit rate
-        # (76.3 against 84.8 tok/s, session 18), so every step is read unless asked otherwise.
-        self.observe_every = 1
+        # In place: None reads every decode step's routing while the policy learns, then one in
+        # IN_PLACE_OBSERVE_EVERY (_auto_observe); an integer (set_observe_every) fixes it.
+        self.observe_every: Optional[int] = None
+        self._observing_every = 1   # what the shim does now
         self.row_prefetch: int = lib.LH_ROW_PREFETCH_DEFAULT
         self._snapshot_time = 0.0
         self._decode_tokens = 0
@@ -344,6 +345,7 @@ class HotCache:
         else:
             self.slots.load(*self._plan_loads(delta, n_tokens, self._last_routed))
         self._filled = True
+        self._auto_observe()
         self._count_stall(start)
 
     def _issue_plan(self) -> None:
@@ -520,17 +522,35 @@ class HotCache:
         self._pages.set_mode(read_mostly=read_mostly, background=background)
         self._filled = False
 
-    def set_observe_every(self, n: int) -> None:
+    def set_observe_every(self, n: Optional[int]) -> None:
         """Experts in place: read the routing of one single-token decode step in n (prompts always);
-        1: every step. Hit rates are then counted over the observed steps."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"observe_every must be an integer >= 1, got {n!r}")
-        if n > 1 and not self.in_place:
+        1: every step; None (default): every step until the policy knows IN_PLACE_LEARN_TOKENS tokens of
+        routing (a profile's or observed), then one in IN_PLACE_OBSERVE_EVERY. Hit rates are counted over
+        the observed steps."""
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"observe_every must be None or an integer >= 1, got {n!r}")
+        if n is not None and n > 1 and not self.in_place:
             raise ValueError(f"observe_every={n} needs the experts to stay in place (gpu_mode='managed'): "
                              "redirected steps are all observed")
+        self.observe_every = n
+        self._set_shim_observe_every(1 if n is None else n)
+        self._auto_observe()
+
+    def _set_shim_observe_every(self, n: int) -> None:
         if self._ctx is not None and self.slots is not None and lib.lh_set_observe_every(self._ctx, n) != 0:
             raise RuntimeError(f"llamahot: {ffi.string(lib.lh_last_error(self._ctx)).decode()}")
-        self.observe_every = n
+        self._observing_every = n
+
+    def _auto_observe(self) -> None:
+        """observe_every None, in place: one step in IN_PLACE_OBSERVE_EVERY once the routing known (the
+        profile's tokens plus those observed, in the layer that saw fewest) reaches IN_PLACE_LEARN_TOKENS."""
+        if not self.in_place or self.observe_every is not None or self._observing_every != 1 or self.slots is None:
+            return
+        known = self._history.sum(axis=1) / self.layout.n_expert_used
+        if self._profile is not None:
+            known = known + self._profile.tokens_for(self.layout)
+        if known.min() >= IN_PLACE_LEARN_TOKENS:
+            self._set_shim_observe_every(IN_PLACE_OBSERVE_EVERY)
 
     def set_observing(self, observing: bool) -> None:
         """Count and redirect (default), or leave the callback installed but idle (to measure its cost)."""
@@ -571,6 +591,7 @@ class HotCache:
             "hot_experts": self.hot_experts,
             "slot_device": self.slot_device,
             "gpu_mode": self.gpu_mode,
+            "observe_every": self._observing_every,
             "policy": self.policy_name,
             "n_moe_layers": self.layout.n_moe_layers,
             "n_expert": self.layout.n_expert,

@@ -49,6 +49,12 @@ class RoutingProfile:
         """Tokens recorded per layer (each token routes to n_expert_used experts)."""
         return self.counts.sum(axis=1) / self.n_expert_used
 
+    def tokens_for(self, layout: MoELayout) -> np.ndarray:
+        """Tokens recorded for each of `layout`'s MoE layers (0 where the profile has none)."""
+        row_of = {int(b): i for i, b in enumerate(self.blocks)}
+        tokens = self.tokens
+        return np.array([tokens[row_of[b]] if b in row_of else 0.0 for b in layout.moe_blocks])
+
     def rates(self, layout: MoELayout) -> np.ndarray:
         """float64 [layout's n_moe_layers, n_expert]: expected routings per token of each expert, 0 for
         layers the profile has not seen."""

@@ -477,7 +477,7 @@ def test_experts_in_place_refuse_redirect_options_and_default_to_a_sticky_policy
     policy = llm.hot_cache.policy
     assert llm.hot_cache.rebalance_interval == 64 and policy.margin == 3.0
     assert policy.decay_per_token == pytest.approx(0.5 ** (1 / 2048))
-    assert llm.hot_cache.observe_every == 1
+    assert llm.hot_cache.observe_every is None and llm.hot_cache.stats()["observe_every"] == 1
     with pytest.raises(ValueError, match="observe_every"):
         llm.hot_cache.set_observe_every(0)
     llm.close()
@@ -530,4 +530,32 @@ def test_experts_in_place_check_vram_against_what_was_free_before_the_load(text_
     monkeypatch.setattr("llamahot.hot_cache.free_vram_bytes", lambda: other)
     with pytest.raises(ValueError, match="only 0.00 GiB is free for them"):
         cache.measure_vram_in_place(os.path.getsize(text_model))
+    llm.close()
+
+
+def test_experts_in_place_read_one_step_in_16_once_the_policy_knows_enough_routing(text_model, tmp_path):
+    """observe_every None (default): every decode step is read until the routing known (a profile's, or
+    observed) reaches IN_PLACE_LEARN_TOKENS in every layer, then one in IN_PLACE_OBSERVE_EVERY."""
+    from llamahot.policy import IN_PLACE_LEARN_TOKENS, IN_PLACE_OBSERVE_EVERY
+    from llamahot.profile import record_profile
+
+    assert (IN_PLACE_LEARN_TOKENS, IN_PLACE_OBSERVE_EVERY) == (4096, 16)
+    kw = dict(LLAMA_KW, logits_all=True)   # every layer routes every prompt token
+    text = list(range(10, 510))
+    llm = llamahot.Llama(text_model, hot_experts=2, slot_device="emulated-gpu", gpu_mode="managed", **kw)
+    for i in range(IN_PLACE_LEARN_TOKENS // len(text) + 1):
+        assert llm.hot_cache.stats()["observe_every"] == 1, f"switched after {i * len(text)} tokens"
+        llm.reset()
+        llm.eval(text)
+    assert llm.hot_cache.stats()["observe_every"] == IN_PLACE_OBSERVE_EVERY
+    llm.close()
+    # With a profile of that many tokens: from the start. A fixed setting stays fixed.
+    profile = tmp_path / "p.npz"
+    record_profile(text_model, [text * 9], profile, window=500, slot_device="host", n_threads=2, n_threads_batch=2)
+    llm = llamahot.Llama(text_model, hot_experts=2, slot_device="emulated-gpu", gpu_mode="managed",
+                         routing_profile=profile, **kw)
+    assert llm.hot_cache.stats()["observe_every"] == IN_PLACE_OBSERVE_EVERY
+    llm.hot_cache.set_observe_every(1)
+    llm.eval(text)
+    assert llm.hot_cache.stats()["observe_every"] == 1
     llm.close()

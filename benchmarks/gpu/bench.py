@@ -293,7 +293,7 @@ def configure(llm, policy, interval: int, plan_ahead: bool, threads: int, lone_r
         if (pages.read_mostly, pages.background) != (read_mostly, background):
             llm.hot_cache.set_page_moves(read_mostly=read_mostly, background=background)
             changed = True
-        llm.hot_cache.set_observe_every(observe_every or 1)
+        llm.hot_cache.set_observe_every(observe_every)   # None: the default (every step while learning)
     llm.hot_cache.use_policy(policy, rebalance_interval=interval, plan_ahead=plan_ahead)
     llama_cpp.llama_set_n_threads(llm.ctx, threads, llm.context_params.n_threads_batch)
     llm.hot_cache.set_threads(threads)
