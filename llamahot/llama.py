@@ -123,8 +123,8 @@ class Llama(llama_cpp.Llama):
           llama.cpp computes every expert there in its own CUDA graphs, and llamahot moves the pages:
           the K hot experts of each layer in VRAM, the cold ones in host memory, which the GPU reads
           over PCIe. Outputs are bit-identical to llama_cpp.Llama with the whole model on the GPU;
-          prefill ~2.5x faster than "redirect", decode on par once its sticky policy settles
-          (benchmarks/RESULTS.md, session 18). Not yet measured with a model larger than VRAM.
+          with a routing_profile, decode 5-15 % faster than "redirect" and prefill ~1.6x, also with a
+          model larger than the free VRAM (benchmarks/RESULTS.md, session 19).
         "redirect": the routed experts in host memory (like `-ot exps=CPU`), the hot ones copied to VRAM
           slots, and each MoE layer's matmuls redirected there through the eval callback; the CPU
           computes the cold ones. Outputs are those of llama_cpp.Llama with the experts in RAM.
