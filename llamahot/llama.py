@@ -186,6 +186,9 @@ class Llama(llama_cpp.Llama):
                     load_progress(float(fraction))
                 return True  # go on loading
             self._load_progress = llama_cpp.llama_progress_callback(report)  # kept alive with self
+        if hot_experts is None and routing_profile is not None:
+            raise ValueError("routing_profile needs hot_experts: without it this Llama observes no routing "
+                             "(pass hot_experts=K, e.g. 0 to record a profile without slots)")
         if hot_experts is not None:
             _check_int("hot_experts", hot_experts, 0)
             if rebalance_interval is not None:

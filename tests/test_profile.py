@@ -194,6 +194,8 @@ def test_a_failed_save_warns_at_close_and_keeps_the_old_file(text_model, tmp_pat
     with pytest.warns(UserWarning, match="could not save the routing profile .*No space left"):
         llm.close()
     assert path.read_bytes() == saved and sorted(os.listdir(tmp_path)) == ["p.npz"], "no temporary file left"
+    with pytest.raises(ValueError, match="routing_profile needs hot_experts"):
+        llamahot.Llama(text_model, routing_profile=path, **LLAMA_KW)
     with pytest.raises(ValueError, match="no routing profile path"):
         llamahot.Llama(text_model, hot_experts=1, slot_device="host", **LLAMA_KW).save_routing_profile()
 
