@@ -49,22 +49,24 @@ class RoutingProfile:
         """Tokens recorded per layer (each token routes to n_expert_used experts)."""
         return self.counts.sum(axis=1) / self.n_expert_used
 
+    def _for_layout(self, layout: MoELayout) -> tuple[np.ndarray, np.ndarray]:
+        """(counts, tokens) of `layout`'s MoE layers in its order, zeros where the profile has no row."""
+        row_of = {int(b): i for i, b in enumerate(self.blocks)}
+        counts = np.zeros((layout.n_moe_layers, layout.n_expert))
+        for layer, block in enumerate(layout.moe_blocks):
+            if block in row_of:
+                counts[layer] = self.counts[row_of[block]]
+        return counts, counts.sum(axis=1) / self.n_expert_used
+
     def tokens_for(self, layout: MoELayout) -> np.ndarray:
         """Tokens recorded for each of `layout`'s MoE layers (0 where the profile has none)."""
-        row_of = {int(b): i for i, b in enumerate(self.blocks)}
-        tokens = self.tokens
-        return np.array([tokens[row_of[b]] if b in row_of else 0.0 for b in layout.moe_blocks])
+        return self._for_layout(layout)[1]
 
     def rates(self, layout: MoELayout) -> np.ndarray:
         """float64 [layout's n_moe_layers, n_expert]: expected routings per token of each expert, 0 for
         layers the profile has not seen."""
-        rates = np.zeros((layout.n_moe_layers, layout.n_expert))
-        row_of = {int(b): i for i, b in enumerate(self.blocks)}
-        for layer, block in enumerate(layout.moe_blocks):
-            i = row_of.get(block)
-            if i is not None and self.tokens[i] > 0:
-                rates[layer] = self.counts[i] / self.tokens[i]
-        return rates
+        counts, tokens = self._for_layout(layout)
+        return counts / np.maximum(tokens, 1e-300)[:, None]
 
     def add(self, layout: MoELayout, counts: np.ndarray) -> None:
         """Add routing counts [layout's n_moe_layers, n_expert] observed on `layout`'s layers."""
