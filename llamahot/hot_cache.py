@@ -546,7 +546,8 @@ class HotCache:
         profile's tokens plus those observed, in the layer that saw fewest) reaches IN_PLACE_LEARN_TOKENS."""
         if not self.in_place or self.observe_every is not None or self._observing_every != 1 or self.slots is None:
             return
-        known = self._history.sum(axis=1) / self.layout.n_expert_used
+        # (the profile already holds the history saved into it)
+        known = (self._history - self._saved).sum(axis=1) / self.layout.n_expert_used
         if self._profile is not None:
             known = known + self._profile.tokens_for(self.layout)
         if known.min() >= IN_PLACE_LEARN_TOKENS:

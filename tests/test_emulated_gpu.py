@@ -549,8 +549,21 @@ def test_experts_in_place_read_one_step_in_16_once_the_policy_knows_enough_routi
         llm.eval(text)
     assert llm.hot_cache.stats()["observe_every"] == IN_PLACE_OBSERVE_EVERY
     llm.close()
-    # With a profile of that many tokens: from the start. A fixed setting stays fixed.
+    # Saving a profile does not count the saved routing twice (2000 in the profile + 1500 observed < 4096).
     profile = tmp_path / "p.npz"
+    record_profile(text_model, [text * 4], profile, window=500, slot_device="host", n_threads=2, n_threads_batch=2)
+    llm = llamahot.Llama(text_model, hot_experts=2, slot_device="emulated-gpu", gpu_mode="managed",
+                         routing_profile=profile, **kw)
+    for _ in range(3):
+        llm.reset()
+        llm.eval(text)
+    llm.save_routing_profile()
+    llm.reset()
+    llm.eval(text[:64])   # a rebalance: 3564 tokens known
+    assert llm.hot_cache.stats()["observe_every"] == 1
+    llm.close()
+    profile.unlink()
+    # With a profile of that many tokens: from the start. A fixed setting stays fixed.
     record_profile(text_model, [text * 9], profile, window=500, slot_device="host", n_threads=2, n_threads_batch=2)
     llm = llamahot.Llama(text_model, hot_experts=2, slot_device="emulated-gpu", gpu_mode="managed",
                          routing_profile=profile, **kw)
