@@ -368,7 +368,7 @@ def main() -> int:
     # Teacher forcing: each measured run reads the next window of the text (16 prompt tokens + --tokens).
     windows: list[list[int]] = []
     long_prompt = None
-    profile_kw: dict = {}
+    profile_path: Path | None = None   # --profile-windows: every llamahot instance starts from it
     results_profile: dict | None = None
     if args.text:
         text_ids = ram.tokenize(Path(args.text).read_bytes(), add_bos=False)
@@ -389,17 +389,18 @@ def main() -> int:
             n = record_profile(args.model, recorded, profile_path, window=size, slot_device=device,
                                n_threads=args.threads, n_threads_batch=args.threads, n_gpu_layers=-1)
             print(f"routing profile: {n} tokens ({len(recorded)} windows) in {time.perf_counter() - t1:.1f} s", flush=True)
-
-            copies = Path(tempfile.mkdtemp(prefix="llamahot-bench-"))
-
-            def profile_kw_for(name: str) -> dict:   # each instance its own copy: closing one adds to it
-                copy = copies / f"{name}.npz"
-                copy.write_bytes(profile_path.read_bytes())
-                return {"routing_profile": copy}
-            profile_kw = {"hot": profile_kw_for("hot")}
             results_profile = {"windows": len(recorded), "tokens": n, "record_s": time.perf_counter() - t1}
+    copies = Path(tempfile.mkdtemp(prefix="llamahot-bench-"))
+
+    def profile_kw_for(name: str) -> dict:   # each instance its own copy: closing one adds to it
+        if profile_path is None:
+            return {}
+        copy = copies / f"{name}.npz"
+        copy.write_bytes(profile_path.read_bytes())
+        return {"routing_profile": copy}
+
     hot = llamahot.Llama(args.model, hot_experts=max(ks), slot_device=device, gpu_mode=mode, **kw,
-                         **profile_kw.get("hot", {}))
+                         **profile_kw_for("hot"))
     print(f"loaded stock RAM, stock GPU, llamahot in {time.perf_counter() - t0:.1f} s", flush=True)
     if long_prompt is None or len(long_prompt) < args.prefill:
         long_prompt = prefill_tokens(ram, args.prefill)
@@ -409,7 +410,7 @@ def main() -> int:
                      "layout": {"n_moe_layers": layout.n_moe_layers, "n_expert": layout.n_expert,
                                 "n_expert_used": layout.n_expert_used,
                                 "expert_gib": layout.expert_tensor_bytes / 2**30},
-                     "correctness": {}, "speed": {}, "profile": results_profile if profile_kw else None,
+                     "correctness": {}, "speed": {}, "profile": results_profile,
                      "prefill_text": "the text" if args.text else "a repeated short prompt"}
 
     # -- correctness: greedy tokens and logits against stock experts-in-RAM -----------------------
@@ -522,11 +523,11 @@ def main() -> int:
         redirected = None
         if args.redirect_row and not redirect:   # the same K with the other design, interleaved
             redirected = llamahot.Llama(args.model, hot_experts=k, slot_device=device, gpu_mode="redirect", **kw,
-                                        **(profile_kw_for("redirect") if profile_kw else {}))
+                                        **profile_kw_for("redirect"))
             greedy_run(redirected, 16)  # first fill
             modes.append((f"llamahot K={k}, redirect", redirected))
         unprofiled = None
-        if profile_kw and args.no_profile_row:   # the same K starting cold, as without a profile
+        if profile_path is not None and args.no_profile_row:   # the same K starting cold, as without a profile
             unprofiled = llamahot.Llama(args.model, hot_experts=k, slot_device=device, gpu_mode=mode, **kw)
             greedy_run(unprofiled, 16)  # first fill
             modes.append((f"llamahot K={k}, no profile", unprofiled))
