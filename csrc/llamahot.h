@@ -113,6 +113,8 @@ struct lh_counters {
     int64_t fence_waits;       /* stops that waited for copies into their layer's slots (lh_set_fence) */
     int64_t row_prefetch_bytes; /* bytes the sliced matmuls' threads prefetched ahead of their rows */
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
+    int64_t split_start_stops; /* experts in place, unread ubatches: stops after a device split's first node
+                                  (keeps llama.cpp's CUDA graph of the rest apart from a read ubatch's) */
     int64_t shadow_rows;       /* rows compared in shadow mode */
     int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */
     /* Where the time of redirected nodes goes (nanoseconds, CLOCK_MONOTONIC). */

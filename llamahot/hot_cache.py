@@ -593,6 +593,9 @@ class HotCache:
             "slot_device": self.slot_device,
             "gpu_mode": self.gpu_mode,
             "observe_every": self._observing_every,
+            # In place, unread decode steps: stops after a device split's first node, which keep llama.cpp's
+            # CUDA graph of the rest of the split apart from the pieces of a read step (csrc/llamahot.c).
+            "split_start_stops": int(counters.split_start_stops),
             "policy": self.policy_name,
             "n_moe_layers": self.layout.n_moe_layers,
             "n_expert": self.layout.n_expert,

@@ -117,14 +117,20 @@ def test_managed_experts_logits_bit_identical_to_stock_all_on_gpu(all_moe_models
     stock = llama_cpp.Llama(path, n_gpu_layers=-1, **LLAMA_KW)
     forced, expected = greedy_run(stock, 48, prompt=CONFIDENT_PROMPT)
     stock.close()
-    cases = [(k, 0, 1, False) for k in (0, layout.n_expert_used, layout.n_expert // 2, layout.n_expert)]
-    cases += [(layout.n_expert_used, 2, 4, True)]
-    for k, resident, interval, plan_ahead in cases:
+    cases = [(k, 0, 1, False, 1) for k in (0, layout.n_expert_used, layout.n_expert // 2, layout.n_expert)]
+    cases += [(layout.n_expert_used, 2, 4, True, 1), (layout.n_expert_used, 0, 1, False, 4)]
+    for k, resident, interval, plan_ahead, every in cases:
         llm = llamahot.Llama(path, hot_experts=k, resident_layers=resident, rebalance_interval=interval,
                              plan_ahead=plan_ahead, slot_device="cuda", gpu_mode="managed", **LLAMA_KW)
+        llm.hot_cache.set_observe_every(every)
         logits = teacher_forced_logits(llm, forced)
         stats = llm.hot_cache.stats()
-        case = f"{preset} K={k} resident={resident}"
+        case = f"{preset} K={k} resident={resident} observe_every={every}"
+        # Unread steps stop once after each device split's first node (ggml-cuda's graph of the rest then
+        # stays apart from a read step's pieces); read steps and prompts do not.
+        unread = len(forced) - len(range(0, len(forced), every))
+        assert stats["split_start_stops"] % max(unread, 1) == 0, case
+        assert (stats["split_start_stops"] > 0) == (unread > 0), case
         assert stats["gpu_mode"] == "managed" and stats["cold_on_device"] == 0.0, case
         assert stats["ffn_redirects"] == 0 and stats["redirected_nodes"] == 0, case   # llama.cpp computed all
         assert stats["tokens"] > 0 and llm.hot_cache.routing_counts().sum() > 0, case   # routing read back
