@@ -2914,6 +2914,7 @@ static bool lh_stop_at_split_start(struct lh_ctx * ctx, const struct ggml_tensor
     const bool split_start = buft != ctx->last_ask_buft;
     ctx->last_ask_buft = buft;
     return split_start && ctx->observe_every > 1 && ctx->observing && !ggml_backend_buft_is_host(buft) &&
+           !(ctx->debug_flags & LH_DEBUG_NO_SPLIT_START_STOPS) &&
            t->op != GGML_OP_MUL_MAT_ID && ctx->single_ubatches % ctx->observe_every != 0;
 }
 

@@ -63,6 +63,8 @@ enum lh_debug_flags {
     LH_DEBUG_SERIAL_ELEMENTWISE = 1024, /* benchmarks: the element-wise nodes between a pool graph's sliced
                                            matmuls (the GLU) on one thread between two barriers, never each
                                            thread's own slice (to measure what co-slicing saves) */
+    LH_DEBUG_NO_SPLIT_START_STOPS = 2048, /* benchmarks: experts in place, unread steps run each device split
+                                             in one piece (to measure what split_start_stops save) */
 };
 
 /* Callbacks timeline mode keeps (a ring of the latest). */

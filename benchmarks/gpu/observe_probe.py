@@ -1,0 +1,87 @@
+"""Probe: what reading the routing one decode step in n costs with the experts in place, with and without
+the shim's split-start stops (csrc/llamahot.c, lh_stop_at_split_start).
+
+    python benchmarks/gpu/observe_probe.py MODEL.gguf --out DIR --text TEXT [--k 51] [--tokens 256]
+
+One llamahot.Llama in place (gpu_mode="managed") at K, started from a routing profile of the text's second
+half (so the policy knows enough routing to read one step in n from the first token); teacher-forced decode
+over windows of the text's first half, rows interleaved and rotated: one step in 16 and in 64, each with and
+without the split-start stops, and one step in 100000 (almost never: the floor of reading). Prints median
+tok/s per row and split-start stops per token.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import llama_cpp  # (before cuda.bindings: docs/NOTES.md, import order on the device)
+
+import llamahot
+from llamahot.benchmark import decode_rate
+from llamahot.profile import record_profile
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--k", type=int, default=51)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--profile-windows", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=16)
+    ap.add_argument("--slot-device", default="cuda", help="emulated-gpu: a dry run on a CPU machine")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kw = dict(n_ctx=2048, n_batch=512, n_ubatch=512, n_threads=args.threads, n_threads_batch=args.threads,
+              n_gpu_layers=-1, verbose=False)
+    tmp = Path(tempfile.mkdtemp())
+    profile = tmp / "profile.npz"
+    vocab = llama_cpp.Llama(args.model, vocab_only=True, verbose=False)
+    ids = vocab.tokenize(Path(args.text).read_bytes(), add_bos=False)
+    vocab.close()
+    size = 16 + args.tokens
+    windows = [ids[i:i + size] for i in range(0, len(ids) - size + 1, size)]
+    recorded = windows[len(windows) // 2:][: args.profile_windows]
+    record_profile(args.model, recorded, profile, slot_device=args.slot_device, n_gpu_layers=-1, n_threads=args.threads,
+                   n_threads_batch=args.threads)
+    shutil.copy(profile, out / "profile.npz")
+    llm = llamahot.Llama(args.model, hot_experts=args.k, slot_device=args.slot_device, gpu_mode="managed",
+                         routing_profile=profile, **kw)
+    cache = llm.hot_cache
+    rows = [(16, True), (16, False), (64, True), (64, False), (100000, True)]
+    samples: dict[str, list[float]] = {}
+    stops: dict[str, list[float]] = {}
+    for rep, window in enumerate(windows[: args.windows]):
+        for every, split_stops in rows[rep % len(rows):] + rows[:rep % len(rows)]:
+            name = f"one step in {every}, split-start stops {'on' if split_stops else 'off'}"
+            cache.set_observe_every(every)
+            cache.set_debug(no_split_start_stops=not split_stops)
+            before = cache.stats()["split_start_stops"]
+            rate = decode_rate(llm, args.tokens, text_tokens=window)
+            samples.setdefault(name, []).append(rate)
+            stops.setdefault(name, []).append((cache.stats()["split_start_stops"] - before) / args.tokens)
+            print(f"  window {rep}: {name}: {rate:.1f} tok/s, {stops[name][-1]:.3f} split-start stops a token",
+                  flush=True)
+    llm.close()
+    print(f"\nK={args.k} in place with a profile of {len(recorded)} windows, {args.tokens} tokens x "
+          f"{args.windows} windows ({os.uname().nodename})\n")
+    print("| routing read | decode tok/s (median) | samples | split-start stops a token |\n|---|---|---|---|")
+    for name, values in samples.items():
+        print(f"| {name} | {statistics.median(values):.1f} | {' / '.join(f'{v:.1f}' for v in values)} | "
+              f"{statistics.median(stops[name]):.3f} |")
+    (out / "observe_probe.json").write_text(json.dumps({"samples": samples, "split_start_stops": stops}, indent=1))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
