@@ -1,13 +1,12 @@
-"""Probe: what reading the routing one decode step in n costs with the experts in place, with and without
-the shim's split-start stops (csrc/llamahot.c, lh_stop_at_split_start).
+"""Probe: what reading the routing one decode step in n costs with the experts in place.
 
     python benchmarks/gpu/observe_probe.py MODEL.gguf --out DIR --text TEXT [--k 51] [--tokens 256]
 
 One llamahot.Llama in place (gpu_mode="managed") at K, started from a routing profile of the text's second
 half (so the policy knows enough routing to read one step in n from the first token); teacher-forced decode
-over windows of the text's first half, rows interleaved and rotated: one step in 16 and in 64, each with and
-without the split-start stops, and one step in 100000 (almost never: the floor of reading). Prints median
-tok/s per row and split-start stops per token.
+over windows of the text's first half, rows interleaved and rotated: one step in 16, in 64 and in 100000
+(almost never: the floor of reading). Prints median tok/s per row. (Session 20 ran it with two more rows,
+a shim change since reverted: benchmarks/RESULTS.md.)
 """
 from __future__ import annotations
 
@@ -57,28 +56,22 @@ def main() -> int:
     llm = llamahot.Llama(args.model, hot_experts=args.k, slot_device=args.slot_device, gpu_mode="managed",
                          routing_profile=profile, **kw)
     cache = llm.hot_cache
-    rows = [(16, True), (16, False), (64, True), (64, False), (100000, True)]
+    rows = [16, 64, 100000]
     samples: dict[str, list[float]] = {}
-    stops: dict[str, list[float]] = {}
     for rep, window in enumerate(windows[: args.windows]):
-        for every, split_stops in rows[rep % len(rows):] + rows[:rep % len(rows)]:
-            name = f"one step in {every}, split-start stops {'on' if split_stops else 'off'}"
+        for every in rows[rep % len(rows):] + rows[:rep % len(rows)]:
+            name = f"one step in {every}"
             cache.set_observe_every(every)
-            cache.set_debug(no_split_start_stops=not split_stops)
-            before = cache.stats()["split_start_stops"]
             rate = decode_rate(llm, args.tokens, text_tokens=window)
             samples.setdefault(name, []).append(rate)
-            stops.setdefault(name, []).append((cache.stats()["split_start_stops"] - before) / args.tokens)
-            print(f"  window {rep}: {name}: {rate:.1f} tok/s, {stops[name][-1]:.3f} split-start stops a token",
-                  flush=True)
+            print(f"  window {rep}: {name}: {rate:.1f} tok/s", flush=True)
     llm.close()
     print(f"\nK={args.k} in place with a profile of {len(recorded)} windows, {args.tokens} tokens x "
           f"{args.windows} windows ({os.uname().nodename})\n")
-    print("| routing read | decode tok/s (median) | samples | split-start stops a token |\n|---|---|---|---|")
+    print("| routing read | decode tok/s (median) | samples |\n|---|---|---|")
     for name, values in samples.items():
-        print(f"| {name} | {statistics.median(values):.1f} | {' / '.join(f'{v:.1f}' for v in values)} | "
-              f"{statistics.median(stops[name]):.3f} |")
-    (out / "observe_probe.json").write_text(json.dumps({"samples": samples, "split_start_stops": stops}, indent=1))
+        print(f"| {name} | {statistics.median(values):.1f} | {' / '.join(f'{v:.1f}' for v in values)} |")
+    (out / "observe_probe.json").write_text(json.dumps({"samples": samples}, indent=1))
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
