@@ -14,7 +14,6 @@ its hot set's pages are prefetched to VRAM again (timed) and it decodes them onc
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -31,27 +30,18 @@ from llamahot.benchmark import decode_rate
 from llamahot.hot_cache import free_vram_bytes
 from llamahot.profile import record_profile
 
+sys.path.insert(0, str(Path(__file__).parent))
+from probe_common import llama_kw, probe_arguments, text_windows  # noqa: E402
+
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--text", required=True)
-    ap.add_argument("--k", type=int, default=51)
-    ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--windows", type=int, default=3)
+    ap = probe_arguments(__doc__, tokens=256)
     ap.add_argument("--crowd", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=16)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    kw = dict(n_ctx=2048, n_batch=512, n_ubatch=512, n_threads=args.threads, n_threads_batch=args.threads,
-              n_gpu_layers=-1, verbose=False)
-    vocab = llama_cpp.Llama(args.model, vocab_only=True, verbose=False)
-    ids = vocab.tokenize(Path(args.text).read_bytes(), add_bos=False)
-    vocab.close()
-    size = 16 + args.tokens
-    windows = [ids[i:i + size] for i in range(0, len(ids) - size + 1, size)]
+    kw = llama_kw(args.threads)
+    windows = text_windows(args.model, args.text, args.tokens)
     tmp = Path(tempfile.mkdtemp())
     profile = tmp / "profile.npz"
     record_profile(args.model, windows[len(windows) // 2:][:40], profile, slot_device="cuda", n_gpu_layers=-1,

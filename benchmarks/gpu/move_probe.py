@@ -15,7 +15,6 @@ moved expert against no moves. Logits after the moves are checked against the sa
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -33,6 +32,7 @@ from llamahot.slots import ManagedPages
 
 sys.path.insert(0, str(Path(__file__).parent))
 from managed_probe import Placement, check, expert_tensors, free_vram, last_logits_after, location  # noqa: E402
+from probe_common import llama_kw, probe_arguments, text_windows  # noqa: E402
 
 
 class BatchMover:
@@ -66,20 +66,12 @@ class BatchMover:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--text", required=True)
-    ap.add_argument("--k", type=int, default=51)
-    ap.add_argument("--tokens", type=int, default=96)
-    ap.add_argument("--windows", type=int, default=3)
+    ap = probe_arguments(__doc__, tokens=96)
     ap.add_argument("--swaps", default="1,4")
-    ap.add_argument("--threads", type=int, default=16)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    kw = dict(n_ctx=2048, n_batch=512, n_ubatch=512, n_threads=args.threads, n_threads_batch=args.threads,
-              n_gpu_layers=-1, verbose=False)
+    kw = llama_kw(args.threads)
     os.environ["GGML_CUDA_ENABLE_UNIFIED_MEMORY"] = "1"
     llm = StockPlaced(args.model, cpu_pattern=None, **kw)
     del os.environ["GGML_CUDA_ENABLE_UNIFIED_MEMORY"]
@@ -92,9 +84,7 @@ def main() -> int:
     placement = Placement(tensors, blocks)
     seconds, calls = placement.place(hot)
     print(f"hot set placed in {seconds:.2f} s ({calls} ranges), free VRAM {free_vram():.2f} GiB", flush=True)
-    ids = llm.tokenize(Path(args.text).read_bytes(), add_bos=False)
-    size = 16 + args.tokens
-    windows = [ids[i:i + size] for i in range(0, len(ids) - size + 1, size)][:args.windows]
+    windows = text_windows(args.model, args.text, args.tokens)[:args.windows]
     reference = last_logits_after(llm, windows[0][:40])
 
     def ranges_of(layer: int, expert: int) -> list[tuple[int, int]]:

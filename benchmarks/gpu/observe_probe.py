@@ -10,7 +10,6 @@ a shim change since reverted: benchmarks/RESULTS.md.)
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -25,30 +24,21 @@ import llamahot
 from llamahot.benchmark import decode_rate
 from llamahot.profile import record_profile
 
+sys.path.insert(0, str(Path(__file__).parent))
+from probe_common import llama_kw, probe_arguments, text_windows  # noqa: E402
+
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--text", required=True)
-    ap.add_argument("--k", type=int, default=51)
-    ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--windows", type=int, default=3)
+    ap = probe_arguments(__doc__, tokens=256)
     ap.add_argument("--profile-windows", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--slot-device", default="cuda", help="emulated-gpu: a dry run on a CPU machine")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    kw = dict(n_ctx=2048, n_batch=512, n_ubatch=512, n_threads=args.threads, n_threads_batch=args.threads,
-              n_gpu_layers=-1, verbose=False)
+    kw = llama_kw(args.threads)
     tmp = Path(tempfile.mkdtemp())
     profile = tmp / "profile.npz"
-    vocab = llama_cpp.Llama(args.model, vocab_only=True, verbose=False)
-    ids = vocab.tokenize(Path(args.text).read_bytes(), add_bos=False)
-    vocab.close()
-    size = 16 + args.tokens
-    windows = [ids[i:i + size] for i in range(0, len(ids) - size + 1, size)]
+    windows = text_windows(args.model, args.text, args.tokens)
     recorded = windows[len(windows) // 2:][: args.profile_windows]
     record_profile(args.model, recorded, profile, slot_device=args.slot_device, n_gpu_layers=-1, n_threads=args.threads,
                    n_threads_batch=args.threads)

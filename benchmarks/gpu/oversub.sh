@@ -7,15 +7,7 @@
 set -o pipefail
 out=${1:?usage: bash benchmarks/gpu/oversub.sh OUT_DIR [probe arguments]}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-start=$(date +%s)
-bash benchmarks/gpu/setup.sh "$out" > /tmp/setup.log 2>&1 || { tail -40 /tmp/setup.log; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2; } \
-    | tee "$out/machine.txt"
-model=/tmp/models/qwen3moe-30b-a3b-routed.gguf
-mkdir -p /tmp/models
-[ -f "$model" ] || python3 -m llamahot.synth qwen3moe-30b-a3b-routed "$model" > /tmp/synth.log 2>&1 || { tail /tmp/synth.log; exit 1; }
+source benchmarks/gpu/routed_setup.sh
 text=benchmarks/data/heldout_code.txt
 # The profile: the text's second half (the probe decodes windows from its start).
 python3 -c "import sys; d = open('$text', 'rb').read(); sys.stdout.buffer.write(d[len(d) // 2:])" > /tmp/profile_text.txt
