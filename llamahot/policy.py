@@ -202,10 +202,11 @@ POLICIES = {cls.name: cls for cls in (DecayedFrequency, LRU, WindowLFU)}
 
 
 # Rebalance intervals by default, and the decayed policy's parameters with the experts in place
-# (gpu_mode="managed"), where moving an expert's pages costs the GPU ~1 ms against ~0.05 ms for a slot
-# copy: there a sticky policy that moves almost no experts once settled wins (benchmarks/RESULTS.md,
-# session 18: 94.7 tok/s against 83.3 for every 16 / half-life 512 / margin 2 and 73.8 for the slots'
-# every 4 / 128 / 0.25, at K=51 on the H100).
+# (gpu_mode="managed"), where moving an expert's pages costs the decode 0.1-0.5 ms (session 20's probe;
+# session 18 had inferred ~1 ms a load) against ~0.05 ms for a slot copy: there a sticky policy that moves
+# almost no experts once settled wins (benchmarks/RESULTS.md, session 18: 94.7 tok/s against 83.3 for every
+# 16 / half-life 512 / margin 2 and 73.8 for the slots' every 4 / 128 / 0.25, at K=51 on the H100; session
+# 20's cost-model replay puts the best adaptive setting 3-7 % ahead at most).
 REBALANCE_INTERVAL = 4
 IN_PLACE_REBALANCE_INTERVAL = 64
 IN_PLACE_DECAYED = dict(half_life=2048.0, margin=3.0)
