@@ -28,10 +28,9 @@ import numpy as np
 import llamahot
 from llamahot.benchmark import decode_rate
 from llamahot.hot_cache import free_vram_bytes
-from llamahot.profile import record_profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from probe_common import llama_kw, probe_arguments, text_windows  # noqa: E402
+from probe_common import llama_kw, probe_arguments, record_second_half, text_windows  # noqa: E402
 
 
 def main() -> int:
@@ -44,8 +43,7 @@ def main() -> int:
     windows = text_windows(args.model, args.text, args.tokens)
     tmp = Path(tempfile.mkdtemp())
     profile = tmp / "profile.npz"
-    record_profile(args.model, windows[len(windows) // 2:][:40], profile, slot_device="cuda", n_gpu_layers=-1,
-                   n_threads=args.threads, n_threads_batch=args.threads)
+    record_second_half(args.model, windows, 40, profile, args.threads)
     main_llm = llamahot.Llama(args.model, hot_experts=args.k, slot_device="cuda", gpu_mode="managed",
                               routing_profile=profile, **kw)
     result: dict = {"free_vram_gib": {"after the first instance": free_vram_bytes() / 2**30}}

@@ -22,10 +22,9 @@ import llama_cpp  # (before cuda.bindings: docs/NOTES.md, import order on the de
 
 import llamahot
 from llamahot.benchmark import decode_rate
-from llamahot.profile import record_profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from probe_common import llama_kw, probe_arguments, text_windows  # noqa: E402
+from probe_common import llama_kw, probe_arguments, record_second_half, text_windows  # noqa: E402
 
 
 def main() -> int:
@@ -39,9 +38,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp())
     profile = tmp / "profile.npz"
     windows = text_windows(args.model, args.text, args.tokens)
-    recorded = windows[len(windows) // 2:][: args.profile_windows]
-    record_profile(args.model, recorded, profile, slot_device=args.slot_device, n_gpu_layers=-1, n_threads=args.threads,
-                   n_threads_batch=args.threads)
+    recorded = record_second_half(args.model, windows, args.profile_windows, profile, args.threads, args.slot_device)
     shutil.copy(profile, out / "profile.npz")
     llm = llamahot.Llama(args.model, hot_experts=args.k, slot_device=args.slot_device, gpu_mode="managed",
                          routing_profile=profile, **kw)
@@ -56,7 +53,7 @@ def main() -> int:
             samples.setdefault(name, []).append(rate)
             print(f"  window {rep}: {name}: {rate:.1f} tok/s", flush=True)
     llm.close()
-    print(f"\nK={args.k} in place with a profile of {len(recorded)} windows, {args.tokens} tokens x "
+    print(f"\nK={args.k} in place with a profile of {recorded} windows, {args.tokens} tokens x "
           f"{args.windows} windows ({os.uname().nodename})\n")
     print("| routing read | decode tok/s (median) | samples |\n|---|---|---|")
     for name, values in samples.items():

@@ -1,10 +1,13 @@
-"""What the probes run by probe.sh share: their common arguments, llama's settings, the text's windows."""
+"""What the probes run by probe.sh share: their common arguments, llama's settings, the text's windows, a
+routing profile from the text's second half."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 import llama_cpp
+
+from llamahot.profile import record_profile
 
 
 def probe_arguments(doc: str, tokens: int) -> argparse.ArgumentParser:
@@ -33,3 +36,13 @@ def text_windows(model: str, text: str, tokens: int) -> list[list[int]]:
     vocab.close()
     size = 16 + tokens
     return [ids[i:i + size] for i in range(0, len(ids) - size + 1, size)]
+
+
+def record_second_half(model: str, windows: list[list[int]], n_windows: int, path, threads: int,
+                       slot_device: str = "cuda") -> int:
+    """A routing profile at `path` from the first `n_windows` windows of the text's second half (the probes
+    decode windows from its start, so the profile never saw them); returns the windows recorded."""
+    recorded = windows[len(windows) // 2:][:n_windows]
+    record_profile(model, recorded, path, slot_device=slot_device, n_gpu_layers=-1, n_threads=threads,
+                   n_threads_batch=threads)
+    return len(recorded)
