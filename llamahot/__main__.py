@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep every expert of the last N MoE layers on the GPU; slots for the rest (default 0)")
     p.add_argument("--slot-device", default="auto", choices=["auto", "cuda", "host"])
     p.add_argument("--gpu-mode", default=None, choices=["managed", "redirect"],
-                   help="with CUDA: VRAM slots (redirect, the default) or experts in CUDA managed memory")
+                   help="with CUDA: experts in place in CUDA managed memory (managed) or VRAM slots with cold experts "
+                        "on the CPU (redirect); default: managed where the GPU supports it, else redirect")
     p.add_argument("--routing-profile", default=None,
                    help="a routing profile file (see `llamahot profile`): the hot set at start, updated at exit")
     p.add_argument("--n-ctx", type=int, default=4096)

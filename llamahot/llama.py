@@ -89,19 +89,32 @@ def managed_memory_supported() -> bool:
     return err == cudart.cudaError_t.cudaSuccess and value == 1
 
 
-def _resolve_gpu_mode(gpu_mode: Any, slot_device: str) -> Optional[str]:
+def _resolve_gpu_mode(gpu_mode: Any, slot_device: str, hot_experts: int = 1,
+                      cold_on_device: Any = None) -> tuple[Optional[str], str]:
+    """The gpu_mode to use, and why when it was not asked for (for the load message)."""
     if gpu_mode is not None and gpu_mode not in GPU_MODES:
         raise ValueError(f"gpu_mode must be None or one of {', '.join(map(repr, GPU_MODES))}, got {gpu_mode!r}")
     if slot_device == EMULATED_GPU:
-        return gpu_mode or "redirect"   # tests: either path, the stops' by default
+        return gpu_mode or "redirect", ""   # tests: either path, the stops' by default
     if slot_device != "cuda":
-        return None   # host slots: nothing on a GPU to choose
+        return None, ""   # host slots: nothing on a GPU to choose
     if gpu_mode == "managed" and not managed_memory_supported():
         raise RuntimeError(
             "gpu_mode='managed' keeps the experts in CUDA managed memory, which needs a GPU with concurrent "
             "managed access (Linux, Pascal or newer); this GPU reports none (Windows or WSL?). Use "
-            "gpu_mode='redirect' (the default).")
-    return gpu_mode or "redirect"
+            "gpu_mode='redirect', or leave gpu_mode unset to get it.")
+    if gpu_mode is not None:
+        return gpu_mode, ""
+    # The default: experts in place, faster than redirect in decode and prefill wherever measured
+    # (benchmarks/RESULTS.md, sessions 19-21), except where there is nothing hot to keep.
+    if cold_on_device:
+        return "redirect", "cold_on_device is an option of gpu_mode='redirect'"
+    if hot_experts == 0:
+        return "redirect", ("no hot experts: the CPU computes cold experts faster than the GPU reads them "
+                            "over PCIe")
+    if not managed_memory_supported():
+        return "redirect", "this GPU has no concurrent managed access, which gpu_mode='managed' needs"
+    return "managed", ""
 
 
 class Llama(llama_cpp.Llama):
@@ -118,13 +131,16 @@ class Llama(llama_cpp.Llama):
       slot_device: "auto" (CUDA if llama-cpp-python was built with it, else host), "cuda" or "host".
         With "host" the routed experts lie in host memory (like `-ot exps=CPU`) and the hot ones'
         matmuls run on copies in host slots: exact, for tests and machines without a GPU.
-      gpu_mode: with CUDA, how the experts are kept (default None: "redirect"):
-        "managed" (new, opt-in): the routed-expert tensors stay on the GPU in CUDA managed memory,
-          llama.cpp computes every expert there in its own CUDA graphs, and llamahot moves the pages:
-          the K hot experts of each layer in VRAM, the cold ones in host memory, which the GPU reads
-          over PCIe. Outputs are bit-identical to llama_cpp.Llama with the whole model on the GPU;
-          with a routing_profile, decode 5-15 % faster than "redirect" and prefill ~1.6x, also with a
-          model larger than the free VRAM (benchmarks/RESULTS.md, session 19).
+      gpu_mode: with CUDA, how the experts are kept (default None: "managed" where the GPU supports it,
+        else "redirect"; also "redirect" with hot_experts=0 or cold_on_device > 0; the load message says
+        which and why):
+        "managed": the routed-expert tensors stay on the GPU in CUDA managed memory, llama.cpp computes
+          every expert there in its own CUDA graphs, and llamahot moves the pages: the K hot experts of
+          each layer in VRAM, the cold ones in host memory, which the GPU reads over PCIe. Outputs are
+          bit-identical to llama_cpp.Llama with the whole model on the GPU; with a routing_profile,
+          decode 5-15 % faster than "redirect" and prefill ~1.5x stock experts-in-RAM, also with a
+          model larger than the free VRAM (benchmarks/RESULTS.md, sessions 19-21). Needs a GPU with
+          concurrent managed access (Linux; not Windows or WSL).
         "redirect": the routed experts in host memory (like `-ot exps=CPU`), the hot ones copied to VRAM
           slots, and each MoE layer's matmuls redirected there through the eval callback; the CPU
           computes the cold ones. Outputs are those of llama_cpp.Llama with the experts in RAM.
@@ -135,7 +151,7 @@ class Llama(llama_cpp.Llama):
         get `hot_experts` slots each (default 0). Each resident layer costs n_expert slots of VRAM
         but removes that layer's trip through the CPU, so with a large VRAM budget a mix beats
         slots everywhere (benchmarks/RESULTS.md).
-      cold_on_device: with GPU slots, the share (0..1) of each layer's cold experts that a
+      cold_on_device: with gpu_mode="redirect", the share (0..1) of each layer's cold experts that a
         single-token decode step copies to the GPU and computes there while the CPU computes the
         rest (default None: 0.34 with CUDA slots, one row of a stop with 2 to 4 cold rows; else 0).
         Measured in benchmarks/RESULTS.md.
@@ -196,7 +212,7 @@ class Llama(llama_cpp.Llama):
             _check_int("prefill_bypass", prefill_bypass, 0)
             _check_int("resident_layers", resident_layers, 0)
             device = _resolve_slot_device(slot_device)
-            mode = _resolve_gpu_mode(gpu_mode, device)
+            mode, mode_why = _resolve_gpu_mode(gpu_mode, device, hot_experts, cold_on_device)
             layout = read_moe_layout(model_path)
             if hot_experts > layout.n_expert:
                 raise ValueError(
@@ -223,7 +239,7 @@ class Llama(llama_cpp.Llama):
                     f"of {layout.n_moe_layers} layers) placed in "
                     f"{'CUDA managed memory' if mode == 'managed' else 'host memory'}; hot_experts={hot_experts}, "
                     f"resident_layers={resident_layers}, slot_device={device}"
-                    f"{f', gpu_mode={mode}' if mode else ''}",
+                    f"{f', gpu_mode={mode}' if mode else ''}{f' ({mode_why})' if mode_why else ''}",
                     file=sys.stderr,
                 )
         if self.hot_cache is not None and self.hot_cache.in_place:

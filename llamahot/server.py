@@ -36,14 +36,15 @@ class HotModelSettings(ModelSettings):
                                               "set (default: 4, or 64 with gpu_mode 'managed').")
     prefill_bypass: int = Field(default=32, ge=0, description="Larger ubatches are left to llama.cpp.")
     slot_device: str = Field(default="auto", description="'auto', 'cuda' or 'host'.")
-    gpu_mode: Optional[str] = Field(default=None, description="With CUDA: 'redirect' (the default: VRAM slots, cold "
-                                    "experts on the CPU) or 'managed' (experts in place in CUDA managed memory).")
+    gpu_mode: Optional[str] = Field(default=None, description="With CUDA: 'managed' (experts in place in CUDA managed "
+                                    "memory) or 'redirect' (VRAM slots, cold experts on the CPU); default: 'managed' "
+                                    "where the GPU supports it, else 'redirect'.")
     policy: str = Field(default="decayed", description="'decayed', 'lru' or 'window-lfu'.")
     resident_layers: int = Field(default=0, ge=0,
                                  description="Keep every expert of the last N MoE layers on the GPU; slots for the rest.")
     cold_on_device: Optional[float] = Field(default=None, ge=0.0, le=1.0,
                                             description="GPU slots: share of a layer's cold experts computed on the GPU "
-                                                        "(default: 0.34 with CUDA slots redirected, else 0).")
+                                                        "(gpu_mode 'redirect'; default: 0.34 with CUDA slots, else 0).")
     routing_profile: Optional[str] = Field(default=None, description="A routing profile file: the hot set at start, "
                                            "a prior for the policy, updated when the server stops.")
 

@@ -1,6 +1,6 @@
 """The CUDA slot device (run on the GPU machine; skipped on CPU-only builds).
 
-gpu_mode="managed" (opt-in): llama.cpp computes every expert on the GPU, the cold ones read from
+gpu_mode="managed" (the default where the GPU supports it): llama.cpp computes every expert on the GPU, the cold ones read from
 host memory, so logits must be bit-identical to stock llama_cpp.Llama with the whole model on the GPU,
 on every fixture, while pages move under it.
 
@@ -156,6 +156,28 @@ def test_managed_experts_change_k_in_place_and_stay_exact(all_moe_models):
         assert np.array_equal(teacher_forced_logits(llm, forced), expected), f"K={k}"
         assert (llm.hot_cache.hot_sets() >= 0).sum(axis=1).max() <= k
     llm.close()
+
+
+def test_default_gpu_mode_is_in_place_where_it_works(all_moe_models):
+    """No gpu_mode, no slot_device: on this GPU (concurrent managed access) the experts stay in place and
+    logits are stock all-on-GPU's bit for bit; redirect where in place has nothing to give (K=0) or a
+    redirect option is asked for."""
+    from llamahot.llama import managed_memory_supported
+
+    assert managed_memory_supported()   # the H100 machine, Linux
+    path = all_moe_models["qwen3moe-mini"]
+    layout = read_moe_layout(path)
+    stock = llama_cpp.Llama(path, n_gpu_layers=-1, **LLAMA_KW)
+    forced, expected = greedy_run(stock, 24, prompt=CONFIDENT_PROMPT)
+    stock.close()
+    llm = llamahot.Llama(path, hot_experts=layout.n_expert_used, **LLAMA_KW)
+    assert (llm.hot_cache.slot_device, llm.hot_cache.gpu_mode) == ("cuda", "managed")
+    assert np.array_equal(teacher_forced_logits(llm, forced), expected)
+    llm.close()
+    for kw in (dict(hot_experts=0), dict(hot_experts=4, cold_on_device=0.5)):
+        llm = llamahot.Llama(path, **kw, **LLAMA_KW)
+        assert llm.hot_cache.gpu_mode == "redirect", kw
+        llm.close()
 
 
 def test_managed_mode_rejects_redirect_options(all_moe_models):

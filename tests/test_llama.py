@@ -168,16 +168,26 @@ def test_bad_slot_device_rejected(text_model):
 
 def test_gpu_mode_is_checked_and_resolved(text_model, monkeypatch):
     from llamahot import llama as llama_module
+    resolve = llama_module._resolve_gpu_mode
     with pytest.raises(ValueError, match="gpu_mode must be None or one of 'managed', 'redirect'"):
         llamahot.Llama(text_model, hot_experts=2, gpu_mode="unified", **LLAMA_KW)
-    assert llama_module._resolve_gpu_mode("managed", "host") is None   # host slots: nothing on a GPU
-    assert llama_module._resolve_gpu_mode(None, "emulated-gpu") == "redirect"
+    assert resolve("managed", "host") == (None, "")   # host slots: nothing on a GPU
+    assert resolve(None, "emulated-gpu") == ("redirect", "")
     monkeypatch.setattr(llama_module, "managed_memory_supported", lambda: True)
-    assert llama_module._resolve_gpu_mode(None, "cuda") == "redirect"   # the default
-    assert llama_module._resolve_gpu_mode("managed", "cuda") == "managed"
+    assert resolve(None, "cuda", 51) == ("managed", "")   # the default: experts in place
+    assert resolve("managed", "cuda", 51) == ("managed", "")
+    assert resolve("redirect", "cuda", 51) == ("redirect", "")
+    # The default falls back to redirect, saying why, where in place has nothing to give or cannot run.
+    mode, why = resolve(None, "cuda", 51, cold_on_device=0.5)
+    assert mode == "redirect" and "cold_on_device" in why
+    assert resolve(None, "cuda", 51, cold_on_device=0.0) == ("managed", "")
+    mode, why = resolve(None, "cuda", 0)
+    assert mode == "redirect" and "no hot experts" in why
     monkeypatch.setattr(llama_module, "managed_memory_supported", lambda: False)   # e.g. Windows, WSL
+    mode, why = resolve(None, "cuda", 51)
+    assert mode == "redirect" and "no concurrent managed access" in why
     with pytest.raises(RuntimeError, match="concurrent managed access.*gpu_mode='redirect'"):
-        llama_module._resolve_gpu_mode("managed", "cuda")
+        resolve("managed", "cuda", 51)
 
 
 @pytest.mark.skipif(bool(llama_cpp.llama_supports_gpu_offload()), reason="checks the CPU-only build")

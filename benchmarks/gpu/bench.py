@@ -197,9 +197,9 @@ def first_difference(tokens: list[int], reference: list[int]) -> int:
 TRAINED_PROMPT = b"        if self.width <= 0:\n"   # stock top-2 logit gap >= 0.39 for 128 greedy steps (CPU)
 
 
-def check_trained_model(results: dict, kw: dict) -> None:
+def check_trained_model(results: dict, kw: dict, gpu_mode: str | None) -> None:
     """Greedy tokens on the project's trained model (confident predictions, unlike random weights):
-    stock all-on-GPU and llamahot on CUDA slots against stock experts-in-RAM."""
+    stock all-on-GPU and llamahot on CUDA (gpu_mode) against stock experts-in-RAM."""
     path = str(Path(__file__).parents[2] / "models" / "llamahot-code-moe.gguf")
     layout = read_moe_layout(path)
     small = dict(kw, n_threads=4, n_threads_batch=4)
@@ -214,7 +214,8 @@ def check_trained_model(results: dict, kw: dict) -> None:
     gpu.close()
     for k in (layout.n_expert_used, layout.n_expert // 2, layout.n_expert):
         for resident in (0, 2):
-            hot = llamahot.Llama(path, hot_experts=k, resident_layers=resident, slot_device="cuda", **small)
+            hot = llamahot.Llama(path, hot_experts=k, resident_layers=resident, slot_device="cuda",
+                                 gpu_mode=gpu_mode, **small)
             tokens, logits = greedy_run(hot, steps, prompt=TRAINED_PROMPT)
             row[f"llamahot_K{k}_resident{resident}_identical"] = first_difference(tokens, ref)
             row[f"llamahot_K{k}_resident{resident}_max_abs_logit_diff"] = float(np.abs(logits - ref_logits).max())
@@ -320,10 +321,11 @@ def main() -> int:
                         help="teacher-forced decode over this text (real routing) instead of greedy decode")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="stop starting new K blocks after this many seconds (results so far are kept)")
-    parser.add_argument("--gpu-mode", choices=("managed", "redirect"), default="redirect",
-                        help="llamahot's gpu_mode on CUDA (managed: experts in place; redirect: slots and stops)")
+    parser.add_argument("--gpu-mode", choices=("default", "managed", "redirect"), default="default",
+                        help="llamahot's gpu_mode on CUDA (default: the library's, gpu_mode=None; managed: experts "
+                             "in place; redirect: slots and stops)")
     parser.add_argument("--redirect-row", action="store_true",
-                        help="with --gpu-mode managed, also a row of a gpu_mode='redirect' instance at each K")
+                        help="with the experts in place, also a row of a gpu_mode='redirect' instance at each K")
     parser.add_argument("--profile-windows", type=int, default=0,
                         help="with --text: record a routing profile from this many windows of the text's second "
                              "half (never measured) and start every llamahot instance from it")
@@ -348,8 +350,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
     device = "cuda" if gpu else "host"
-    mode = args.gpu_mode if gpu else None
-    redirect = mode != "managed"   # the stops' rows (floor, mechanism A/B, resident mix, breakdowns)
+    asked_mode = None if args.gpu_mode == "default" else args.gpu_mode   # None: the library chooses
     layout = read_moe_layout(args.model)
     ks = list(dict.fromkeys(min(int(k), layout.n_expert) for k in args.ks.split(",")))  # in the order given
     check_ks = sorted({min(int(k), layout.n_expert) for k in args.check_ks.split(",") if k})
@@ -359,7 +360,7 @@ def main() -> int:
     layer_expert_bytes = layout.expert_tensor_bytes / layout.n_moe_layers
     print(f"model {Path(args.model).name}: {layout.arch}, {layout.n_moe_layers} MoE layers x {layout.n_expert} "
           f"experts ({layout.n_expert_used} used), experts {layout.expert_tensor_bytes / 2**30:.2f} GiB; "
-          f"slot device {device}, gpu_mode {mode}; {platform.node()}", flush=True)
+          f"slot device {device}; {platform.node()}", flush=True)
 
     t0 = time.perf_counter()
     ram = StockPlaced(args.model, cpu_pattern=EXPERT_TENSOR_PATTERN, **kw)
@@ -399,8 +400,11 @@ def main() -> int:
         copy.write_bytes(profile_path.read_bytes())
         return {"routing_profile": copy}
 
-    hot = llamahot.Llama(args.model, hot_experts=max(ks), slot_device=device, gpu_mode=mode, **kw,
+    hot = llamahot.Llama(args.model, hot_experts=max(ks), slot_device=device, gpu_mode=asked_mode, **kw,
                          **profile_kw_for("hot"))
+    mode = hot.hot_cache.gpu_mode   # as the library resolved it
+    redirect = mode != "managed"   # the stops' rows (floor, mechanism A/B, resident mix, breakdowns)
+    print(f"llamahot: gpu_mode {mode}{' (the default)' if asked_mode is None else ''}", flush=True)
     print(f"loaded stock RAM, stock GPU, llamahot in {time.perf_counter() - t0:.1f} s", flush=True)
     if long_prompt is None or len(long_prompt) < args.prefill:
         long_prompt = prefill_tokens(ram, args.prefill)
@@ -419,7 +423,7 @@ def main() -> int:
 
     try:
         if gpu and not args.skip_trained_check:
-            check_trained_model(results, kw)
+            check_trained_model(results, kw, mode)
         check_correctness(args, results, ram, all_gpu, hot, check_ks)
     except Exception as exc:  # keep going: the speed table is still worth having
         import traceback

@@ -124,7 +124,7 @@ def main() -> None:
     rows = {"stock RAM": ram, f"stock static {static_layers} layers": static}
     hots = []
     for variant in args.variants.split(","):
-        llm = llamahot.Llama(args.model, hot_experts=args.k, slot_device=args.slot_device, **kw)
+        llm = llamahot.Llama(args.model, hot_experts=args.k, slot_device=args.slot_device, gpu_mode="redirect", **kw)
         setup_variant(llm, variant, layout, args.k, args.threads)
         rows[f"llamahot K={args.k} {variant}"] = llm
         hots.append(llm)
