@@ -1,12 +1,15 @@
 """Probe: what reading the routing one decode step in n costs with the experts in place.
 
     python benchmarks/gpu/observe_probe.py MODEL.gguf --out DIR --text TEXT [--k 51] [--tokens 256]
+        [--rows 16,64,100000] [--idle-row] [--stock-gpu-row]
 
 One llamahot.Llama in place (gpu_mode="managed") at K, started from a routing profile of the text's second
 half (so the policy knows enough routing to read one step in n from the first token); teacher-forced decode
-over windows of the text's first half, rows interleaved and rotated: one step in 16, in 64 and in 100000
-(almost never: the floor of reading). Prints median tok/s per row. (Session 20 ran it with two more rows,
-a shim change since reverted: benchmarks/RESULTS.md.)
+over windows of the text's first half, rows interleaved and rotated: one step in n for each n of --rows
+(100000: almost never, the floor of reading). --idle-row: the callback installed but idle (nothing read);
+--stock-gpu-row: stock llama_cpp.Llama with the whole model on the GPU (with --k n_expert, what in place
+costs beyond its hot set). Prints median tok/s per row. (Session 20 ran it with two more rows, a shim
+change since reverted: benchmarks/RESULTS.md.)
 """
 from __future__ import annotations
 
@@ -31,6 +34,9 @@ def main() -> int:
     ap = probe_arguments(__doc__, tokens=256)
     ap.add_argument("--profile-windows", type=int, default=40)
     ap.add_argument("--slot-device", default="cuda", help="emulated-gpu: a dry run on a CPU machine")
+    ap.add_argument("--rows", default="16,64,100000", help="read the routing of one decode step in n, per row")
+    ap.add_argument("--idle-row", action="store_true", help="a row with the callback idle (set_observing(False))")
+    ap.add_argument("--stock-gpu-row", action="store_true", help="a row of stock llama_cpp.Llama, all on the GPU")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -43,16 +49,27 @@ def main() -> int:
     llm = llamahot.Llama(args.model, hot_experts=args.k, slot_device=args.slot_device, gpu_mode="managed",
                          routing_profile=profile, **kw)
     cache = llm.hot_cache
-    rows = [16, 64, 100000]
+    rows: list = [int(n) for n in args.rows.split(",") if n] + (["idle"] if args.idle_row else [])
+    stock = None
+    if args.stock_gpu_row:
+        stock = llama_cpp.Llama(args.model, **kw)
+        rows.append("stock")
     samples: dict[str, list[float]] = {}
     for rep, window in enumerate(windows[: args.windows]):
         for every in rows[rep % len(rows):] + rows[:rep % len(rows)]:
-            name = f"one step in {every}"
-            cache.set_observe_every(every)
-            rate = decode_rate(llm, args.tokens, text_tokens=window)
+            if every == "stock":
+                name = "stock llama_cpp.Llama, all on the GPU"
+                rate = decode_rate(stock, args.tokens, text_tokens=window)
+            else:
+                name = "callback idle" if every == "idle" else f"one step in {every}"
+                cache.set_observing(every != "idle")
+                cache.set_observe_every(1 if every == "idle" else every)
+                rate = decode_rate(llm, args.tokens, text_tokens=window)
             samples.setdefault(name, []).append(rate)
             print(f"  window {rep}: {name}: {rate:.1f} tok/s", flush=True)
     llm.close()
+    if stock is not None:
+        stock.close()
     print(f"\nK={args.k} in place with a profile of {recorded} windows, {args.tokens} tokens x "
           f"{args.windows} windows ({os.uname().nodename})\n")
     print("| routing read | decode tok/s (median) | samples |\n|---|---|---|")
