@@ -159,6 +159,7 @@ struct lh_ctx {
     int32_t observe_every;         /* single-token ubatches observed: one in this many (lh_set_observe_every) */
     int64_t single_ubatches;       /* single-token ubatches seen, counted at the last layer's down node */
     bool skip_ubatch;              /* the managed node being asked about is in an unobserved ubatch */
+    ggml_backend_buffer_type_t last_ask_buft;  /* buffer type of the node last asked about (split starts) */
     int32_t * ids_copy;            /* router ids read back from device memory (lh_count_routing) */
     struct lh_weight_entry offload_entry;   /* the last offloaded weight copy classified (lh_managed) */
     size_t ids_cap;
@@ -2898,9 +2899,32 @@ bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
     return answer;
 }
 
+/* Experts in place, one single-token ubatch read in observe_every: a ubatch that is not read stops once,
+ * after the first node of each device split. Why: ggml-cuda keeps one CUDA graph per run of nodes, keyed
+ * by the run's first node. A ubatch that is read runs its split in pieces (a stop per MoE layer) whose
+ * first piece also starts at the split's first node, so each read made the whole split's graph be
+ * captured and instantiated again on the steps after it (~15 ms a read on the H100, session 20). With
+ * this stop the big run of an unread ubatch starts one node later: a key no piece of a read one has.
+ * A split starts where the nodes' buffer type changes (the scheduler asks about nodes in order). */
+static bool lh_stop_at_split_start(struct lh_ctx * ctx, const struct ggml_tensor * t) {
+    if (t->buffer == NULL) {
+        return false;
+    }
+    const ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(t->buffer);
+    const bool split_start = buft != ctx->last_ask_buft;
+    ctx->last_ask_buft = buft;
+    return split_start && ctx->observe_every > 1 && ctx->observing && !ggml_backend_buft_is_host(buft) &&
+           !(ctx->debug_flags & LH_DEBUG_NO_SPLIT_START_STOPS) &&
+           t->op != GGML_OP_MUL_MAT_ID && ctx->single_ubatches % ctx->observe_every != 0;
+}
+
 static bool lh_callback(struct lh_ctx * ctx, struct ggml_tensor * t, bool ask) {
     if (ask) {
         ctx->user_wanted = ctx->user_cb != NULL && ctx->user_cb(t, true, ctx->user_ud);
+        if (lh_stop_at_split_start(ctx, t)) {
+            ctx->counters.split_start_stops++;
+            return true;
+        }
         const struct lh_weight_entry * e = lh_managed(ctx, t);
         if (e == NULL) {
             return ctx->user_wanted;

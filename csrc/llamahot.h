@@ -63,6 +63,8 @@ enum lh_debug_flags {
     LH_DEBUG_SERIAL_ELEMENTWISE = 1024, /* benchmarks: the element-wise nodes between a pool graph's sliced
                                            matmuls (the GLU) on one thread between two barriers, never each
                                            thread's own slice (to measure what co-slicing saves) */
+    LH_DEBUG_NO_SPLIT_START_STOPS = 2048, /* benchmarks: experts in place, unread steps run each device split
+                                             in one piece (to measure what split_start_stops save) */
 };
 
 /* Callbacks timeline mode keeps (a ring of the latest). */
@@ -113,6 +115,8 @@ struct lh_counters {
     int64_t fence_waits;       /* stops that waited for copies into their layer's slots (lh_set_fence) */
     int64_t row_prefetch_bytes; /* bytes the sliced matmuls' threads prefetched ahead of their rows */
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
+    int64_t split_start_stops; /* experts in place, unread ubatches: stops after a device split's first node
+                                  (keeps llama.cpp's CUDA graph of the rest apart from a read ubatch's) */
     int64_t shadow_rows;       /* rows compared in shadow mode */
     int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */
     /* Where the time of redirected nodes goes (nanoseconds, CLOCK_MONOTONIC). */

@@ -49,6 +49,7 @@ DEBUG_ALL_THREADS = lib.LH_DEBUG_ALL_THREADS
 DEBUG_COLD_AFTER_SUBMIT = lib.LH_DEBUG_COLD_AFTER_SUBMIT
 DEBUG_CALL_COLD_GRAPHS = lib.LH_DEBUG_CALL_COLD_GRAPHS
 DEBUG_SERIAL_ELEMENTWISE = lib.LH_DEBUG_SERIAL_ELEMENTWISE
+DEBUG_NO_SPLIT_START_STOPS = lib.LH_DEBUG_NO_SPLIT_START_STOPS
 TIMELINE_CAP = lib.LH_TIMELINE_CAP
 SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
@@ -413,7 +414,8 @@ class HotCache:
     def set_debug(self, *, poison: bool = False, shadow: bool = False, per_node: bool = False,
                   skip_compute: bool = False, timeline: bool = False, call_graphs: bool = False,
                   ggml_matmuls: bool = False, all_threads: bool = False, cold_after_submit: bool = False,
-                  call_cold_graphs: bool = False, serial_elementwise: bool = False) -> None:
+                  call_cold_graphs: bool = False, serial_elementwise: bool = False,
+                  no_split_start_stops: bool = False) -> None:
         """Test-only checks. poison: NaN-fill redirected outputs before writing them; shadow: let
         llama compute, recompute, compare every row; per_node: redirect each expert matmul on its
         own (the fallback path) instead of each layer's FFN in one stop. For benchmarks:
@@ -429,14 +431,16 @@ class HotCache:
         of replaying the layer's persistent one for that many rows, to measure what replaying saves;
         serial_elementwise: a pool graph's element-wise nodes between its sliced matmuls (the GLU) run
         on one thread between two barriers instead of each thread on its own slice, to measure what
-        co-slicing saves."""
+        co-slicing saves; no_split_start_stops: in place, unread steps run each device split in one piece
+        (no split_start_stops), to measure what those stops save."""
         lib.lh_set_debug(self._ctx, (DEBUG_POISON if poison else 0) | (DEBUG_SHADOW if shadow else 0) |
                          (DEBUG_PER_NODE if per_node else 0) | (DEBUG_SKIP_COMPUTE if skip_compute else 0) |
                          (DEBUG_TIMELINE if timeline else 0) | (DEBUG_CALL_GRAPHS if call_graphs else 0) |
                          (DEBUG_GGML_MATMULS if ggml_matmuls else 0) | (DEBUG_ALL_THREADS if all_threads else 0) |
                          (DEBUG_COLD_AFTER_SUBMIT if cold_after_submit else 0) |
                          (DEBUG_CALL_COLD_GRAPHS if call_cold_graphs else 0) |
-                         (DEBUG_SERIAL_ELEMENTWISE if serial_elementwise else 0))
+                         (DEBUG_SERIAL_ELEMENTWISE if serial_elementwise else 0) |
+                         (DEBUG_NO_SPLIT_START_STOPS if no_split_start_stops else 0))
 
     def timeline(self) -> list[tuple[int, int, int, str]]:
         """Callbacks recorded in timeline mode since the last call, oldest first: (time ns, kind
@@ -593,6 +597,9 @@ class HotCache:
             "slot_device": self.slot_device,
             "gpu_mode": self.gpu_mode,
             "observe_every": self._observing_every,
+            # In place, unread decode steps: stops after a device split's first node, which keep llama.cpp's
+            # CUDA graph of the rest of the split apart from the pieces of a read step (csrc/llamahot.c).
+            "split_start_stops": int(counters.split_start_stops),
             "policy": self.policy_name,
             "n_moe_layers": self.layout.n_moe_layers,
             "n_expert": self.layout.n_expert,

@@ -504,6 +504,7 @@ def test_experts_in_place_observe_one_step_in_n_and_stay_exact(text_model):
         prompt = len(llm.tokenize(PROMPT))
         stats = llm.hot_cache.stats()
         assert stats["tokens"] == prompt + observed, every    # the prompt always, then one step in `every`
+        assert stats["split_start_stops"] == 0   # only device splits have CUDA graphs to keep apart
         assert stats["hits"] + stats["misses"] == (prompt + observed) * read_moe_layout(text_model).n_expert_used \
             * llm.hot_cache.layout.n_moe_layers
     llm.close()

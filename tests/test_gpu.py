@@ -130,6 +130,11 @@ def test_managed_experts_logits_bit_identical_to_stock_all_on_gpu(all_moe_models
         case = f"{preset} K={k} resident={resident} observe_every={every}"
         if every > 1:
             assert stats["tokens"] == len(llm.tokenize(CONFIDENT_PROMPT)) + len(range(0, len(forced), every)), case
+        # Unread steps stop once after the device split's first node (ggml-cuda's CUDA graph of the rest
+        # then never shares its key with a read step's first piece); read steps and prompts do not.
+        unread = len(forced) - len(range(0, len(forced), every))
+        assert stats["split_start_stops"] % max(unread, 1) == 0, case   # one per device split
+        assert (stats["split_start_stops"] > 0) == (every > 1), case
         assert stats["gpu_mode"] == "managed" and stats["cold_on_device"] == 0.0, case
         assert stats["ffn_redirects"] == 0 and stats["redirected_nodes"] == 0, case   # llama.cpp computed all
         assert stats["tokens"] > 0 and llm.hot_cache.routing_counts().sum() > 0, case   # routing read back

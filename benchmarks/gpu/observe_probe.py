@@ -19,22 +19,38 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import llama_cpp  # (before cuda.bindings: docs/NOTES.md, import order on the device)
 
 import llamahot
-from llamahot.benchmark import decode_rate
+from llamahot.benchmark import finish
 
 sys.path.insert(0, str(Path(__file__).parent))
 from probe_common import llama_kw, probe_arguments, record_second_half, text_windows  # noqa: E402
+
+
+def step_times(llm, n_tokens: int, window: list[int], prompt_tokens: int = 16) -> list[float]:
+    """Seconds of each teacher-forced single-token step after the window's prompt (decode_rate's loop)."""
+    llm.reset()
+    llm.eval(window[:prompt_tokens])
+    times = []
+    for token in window[prompt_tokens:prompt_tokens + n_tokens]:
+        start = time.perf_counter()
+        llm.eval([token])
+        finish(llm)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def main() -> int:
     ap = probe_arguments(__doc__, tokens=256)
     ap.add_argument("--profile-windows", type=int, default=40)
     ap.add_argument("--slot-device", default="cuda", help="emulated-gpu: a dry run on a CPU machine")
-    ap.add_argument("--rows", default="16,64,100000", help="read the routing of one decode step in n, per row")
+    ap.add_argument("--rows", default="16,64,100000",
+                    help="read the routing of one decode step in n, per row; 'N:no split-start stops' the same "
+                         "without the shim's split-start stops (set_debug(no_split_start_stops=True))")
     ap.add_argument("--idle-row", action="store_true", help="a row with the callback idle (set_observing(False))")
     ap.add_argument("--stock-gpu-row", action="store_true", help="a row of stock llama_cpp.Llama, all on the GPU")
     args = ap.parse_args()
@@ -49,24 +65,31 @@ def main() -> int:
     llm = llamahot.Llama(args.model, hot_experts=args.k, slot_device=args.slot_device, gpu_mode="managed",
                          routing_profile=profile, **kw)
     cache = llm.hot_cache
-    rows: list = [int(n) for n in args.rows.split(",") if n] + (["idle"] if args.idle_row else [])
+    rows: list = [n for n in args.rows.split(",") if n] + (["idle"] if args.idle_row else [])
     stock = None
     if args.stock_gpu_row:
         stock = llama_cpp.Llama(args.model, **kw)
         rows.append("stock")
     samples: dict[str, list[float]] = {}
+    step_ms: dict[str, list[list[float]]] = {}   # every step's time, per window
     for rep, window in enumerate(windows[: args.windows]):
-        for every in rows[rep % len(rows):] + rows[:rep % len(rows)]:
-            if every == "stock":
+        for row in rows[rep % len(rows):] + rows[:rep % len(rows)]:
+            if row == "stock":
                 name = "stock llama_cpp.Llama, all on the GPU"
-                rate = decode_rate(stock, args.tokens, text_tokens=window)
+                times = step_times(stock, args.tokens, window)
             else:
-                name = "callback idle" if every == "idle" else f"one step in {every}"
-                cache.set_observing(every != "idle")
-                cache.set_observe_every(1 if every == "idle" else every)
-                rate = decode_rate(llm, args.tokens, text_tokens=window)
+                every, _, variant = str(row).partition(":")
+                name = "callback idle" if row == "idle" else f"one step in {every}" + (f", {variant}" if variant else "")
+                cache.set_observing(row != "idle")
+                cache.set_observe_every(1 if row == "idle" else int(every))
+                cache.set_debug(no_split_start_stops=variant == "no split-start stops")
+                times = step_times(llm, args.tokens, window)
+            rate = len(times) / sum(times)
             samples.setdefault(name, []).append(rate)
-            print(f"  window {rep}: {name}: {rate:.1f} tok/s", flush=True)
+            step_ms.setdefault(name, []).append([t * 1e3 for t in times])
+            slowest = sorted(range(len(times)), key=lambda i: -times[i])[:6]
+            print(f"  window {rep}: {name}: {rate:.1f} tok/s; median step {statistics.median(times) * 1e3:.2f} ms, "
+                  f"slowest steps " + ", ".join(f"#{i} {times[i] * 1e3:.1f}" for i in sorted(slowest)), flush=True)
     llm.close()
     if stock is not None:
         stock.close()
@@ -75,7 +98,7 @@ def main() -> int:
     print("| routing read | decode tok/s (median) | samples |\n|---|---|---|")
     for name, values in samples.items():
         print(f"| {name} | {statistics.median(values):.1f} | {' / '.join(f'{v:.1f}' for v in values)} |")
-    (out / "observe_probe.json").write_text(json.dumps({"samples": samples}, indent=1))
+    (out / "observe_probe.json").write_text(json.dumps({"samples": samples, "step_ms": step_ms}, indent=1))
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
