@@ -547,14 +547,16 @@ class HotCache:
 
     def _auto_observe(self) -> None:
         """observe_every None, in place: one step in IN_PLACE_OBSERVE_EVERY once the routing known (the
-        profile's tokens plus those observed, in the layer that saw fewest) reaches IN_PLACE_LEARN_TOKENS."""
+        profile's tokens plus those observed) reaches IN_PLACE_LEARN_TOKENS in the first MoE layer. (Not the
+        layer that saw fewest: that is the model's last, where llama.cpp drops a prompt's rows without logits,
+        so it sees one token a prompt; it would keep every step read for thousands of decode steps.)"""
         if not self.in_place or self.observe_every is not None or self._observing_every != 1 or self.slots is None:
             return
         # (the profile already holds the history saved into it)
         known = (self._history - self._saved).sum(axis=1) / self.layout.n_expert_used
         if self._profile is not None:
             known = known + self._profile.tokens_for(self.layout)
-        if known.min() >= IN_PLACE_LEARN_TOKENS:
+        if known[0] >= IN_PLACE_LEARN_TOKENS:
             self._set_shim_observe_every(IN_PLACE_OBSERVE_EVERY)
 
     def set_observing(self, observing: bool) -> None:

@@ -536,20 +536,25 @@ def test_experts_in_place_check_vram_against_what_was_free_before_the_load(text_
 
 def test_experts_in_place_read_one_step_in_16_once_the_policy_knows_enough_routing(text_model, tmp_path):
     """observe_every None (default): every decode step is read until the routing known (a profile's, or
-    observed) reaches IN_PLACE_LEARN_TOKENS in every layer, then one in IN_PLACE_OBSERVE_EVERY."""
+    observed) reaches IN_PLACE_LEARN_TOKENS in the first MoE layer, then one in IN_PLACE_OBSERVE_EVERY;
+    the same with prompts whose rows llama.cpp drops before the last layer (no logits_all)."""
     from llamahot.policy import IN_PLACE_LEARN_TOKENS, IN_PLACE_OBSERVE_EVERY
     from llamahot.profile import record_profile
 
     assert (IN_PLACE_LEARN_TOKENS, IN_PLACE_OBSERVE_EVERY) == (4096, 16)
-    kw = dict(LLAMA_KW, logits_all=True)   # every layer routes every prompt token
     text = list(range(10, 510))
-    llm = llamahot.Llama(text_model, hot_experts=2, slot_device="emulated-gpu", gpu_mode="managed", **kw)
-    for i in range(IN_PLACE_LEARN_TOKENS // len(text) + 1):
-        assert llm.hot_cache.stats()["observe_every"] == 1, f"switched after {i * len(text)} tokens"
-        llm.reset()
-        llm.eval(text)
-    assert llm.hot_cache.stats()["observe_every"] == IN_PLACE_OBSERVE_EVERY
-    llm.close()
+    for logits_all in (False, True):
+        llm = llamahot.Llama(text_model, hot_experts=2, slot_device="emulated-gpu", gpu_mode="managed",
+                             logits_all=logits_all, **LLAMA_KW)
+        for i in range(IN_PLACE_LEARN_TOKENS // len(text) + 1):
+            assert llm.hot_cache.stats()["observe_every"] == 1, f"switched after {i * len(text)} tokens"
+            llm.reset()
+            llm.eval(text)
+        assert llm.hot_cache.stats()["observe_every"] == IN_PLACE_OBSERVE_EVERY, logits_all
+        history = llm.hot_cache.routing_history().sum(axis=1)
+        assert (history[-1] < history[0]) == (not logits_all)   # the last layer saw one token a prompt
+        llm.close()
+    kw = dict(LLAMA_KW, logits_all=True)   # every layer routes every prompt token
     # Saving a profile does not count the saved routing twice (2000 in the profile + 1500 observed < 4096).
     profile = tmp_path / "p.npz"
     record_profile(text_model, [text * 4], profile, window=500, slot_device="host", n_threads=2, n_threads_batch=2)

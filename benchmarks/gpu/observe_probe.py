@@ -1,15 +1,16 @@
 """Probe: what reading the routing one decode step in n costs with the experts in place.
 
     python benchmarks/gpu/observe_probe.py MODEL.gguf --out DIR --text TEXT [--k 51] [--tokens 256]
-        [--rows 16,64,100000] [--idle-row] [--stock-gpu-row]
+        [--rows 16,64,100000] [--idle-row] [--stock-gpu-row] [--stock-managed-row]
 
 One llamahot.Llama in place (gpu_mode="managed") at K, started from a routing profile of the text's second
 half (so the policy knows enough routing to read one step in n from the first token); teacher-forced decode
 over windows of the text's first half, rows interleaved and rotated: one step in n for each n of --rows
 (100000: almost never, the floor of reading). --idle-row: the callback installed but idle (nothing read);
 --stock-gpu-row: stock llama_cpp.Llama with the whole model on the GPU (with --k n_expert, what in place
-costs beyond its hot set). Prints median tok/s per row. (Session 20 ran it with two more rows, a shim
-change since reverted: benchmarks/RESULTS.md.)
+costs beyond its hot set); --stock-managed-row: the same with its weights in CUDA managed memory. Prints
+median tok/s per row and each window's slowest steps. (Session 20 ran it with rows with and without the
+shim's split-start stops; session 21 again, 'N:no split-start stops': benchmarks/RESULTS.md.)
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import llama_cpp  # (before cuda.bindings: docs/NOTES.md, import order on the de
 
 import llamahot
 from llamahot.benchmark import finish
+from llamahot.llama import UNIFIED_MEMORY_ENV
 
 sys.path.insert(0, str(Path(__file__).parent))
 from probe_common import llama_kw, probe_arguments, record_second_half, text_windows  # noqa: E402
@@ -53,6 +55,9 @@ def main() -> int:
                          "without the shim's split-start stops (set_debug(no_split_start_stops=True))")
     ap.add_argument("--idle-row", action="store_true", help="a row with the callback idle (set_observing(False))")
     ap.add_argument("--stock-gpu-row", action="store_true", help="a row of stock llama_cpp.Llama, all on the GPU")
+    ap.add_argument("--stock-managed-row", action="store_true",
+                    help="a row of stock llama_cpp.Llama, all on the GPU, its weights in CUDA managed memory "
+                         "(GGML_CUDA_ENABLE_UNIFIED_MEMORY=1 while it loads; what managed memory alone costs)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,6 +75,12 @@ def main() -> int:
     if args.stock_gpu_row:
         stock = llama_cpp.Llama(args.model, **kw)
         rows.append("stock")
+    stock_managed = None
+    if args.stock_managed_row:
+        os.environ[UNIFIED_MEMORY_ENV] = "1"
+        stock_managed = llama_cpp.Llama(args.model, **kw)
+        del os.environ[UNIFIED_MEMORY_ENV]
+        rows.append("stock managed")
     samples: dict[str, list[float]] = {}
     step_ms: dict[str, list[list[float]]] = {}   # every step's time, per window
     for rep, window in enumerate(windows[: args.windows]):
@@ -77,6 +88,9 @@ def main() -> int:
             if row == "stock":
                 name = "stock llama_cpp.Llama, all on the GPU"
                 times = step_times(stock, args.tokens, window)
+            elif row == "stock managed":
+                name = "stock llama_cpp.Llama, all on the GPU, weights in managed memory"
+                times = step_times(stock_managed, args.tokens, window)
             else:
                 every, _, variant = str(row).partition(":")
                 name = "callback idle" if row == "idle" else f"one step in {every}" + (f", {variant}" if variant else "")
@@ -91,8 +105,9 @@ def main() -> int:
             print(f"  window {rep}: {name}: {rate:.1f} tok/s; median step {statistics.median(times) * 1e3:.2f} ms, "
                   f"slowest steps " + ", ".join(f"#{i} {times[i] * 1e3:.1f}" for i in sorted(slowest)), flush=True)
     llm.close()
-    if stock is not None:
-        stock.close()
+    for other in (stock, stock_managed):
+        if other is not None:
+            other.close()
     print(f"\nK={args.k} in place with a profile of {recorded} windows, {args.tokens} tokens x "
           f"{args.windows} windows ({os.uname().nodename})\n")
     print("| routing read | decode tok/s (median) | samples |\n|---|---|---|")
