@@ -210,11 +210,12 @@ POLICIES = {cls.name: cls for cls in (DecayedFrequency, LRU, WindowLFU)}
 REBALANCE_INTERVAL = 4
 IN_PLACE_REBALANCE_INTERVAL = 64
 IN_PLACE_DECAYED = dict(half_life=2048.0, margin=3.0)
-# In place, reading a decode step's routing stops llama.cpp's graph at every MoE layer (~1 ms a token on
-# the H100). Once the policy knows this many tokens of routing (a routing profile's, or observed), only one
-# step in IN_PLACE_OBSERVE_EVERY is read: with a profile, one in 16 gave 86.4 tok/s against 78.7 for every
-# step at the same hit rate (0.803 / 0.796); before that, every step (one in 4 without a profile lost more in
-# hit rate than it saved, session 18). benchmarks/RESULTS.md, session 19.
+# In place, reading a decode step's routing stops llama.cpp's graph at every MoE layer (1.3 ms a token on
+# the H100 at K=128, session 21). Once the policy knows this many tokens of routing in the first MoE layer (a
+# routing profile's, or observed), only one step in IN_PLACE_OBSERVE_EVERY is read (0.14-0.24 ms a token with
+# the shim's split-start stops): with a profile, one in 16 gave 86.4 tok/s against 78.7 for every step at
+# the same hit rate (0.803 / 0.796); before that, every step (one in 4 without a profile lost more in hit
+# rate than it saved, session 18). benchmarks/RESULTS.md, sessions 19 and 21.
 IN_PLACE_LEARN_TOKENS = 4096
 IN_PLACE_OBSERVE_EVERY = 16
 
