@@ -1,8 +1,8 @@
 """The CUDA slot device (run on the GPU machine; skipped on CPU-only builds).
 
-gpu_mode="managed" (the default where the GPU supports it): llama.cpp computes every expert on the GPU, the cold ones read from
-host memory, so logits must be bit-identical to stock llama_cpp.Llama with the whole model on the GPU,
-on every fixture, while pages move under it.
+gpu_mode="managed" (the default where the GPU supports it): llama.cpp computes every expert on the GPU,
+the cold ones read from host memory, so logits must be bit-identical to stock llama_cpp.Llama with the
+whole model on the GPU, on every fixture, while pages move under it.
 
 gpu_mode="redirect": hot experts are computed by ggml's CUDA backend, cold ones by the CPU, so results
 are not bit-identical to either stock placement. Two gates: on the project's trained model, whose

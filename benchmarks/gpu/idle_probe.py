@@ -37,7 +37,8 @@ def main() -> int:
     args = parser.parse_args()
     kw = dict(n_gpu_layers=-1, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     make = {"stock": lambda: StockPlaced(args.model, cpu_pattern=EXPERT_TENSOR_PATTERN, **kw),
-            "llamahot": lambda: llamahot.Llama(args.model, hot_experts=0, slot_device=args.slot_device, gpu_mode="redirect", **kw)}
+            "llamahot": lambda: llamahot.Llama(args.model, hot_experts=0, slot_device=args.slot_device,
+                                               gpu_mode="redirect", **kw)}
     order = [args.first, "llamahot" if args.first == "stock" else "stock"]
     made = {name: make[name]() for name in order}
     ram, hot = made["stock"], made["llamahot"]

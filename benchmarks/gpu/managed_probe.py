@@ -169,7 +169,8 @@ def main() -> int:
         args.model, cpu_pattern=static_cpu_pattern(on_cpu, layout), **kw)
     hot = None
     if not args.no_llamahot:
-        hot = rows[f"llamahot K={args.k}"] = llamahot.Llama(args.model, hot_experts=args.k, slot_device="cuda", gpu_mode="redirect", **kw)
+        hot = rows[f"llamahot K={args.k}"] = llamahot.Llama(args.model, hot_experts=args.k, slot_device="cuda",
+                                                            gpu_mode="redirect", **kw)
     vram_before = free_vram()
     os.environ["GGML_CUDA_ENABLE_UNIFIED_MEMORY"] = "1"
     managed = StockPlaced(args.model, cpu_pattern=None, **kw)

@@ -46,7 +46,8 @@ def main() -> None:
     args = parser.parse_args()
     layout = read_moe_layout(args.model)
     interval = 4 if args.policy == "default" else 1
-    llm = llamahot.Llama(args.model, hot_experts=args.k, rebalance_interval=interval, slot_device=args.slot_device, gpu_mode="redirect",
+    llm = llamahot.Llama(args.model, hot_experts=args.k, rebalance_interval=interval, slot_device=args.slot_device,
+                         gpu_mode="redirect",
                          n_gpu_layers=-1, n_ctx=2048, n_threads=args.threads, verbose=False)
     policy = {"hl8": lambda: DecayedFrequency(layout.n_moe_layers, layout.n_expert, args.k, half_life=8, margin=0),
               "lru": lambda: LRU(layout.n_moe_layers, layout.n_expert, args.k),

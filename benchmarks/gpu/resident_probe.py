@@ -19,7 +19,8 @@ from llamahot.model_info import read_moe_layout  # noqa: E402
 
 def why(path: str, n_moe_layers: int, n_expert: int) -> None:
     """llama.cpp's debug log (its CUDA-graph messages) while decoding with all but one layer resident."""
-    hot = llamahot.Llama(path, hot_experts=n_expert, resident_layers=n_moe_layers - 1, slot_device="cuda", gpu_mode="redirect",
+    hot = llamahot.Llama(path, hot_experts=n_expert, resident_layers=n_moe_layers - 1, slot_device="cuda",
+                         gpu_mode="redirect",
                          n_ctx=1024, n_threads=16, n_gpu_layers=-1, verbose=True)
     print("=== decoding", file=sys.stderr, flush=True)
     decode_rate(hot, 12)
@@ -43,7 +44,8 @@ def main() -> int:
     print("stock static, first MoE layer's experts on CPU, tok/s", round(decode_rate(one_on_cpu, 32), 1), flush=True)
     one_on_cpu.close()
     for resident in (layout.n_moe_layers - 1, 0):
-        hot = llamahot.Llama(path, hot_experts=layout.n_expert, resident_layers=resident, slot_device="cuda", gpu_mode="redirect", **kw)
+        hot = llamahot.Llama(path, hot_experts=layout.n_expert, resident_layers=resident, slot_device="cuda",
+                             gpu_mode="redirect", **kw)
         decode_rate(hot, 16)
         rate = decode_rate(hot, 32)
         print(f"resident {resident}: tok/s {rate:.1f}; breakdown (ms/token):",
