@@ -33,14 +33,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from probe_common import llama_kw, probe_arguments, record_second_half, text_windows  # noqa: E402
 
 
-def step_times(llm, n_tokens: int, window: list[int], prompt_tokens: int = 16) -> list[float]:
-    """Seconds of each teacher-forced single-token step after the window's prompt (decode_rate's loop)."""
+def step_times(llm, n_tokens: int, window: list[int], prompt_tokens: int = 16, raw: bool = False) -> list[float]:
+    """Seconds of each teacher-forced single-token step after the window's prompt (decode_rate's loop).
+    raw: decode steps through llama_cpp.Llama.eval, without llamahot's after-eval work (policy, counters)."""
     llm.reset()
     llm.eval(window[:prompt_tokens])
+    step = (lambda tokens: llama_cpp.Llama.eval(llm, tokens)) if raw else llm.eval
     times = []
     for token in window[prompt_tokens:prompt_tokens + n_tokens]:
         start = time.perf_counter()
-        llm.eval([token])
+        step([token])
         finish(llm)
         times.append(time.perf_counter() - start)
     return times
@@ -52,7 +54,9 @@ def main() -> int:
     ap.add_argument("--slot-device", default="cuda", help="emulated-gpu: a dry run on a CPU machine")
     ap.add_argument("--rows", default="16,64,100000",
                     help="read the routing of one decode step in n, per row; 'N:no split-start stops' the same "
-                         "without the shim's split-start stops (set_debug(no_split_start_stops=True))")
+                         "without the shim's split-start stops (set_debug(no_split_start_stops=True)); 'idle' the "
+                         "callback idle; ':raw eval' after either: steps through llama_cpp.Llama.eval (no "
+                         "llamahot after-eval work)")
     ap.add_argument("--idle-row", action="store_true", help="a row with the callback idle (set_observing(False))")
     ap.add_argument("--stock-gpu-row", action="store_true", help="a row of stock llama_cpp.Llama, all on the GPU")
     ap.add_argument("--stock-managed-row", action="store_true",
@@ -93,11 +97,12 @@ def main() -> int:
                 times = step_times(stock_managed, args.tokens, window)
             else:
                 every, _, variant = str(row).partition(":")
-                name = "callback idle" if row == "idle" else f"one step in {every}" + (f", {variant}" if variant else "")
-                cache.set_observing(row != "idle")
-                cache.set_observe_every(1 if row == "idle" else int(every))
+                idle = every == "idle"
+                name = ("callback idle" if idle else f"one step in {every}") + (f", {variant}" if variant else "")
+                cache.set_observing(not idle)
+                cache.set_observe_every(1 if idle else int(every))
                 cache.set_debug(no_split_start_stops=variant == "no split-start stops")
-                times = step_times(llm, args.tokens, window)
+                times = step_times(llm, args.tokens, window, raw=variant == "raw eval")
             rate = len(times) / sum(times)
             samples.setdefault(name, []).append(rate)
             step_ms.setdefault(name, []).append([t * 1e3 for t in times])
