@@ -70,6 +70,16 @@ def decode_rate(llm: llama_cpp.Llama, n_tokens: int,
 
     Greedy by default; with `text_tokens` the run is teacher-forced: the first `prompt_tokens` of
     them are the prompt and the next `n_tokens` are fed one at a time (real text, real routing)."""
+    return n_tokens / sum(decode_step_times(llm, n_tokens, after_prompt, text_tokens, prompt_tokens))
+
+
+def decode_step_times(llm: llama_cpp.Llama, n_tokens: int,
+                      after_prompt: Optional[Callable[[llama_cpp.Llama], None]] = None,
+                      text_tokens: Optional[list[int]] = None, prompt_tokens: int = 16,
+                      eval_step: Optional[Callable[[list[int]], None]] = None) -> list[float]:
+    """Seconds of each decode step of decode_rate's run (the same arguments); eval_step: how a step is
+    evaluated (default llm.eval)."""
+    eval_step = eval_step or llm.eval
     llm.reset()
     if text_tokens is not None:
         assert len(text_tokens) >= prompt_tokens + n_tokens, "text too short for the run"
@@ -78,14 +88,14 @@ def decode_rate(llm: llama_cpp.Llama, n_tokens: int,
         llm.eval(llm.tokenize(PROMPT))
     if after_prompt is not None:
         after_prompt(llm)
-    spent = 0.0
+    times = []
     for i in range(n_tokens):
         token = int(np.argmax(last_logits(llm))) if text_tokens is None else text_tokens[prompt_tokens + i]
         start = time.perf_counter()
-        llm.eval([token])
+        eval_step([token])
         finish(llm)
-        spent += time.perf_counter() - start
-    return n_tokens / spent
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def finish(llm: llama_cpp.Llama) -> None:

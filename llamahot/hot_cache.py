@@ -529,8 +529,8 @@ class HotCache:
     def set_observe_every(self, n: Optional[int]) -> None:
         """Experts in place: read the routing of one single-token decode step in n (prompts always);
         1: every step; None (default): every step until the policy knows IN_PLACE_LEARN_TOKENS tokens of
-        routing (a profile's or observed), then one in IN_PLACE_OBSERVE_EVERY. Hit rates are counted over
-        the observed steps."""
+        routing in the first MoE layer (a profile's or observed), then one in IN_PLACE_OBSERVE_EVERY. Hit
+        rates are counted over the observed steps."""
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"observe_every must be None or an integer >= 1, got {n!r}")
         if n is not None and n > 1 and not self.in_place:
@@ -553,10 +553,10 @@ class HotCache:
         if not self.in_place or self.observe_every is not None or self._observing_every != 1 or self.slots is None:
             return
         # (the profile already holds the history saved into it)
-        known = (self._history - self._saved).sum(axis=1) / self.layout.n_expert_used
+        known = (self._history[0] - self._saved[0]).sum() / self.layout.n_expert_used
         if self._profile is not None:
-            known = known + self._profile.tokens_for(self.layout)
-        if known[0] >= IN_PLACE_LEARN_TOKENS:
+            known += self._profile.tokens_for(self.layout)[0]
+        if known >= IN_PLACE_LEARN_TOKENS:
             self._set_shim_observe_every(IN_PLACE_OBSERVE_EVERY)
 
     def set_observing(self, observing: bool) -> None:

@@ -20,32 +20,16 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import llama_cpp  # (before cuda.bindings: docs/NOTES.md, import order on the device)
 
 import llamahot
-from llamahot.benchmark import finish
+from llamahot.benchmark import decode_step_times
 from llamahot.llama import UNIFIED_MEMORY_ENV
 
 sys.path.insert(0, str(Path(__file__).parent))
 from probe_common import llama_kw, probe_arguments, record_second_half, text_windows  # noqa: E402
-
-
-def step_times(llm, n_tokens: int, window: list[int], prompt_tokens: int = 16, raw: bool = False) -> list[float]:
-    """Seconds of each teacher-forced single-token step after the window's prompt (decode_rate's loop).
-    raw: decode steps through llama_cpp.Llama.eval, without llamahot's after-eval work (policy, counters)."""
-    llm.reset()
-    llm.eval(window[:prompt_tokens])
-    step = (lambda tokens: llama_cpp.Llama.eval(llm, tokens)) if raw else llm.eval
-    times = []
-    for token in window[prompt_tokens:prompt_tokens + n_tokens]:
-        start = time.perf_counter()
-        step([token])
-        finish(llm)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main() -> int:
@@ -91,10 +75,10 @@ def main() -> int:
         for row in rows[rep % len(rows):] + rows[:rep % len(rows)]:
             if row == "stock":
                 name = "stock llama_cpp.Llama, all on the GPU"
-                times = step_times(stock, args.tokens, window)
+                times = decode_step_times(stock, args.tokens, text_tokens=window)
             elif row == "stock managed":
                 name = "stock llama_cpp.Llama, all on the GPU, weights in managed memory"
-                times = step_times(stock_managed, args.tokens, window)
+                times = decode_step_times(stock_managed, args.tokens, text_tokens=window)
             else:
                 every, _, variant = str(row).partition(":")
                 idle = every == "idle"
@@ -102,7 +86,9 @@ def main() -> int:
                 cache.set_observing(not idle)
                 cache.set_observe_every(1 if idle else int(every))
                 cache.set_debug(no_split_start_stops=variant == "no split-start stops")
-                times = step_times(llm, args.tokens, window, raw=variant == "raw eval")
+                # raw eval: steps through llama_cpp.Llama.eval, without llamahot's after-eval work
+                raw = (lambda tokens: llama_cpp.Llama.eval(llm, tokens)) if variant == "raw eval" else None
+                times = decode_step_times(llm, args.tokens, text_tokens=window, eval_step=raw)
             rate = len(times) / sum(times)
             samples.setdefault(name, []).append(rate)
             step_ms.setdefault(name, []).append([t * 1e3 for t in times])
