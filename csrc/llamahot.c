@@ -8,12 +8,13 @@
  *              original weight on the CPU, and scatter the rows into t->data.
  * Nothing else in llama's graph is touched; ids and activations are only read.
  */
-#define _POSIX_C_SOURCE 200809L /* clock_gettime under -std=c11 */
+#define _GNU_SOURCE /* clock_gettime under -std=c11; dlsym's RTLD_DEFAULT */
 #include "llamahot.h"
 
 #include "ggml-alloc.h"
 #include "ggml-cpu.h"
 
+#include <dlfcn.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -156,9 +157,9 @@ struct lh_ctx {
     int64_t ubatch_base;           /* token_clock at the start of the ubatch being counted */
     struct lh_counters counters;
     bool observing;                /* false: the callback stays installed but never stops the graph */
-    int32_t observe_every;         /* single-token ubatches observed: one in this many (lh_set_observe_every) */
-    int64_t single_ubatches;       /* single-token ubatches seen, counted at the last layer's down node */
-    bool skip_ubatch;              /* the managed node being asked about is in an unobserved ubatch */
+    int32_t observe_every;         /* single-token decodes observed: one in this many (lh_set_observe_every) */
+    int64_t single_decodes;        /* single-token decodes lh_before_decode saw while reading one in n */
+    bool unread_decode;            /* the decode running now is not read (lh_before_decode) */
     ggml_backend_buffer_type_t last_ask_buft;  /* buffer type of the node last asked about (split starts) */
     int32_t * ids_copy;            /* router ids read back from device memory (lh_count_routing) */
     struct lh_weight_entry offload_entry;   /* the last offloaded weight copy classified (lh_managed) */
@@ -524,6 +525,7 @@ void lh_reset_counters(struct lh_ctx * ctx) {
     const int64_t known = ctx->counters.weights_known;
     const int64_t open = ctx->counters.open_mutations;
     memset(&ctx->counters, 0, sizeof(ctx->counters));
+    ctx->single_decodes = 0;   /* the next single-token decode is read */
     ctx->counters.weights_known = known;
     ctx->counters.open_mutations = open;
     memset(ctx->counts, 0, sizeof(int64_t) * (size_t) ctx->n_moe_layers * (size_t) ctx->n_expert);
@@ -2899,23 +2901,62 @@ bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
     return answer;
 }
 
-/* Experts in place, one single-token ubatch read in observe_every: a ubatch that is not read stops once,
- * after the first node of each device split. Why: ggml-cuda keeps one CUDA graph per run of nodes, keyed
- * by the run's first node. A ubatch that is read runs its split in pieces (a stop per MoE layer) whose
- * first piece also starts at the split's first node, so each read made the whole split's graph be
- * captured and instantiated again on the steps after it (~15 ms a read on the H100, session 20). With
- * this stop the big run of an unread ubatch starts one node later: a key no piece of a read one has.
- * A split starts where the nodes' buffer type changes (the scheduler asks about nodes in order). */
+/* Experts in place, one single-token decode read in observe_every: a decode that is not read but still has the
+ * callback (an application's is chained, or llama.cpp built a new graph and installed it again) stops once,
+ * after the first node of each device split. Why: ggml-cuda keeps one CUDA graph per run of nodes, keyed by
+ * the run's first node. A decode that is read runs its split in pieces (a stop per MoE layer) whose first
+ * piece also starts at the split's first node, so each read made the whole split's graph be captured and
+ * instantiated again on the steps after it (~10 ms a read on the H100, session 21). With this stop the big
+ * run of an unread decode starts one node later: a key no piece of a read one has. A split starts where the
+ * nodes' buffer type changes (the scheduler asks about nodes in order; lh_before_decode resets the last). */
 static bool lh_stop_at_split_start(struct lh_ctx * ctx, const struct ggml_tensor * t) {
-    if (t->buffer == NULL) {
+    if (!ctx->unread_decode || t->buffer == NULL) {
         return false;
     }
     const ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(t->buffer);
     const bool split_start = buft != ctx->last_ask_buft;
     ctx->last_ask_buft = buft;
-    return split_start && ctx->observe_every > 1 && ctx->observing && !ggml_backend_buft_is_host(buft) &&
-           !(ctx->debug_flags & LH_DEBUG_NO_SPLIT_START_STOPS) &&
-           t->op != GGML_OP_MUL_MAT_ID && ctx->single_ubatches % ctx->observe_every != 0;
+    return split_start && !ggml_backend_buft_is_host(buft) && !(ctx->debug_flags & LH_DEBUG_NO_SPLIT_START_STOPS) &&
+           t->op != GGML_OP_MUL_MAT_ID;
+}
+
+/* llama_context::get_sched() const, exported by libllama (C++: `this` is the one argument). */
+typedef ggml_backend_sched_t (*lh_get_sched_fn)(const void * llama_ctx);
+
+static lh_get_sched_fn lh_get_sched(void) {
+    static lh_get_sched_fn fn;
+    static bool looked;
+    if (!looked) {
+        /* The libraries are global (llamahot._shim loads them so); a libllama without it keeps the callback. */
+        *(void **) &fn = dlsym(RTLD_DEFAULT, "_ZNK13llama_context9get_schedEv");
+        looked = true;
+    }
+    return fn;
+}
+
+bool lh_can_unhook(void) {
+    return lh_get_sched() != NULL;
+}
+
+int32_t lh_before_decode(struct lh_ctx * ctx, void * llama_ctx, int32_t n_tokens) {
+    if (ctx->slot_kind != LH_SLOTS_IN_PLACE) {
+        return 0;
+    }
+    ctx->last_ask_buft = NULL;
+    ctx->unread_decode = ctx->observing && ctx->observe_every > 1 && n_tokens == 1 &&
+                         ctx->single_decodes++ % ctx->observe_every != 0;
+    const lh_get_sched_fn get_sched = lh_get_sched();
+    ggml_backend_sched_t sched = get_sched != NULL && llama_ctx != NULL ? get_sched(llama_ctx) : NULL;
+    if (sched == NULL) {
+        return 0;
+    }
+    /* Nothing of in place needs the callback but reading the routing: an unread decode computes the same
+     * either way (the experts are where llama.cpp put them). */
+    const bool unhook = ctx->unread_decode && ctx->user_cb == NULL &&
+                        !(ctx->debug_flags & (LH_DEBUG_STAY_HOOKED | LH_DEBUG_TIMELINE));
+    ggml_backend_sched_set_eval_callback(sched, unhook ? NULL : lh_eval_callback, unhook ? NULL : ctx);
+    ctx->counters.unhooked_decodes += unhook;
+    return unhook;
 }
 
 static bool lh_callback(struct lh_ctx * ctx, struct ggml_tensor * t, bool ask) {
@@ -2929,17 +2970,9 @@ static bool lh_callback(struct lh_ctx * ctx, struct ggml_tensor * t, bool ask) {
         if (e == NULL) {
             return ctx->user_wanted;
         }
-        ctx->skip_ubatch = false;
-        if (ctx->observe_every > 1 && t->src[2] != NULL && t->src[2]->ne[1] == 1) {
-            /* Experts in place: a single-token ubatch is observed one in observe_every (its stops cost
-             * the GPU a sync each); the whole ubatch decides alike, the count moving at its last node. */
-            ctx->skip_ubatch = ctx->single_ubatches % ctx->observe_every != 0;
-            if (e->moe_layer == ctx->n_moe_layers - 1 && e->proj == LH_PROJ_DOWN) {
-                ctx->single_ubatches++;
-            }
-            if (ctx->skip_ubatch) {
-                return ctx->user_wanted;
-            }
+        if (ctx->unread_decode) {
+            /* Experts in place, a single-token decode not read (its stops would cost the GPU a sync each). */
+            return ctx->user_wanted;
         }
         const bool shadow = ctx->debug_flags & LH_DEBUG_SHADOW;
         if (lh_wants_redirect(ctx, t, e)) {
@@ -2989,7 +3022,7 @@ static bool lh_callback(struct lh_ctx * ctx, struct ggml_tensor * t, bool ask) {
             lh_count_routing(ctx, t, e->moe_layer, true);
         }
     } else {
-        const struct lh_weight_entry * e = ctx->skip_ubatch ? NULL : lh_managed(ctx, t);
+        const struct lh_weight_entry * e = ctx->unread_decode ? NULL : lh_managed(ctx, t);
         if (e != NULL) {
             /* (a ubatch llama.cpp offloaded to the GPU is not the slots' to hit or miss) */
             const bool managed_ubatch = ctx->cpu != NULL && t->ne[2] <= ctx->prefill_bypass && !e->offload_copy;

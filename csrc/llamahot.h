@@ -65,6 +65,8 @@ enum lh_debug_flags {
                                            thread's own slice (to measure what co-slicing saves) */
     LH_DEBUG_NO_SPLIT_START_STOPS = 2048, /* benchmarks: experts in place, unread steps run each device split
                                              in one piece (to measure what split_start_stops save) */
+    LH_DEBUG_STAY_HOOKED = 4096, /* benchmarks: experts in place, unread steps keep the callback installed
+                                    (lh_before_decode never removes it: to measure what removing it saves) */
 };
 
 /* Callbacks timeline mode keeps (a ring of the latest). */
@@ -117,6 +119,7 @@ struct lh_counters {
     int64_t open_mutations;    /* nodes whose op is changed right now: 0 between decodes */
     int64_t split_start_stops; /* experts in place, unread ubatches: stops after a device split's first node
                                   (keeps llama.cpp's CUDA graph of the rest apart from a read ubatch's) */
+    int64_t unhooked_decodes;  /* experts in place: unread decodes run without the callback (lh_before_decode) */
     int64_t shadow_rows;       /* rows compared in shadow mode */
     int64_t shadow_mismatches; /* rows that differed (bitwise) in shadow mode */
     /* Where the time of redirected nodes goes (nanoseconds, CLOCK_MONOTONIC). */
@@ -148,10 +151,23 @@ void lh_set_user_callback(struct lh_ctx * ctx, ggml_backend_sched_eval_callback 
 /* Observing (the default) stops the graph after each MoE layer's down projection to count its
  * routing. Off, the callback stays installed but never stops: it costs only the scheduler's per-node asks. */
 void lh_set_observing(struct lh_ctx * ctx, bool observing);
-/* Experts in place (LH_SLOTS_IN_PLACE): observe one single-token ubatch in n (1, the default: all), so
- * the routing stops cost the decode 1/n as much; larger ubatches are always observed. -1 (see
- * lh_last_error) for n < 1, or n > 1 with slots that redirect. */
+/* Experts in place (LH_SLOTS_IN_PLACE): observe one single-token decode in n (1, the default: all), so
+ * the routing stops cost the decode 1/n as much; larger ones are always observed. Which decodes are read
+ * is decided by lh_before_decode: without it, every one is. -1 (see lh_last_error) for n < 1, or n > 1
+ * with slots that redirect. */
 int32_t lh_set_observe_every(struct lh_ctx * ctx, int32_t n);
+/* Experts in place: call before each llama_decode (or before the decodes of one eval) of n_tokens tokens on
+ * llama_ctx, the context whose cb_eval is this ctx. It decides whether the decode is read (observe_every)
+ * and, for a single-token one that is not, removes the callback from llama_ctx's scheduler for it, so the
+ * decode runs as stock does: llama.cpp's CUDA backend then replays its graph of each split without
+ * comparing every node's properties, which it must do for every run a callback cuts. Any other decode
+ * puts the callback back (llama.cpp also does at each graph it builds). Not with an application's
+ * callback chained (it wants every decode). Returns 1 when the callback was removed, else 0; other slot
+ * kinds: 0, nothing done. The scheduler is found through libllama's exported llama_context::get_sched;
+ * without it the callback stays (lh_can_unhook says so). */
+int32_t lh_before_decode(struct lh_ctx * ctx, void * llama_ctx, int32_t n_tokens);
+/* Whether lh_before_decode can remove the callback (libllama exports llama_context::get_sched). */
+bool lh_can_unhook(void);
 
 /* The callback to install as llama_context_params.cb_eval, with the lh_ctx as cb_eval_user_data. */
 bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);

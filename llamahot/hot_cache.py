@@ -50,6 +50,7 @@ DEBUG_COLD_AFTER_SUBMIT = lib.LH_DEBUG_COLD_AFTER_SUBMIT
 DEBUG_CALL_COLD_GRAPHS = lib.LH_DEBUG_CALL_COLD_GRAPHS
 DEBUG_SERIAL_ELEMENTWISE = lib.LH_DEBUG_SERIAL_ELEMENTWISE
 DEBUG_NO_SPLIT_START_STOPS = lib.LH_DEBUG_NO_SPLIT_START_STOPS
+DEBUG_STAY_HOOKED = lib.LH_DEBUG_STAY_HOOKED
 TIMELINE_CAP = lib.LH_TIMELINE_CAP
 SNAPSHOT_PERIOD_S = 0.05  # live snapshot refresh: often enough for a monitor, cheap per token
 
@@ -219,6 +220,7 @@ class HotCache:
         one single-token decode runs first; the context's memory is cleared after it, leaving the
         context as llama_cpp created it.
         """
+        self._llama_ctx = ffi.cast("void *", llama_ctx or 0)   # for lh_before_decode
         vocab = llama_cpp.llama_model_get_vocab(model)
         token = llama_cpp.llama_vocab_bos(vocab)
         tokens = (llama_cpp.llama_token * 1)(token if token >= 0 else 0)
@@ -297,6 +299,12 @@ class HotCache:
     @property
     def _slot_kind(self) -> str:
         return "managed" if self.in_place else self.slot_device
+
+    def before_eval(self, n_tokens: int) -> None:
+        """Before each Llama.eval of n_tokens: in place, the shim decides whether its decode is read, and runs
+        a single-token one that is not without the eval callback (lh_before_decode)."""
+        if self.in_place and self.slots is not None:
+            lib.lh_before_decode(self._ctx, self._llama_ctx, n_tokens)
 
     def end_of_eval(self) -> int:
         """Undo graph changes a failed or aborted decode left behind; returns how many (0 normally)."""
@@ -415,7 +423,7 @@ class HotCache:
                   skip_compute: bool = False, timeline: bool = False, call_graphs: bool = False,
                   ggml_matmuls: bool = False, all_threads: bool = False, cold_after_submit: bool = False,
                   call_cold_graphs: bool = False, serial_elementwise: bool = False,
-                  no_split_start_stops: bool = False) -> None:
+                  no_split_start_stops: bool = False, stay_hooked: bool = False) -> None:
         """Test-only checks. poison: NaN-fill redirected outputs before writing them; shadow: let
         llama compute, recompute, compare every row; per_node: redirect each expert matmul on its
         own (the fallback path) instead of each layer's FFN in one stop. For benchmarks:
@@ -432,7 +440,8 @@ class HotCache:
         serial_elementwise: a pool graph's element-wise nodes between its sliced matmuls (the GLU) run
         on one thread between two barriers instead of each thread on its own slice, to measure what
         co-slicing saves; no_split_start_stops: in place, unread steps run each device split in one piece
-        (no split_start_stops), to measure what those stops save."""
+        (no split_start_stops), to measure what those stops save; stay_hooked: in place, unread steps keep
+        the eval callback installed (never unhooked_decodes), to measure what removing it saves."""
         lib.lh_set_debug(self._ctx, (DEBUG_POISON if poison else 0) | (DEBUG_SHADOW if shadow else 0) |
                          (DEBUG_PER_NODE if per_node else 0) | (DEBUG_SKIP_COMPUTE if skip_compute else 0) |
                          (DEBUG_TIMELINE if timeline else 0) | (DEBUG_CALL_GRAPHS if call_graphs else 0) |
@@ -440,7 +449,8 @@ class HotCache:
                          (DEBUG_COLD_AFTER_SUBMIT if cold_after_submit else 0) |
                          (DEBUG_CALL_COLD_GRAPHS if call_cold_graphs else 0) |
                          (DEBUG_SERIAL_ELEMENTWISE if serial_elementwise else 0) |
-                         (DEBUG_NO_SPLIT_START_STOPS if no_split_start_stops else 0))
+                         (DEBUG_NO_SPLIT_START_STOPS if no_split_start_stops else 0) |
+                         (DEBUG_STAY_HOOKED if stay_hooked else 0))
 
     def timeline(self) -> list[tuple[int, int, int, str]]:
         """Callbacks recorded in timeline mode since the last call, oldest first: (time ns, kind
@@ -602,6 +612,7 @@ class HotCache:
             # In place, unread decode steps: stops after a device split's first node, which keep llama.cpp's
             # CUDA graph of the rest of the split apart from the pieces of a read step (csrc/llamahot.c).
             "split_start_stops": int(counters.split_start_stops),
+            "unhooked_decodes": int(counters.unhooked_decodes),
             "policy": self.policy_name,
             "n_moe_layers": self.layout.n_moe_layers,
             "n_expert": self.layout.n_expert,

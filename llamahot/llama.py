@@ -295,6 +295,7 @@ class Llama(llama_cpp.Llama):
         if self.hot_cache is None:
             return super().eval(tokens)
         start = time.perf_counter()
+        self.hot_cache.before_eval(len(tokens))
         try:
             super().eval(tokens)
         finally:

@@ -496,17 +496,40 @@ def test_experts_in_place_observe_one_step_in_n_and_stay_exact(text_model):
     stock.close()
     llm = llamahot.Llama(text_model, hot_experts=2, slot_device="emulated-gpu", gpu_mode="managed",
                          rebalance_interval=1, logits_all=True, **LLAMA_KW)
-    for every, observed in ((4, 5), (1, 17)):   # steps 0, 4, 8, 12, 16 of 17; then all
+    # steps 0, 4, 8, 12, 16 of 17, the others without the callback (or with it: stay_hooked); then all
+    for every, observed, stay_hooked in ((4, 5, False), (4, 5, True), (1, 17, False)):
         llm.hot_cache.set_observe_every(every)
+        llm.hot_cache.set_debug(stay_hooked=stay_hooked)
         llm.hot_cache.reset()
         logits = greedy(llm, steps=17)
         assert_bit_identical(logits, expected)
         prompt = len(llm.tokenize(PROMPT))
         stats = llm.hot_cache.stats()
         assert stats["tokens"] == prompt + observed, every    # the prompt always, then one step in `every`
+        assert stats["unhooked_decodes"] == (0 if stay_hooked else 17 - observed)
         assert stats["split_start_stops"] == 0   # only device splits have CUDA graphs to keep apart
         assert stats["hits"] + stats["misses"] == (prompt + observed) * read_moe_layout(text_model).n_expert_used \
             * llm.hot_cache.layout.n_moe_layers
+    llm.close()
+
+
+def test_experts_in_place_keep_an_application_callback_on_every_decode(text_model):
+    """In place with an application's eval callback chained, unread steps keep the callback (the application
+    asks about every decode's nodes), and are still not read."""
+    from ggml_nodes import NodeRecorder
+
+    layout = read_moe_layout(text_model)
+    recorder = NodeRecorder(("ffn_moe_topk",))
+    llm = llamahot.Llama(text_model, hot_experts=2, slot_device="emulated-gpu", gpu_mode="managed",
+                         logits_all=True, cb_eval=recorder.callback, **LLAMA_KW)
+    llm.hot_cache.set_observe_every(4)
+    llm.hot_cache.reset()
+    greedy(llm, steps=8)
+    stats = llm.hot_cache.stats()
+    assert stats["unhooked_decodes"] == 0
+    assert stats["tokens"] == len(llm.tokenize(PROMPT)) + 2    # steps 0 and 4 read
+    # the prompt's ubatch and all 8 steps, in every MoE layer
+    assert [len(recorder.records["ffn_moe_topk"][b]) for b in layout.moe_blocks] == [9] * len(layout.moe_blocks)
     llm.close()
 
 

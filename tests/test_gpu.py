@@ -117,24 +117,28 @@ def test_managed_experts_logits_bit_identical_to_stock_all_on_gpu(all_moe_models
     stock = llama_cpp.Llama(path, n_gpu_layers=-1, **LLAMA_KW)
     forced, expected = greedy_run(stock, 48, prompt=CONFIDENT_PROMPT)
     stock.close()
-    cases = [(k, 0, 1, False, 1) for k in (0, layout.n_expert_used, layout.n_expert // 2, layout.n_expert)]
-    cases += [(layout.n_expert_used, 2, 4, True, 1), (layout.n_expert_used, 0, 1, False, 4)]
-    for k, resident, interval, plan_ahead, every in cases:
+    cases = [(k, 0, 1, False, 1, False) for k in (0, layout.n_expert_used, layout.n_expert // 2, layout.n_expert)]
+    cases += [(layout.n_expert_used, 2, 4, True, 1, False), (layout.n_expert_used, 0, 1, False, 4, False),
+              (layout.n_expert_used, 0, 1, False, 4, True)]
+    for k, resident, interval, plan_ahead, every, stay_hooked in cases:
         llm = llamahot.Llama(path, hot_experts=k, resident_layers=resident, rebalance_interval=interval,
                              plan_ahead=plan_ahead, slot_device="cuda", gpu_mode="managed", **LLAMA_KW)
         if every > 1:   # one decode step in `every` read (the prompt always): counters from here
             llm.hot_cache.set_observe_every(every)
+            llm.hot_cache.set_debug(stay_hooked=stay_hooked)
             llm.hot_cache.reset()
         logits = teacher_forced_logits(llm, forced)
         stats = llm.hot_cache.stats()
-        case = f"{preset} K={k} resident={resident} observe_every={every}"
+        case = f"{preset} K={k} resident={resident} observe_every={every} stay_hooked={stay_hooked}"
         if every > 1:
             assert stats["tokens"] == len(llm.tokenize(CONFIDENT_PROMPT)) + len(range(0, len(forced), every)), case
-        # Unread steps stop once after the device split's first node (ggml-cuda's CUDA graph of the rest
-        # then never shares its key with a read step's first piece); read steps and prompts do not.
+        # Unread steps run without the callback; kept (stay_hooked), they stop once after the device split's
+        # first node (ggml-cuda's CUDA graph of the rest then never shares its key with a read step's first
+        # piece). Read steps and prompts do neither.
         unread = len(forced) - len(range(0, len(forced), every))
+        assert stats["unhooked_decodes"] == (0 if stay_hooked else unread), case
         assert stats["split_start_stops"] % max(unread, 1) == 0, case   # one per device split
-        assert (stats["split_start_stops"] > 0) == (every > 1), case
+        assert (stats["split_start_stops"] > 0) == stay_hooked, case
         assert stats["gpu_mode"] == "managed" and stats["cold_on_device"] == 0.0, case
         assert stats["ffn_redirects"] == 0 and stats["redirected_nodes"] == 0, case   # llama.cpp computed all
         assert stats["tokens"] > 0 and llm.hot_cache.routing_counts().sum() > 0, case   # routing read back

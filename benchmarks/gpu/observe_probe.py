@@ -1,7 +1,7 @@
 """Probe: what reading the routing one decode step in n costs with the experts in place.
 
     python benchmarks/gpu/observe_probe.py MODEL.gguf --out DIR --text TEXT [--k 51] [--tokens 256]
-        [--rows 16,64,100000] [--idle-row] [--stock-gpu-row] [--stock-managed-row]
+        [--rows 16,64,100000] [--idle-row] [--stock-gpu-row] [--stock-idle-callback-row] [--stock-managed-row]
 
 One llamahot.Llama in place (gpu_mode="managed") at K, started from a routing profile of the text's second
 half (so the policy knows enough routing to read one step in n from the first token); teacher-forced decode
@@ -38,11 +38,15 @@ def main() -> int:
     ap.add_argument("--slot-device", default="cuda", help="emulated-gpu: a dry run on a CPU machine")
     ap.add_argument("--rows", default="16,64,100000",
                     help="read the routing of one decode step in n, per row; 'N:no split-start stops' the same "
-                         "without the shim's split-start stops (set_debug(no_split_start_stops=True)); 'idle' the "
+                         "without the shim's split-start stops (set_debug(no_split_start_stops=True)); 'N:stay "
+                         "hooked' with the callback kept on unread steps (set_debug(stay_hooked=True)); 'idle' the "
                          "callback idle; ':raw eval' after either: steps through llama_cpp.Llama.eval (no "
-                         "llamahot after-eval work)")
+                         "llamahot after-eval work but its before-eval call)")
     ap.add_argument("--idle-row", action="store_true", help="a row with the callback idle (set_observing(False))")
     ap.add_argument("--stock-gpu-row", action="store_true", help="a row of stock llama_cpp.Llama, all on the GPU")
+    ap.add_argument("--stock-idle-callback-row", action="store_true",
+                    help="a row of stock llama_cpp.Llama, all on the GPU, with an idle C eval callback "
+                         "(callback_probe.py's): what llama.cpp's callback path alone costs")
     ap.add_argument("--stock-managed-row", action="store_true",
                     help="a row of stock llama_cpp.Llama, all on the GPU, its weights in CUDA managed memory "
                          "(GGML_CUDA_ENABLE_UNIFIED_MEMORY=1 while it loads; what managed memory alone costs)")
@@ -63,6 +67,11 @@ def main() -> int:
     if args.stock_gpu_row:
         stock = llama_cpp.Llama(args.model, **kw)
         rows.append("stock")
+    stock_idle = None
+    if args.stock_idle_callback_row:
+        from callback_probe import WithCallback, address, probe_library
+        stock_idle = WithCallback(args.model, callback=address(probe_library().idle_callback), **kw)
+        rows.append("stock idle callback")
     stock_managed = None
     if args.stock_managed_row:
         os.environ[UNIFIED_MEMORY_ENV] = "1"
@@ -76,6 +85,9 @@ def main() -> int:
             if row == "stock":
                 name = "stock llama_cpp.Llama, all on the GPU"
                 times = decode_step_times(stock, args.tokens, text_tokens=window)
+            elif row == "stock idle callback":
+                name = "stock llama_cpp.Llama, all on the GPU, idle C callback"
+                times = decode_step_times(stock_idle, args.tokens, text_tokens=window)
             elif row == "stock managed":
                 name = "stock llama_cpp.Llama, all on the GPU, weights in managed memory"
                 times = decode_step_times(stock_managed, args.tokens, text_tokens=window)
@@ -85,9 +97,11 @@ def main() -> int:
                 name = ("callback idle" if idle else f"one step in {every}") + (f", {variant}" if variant else "")
                 cache.set_observing(not idle)
                 cache.set_observe_every(1 if idle else int(every))
-                cache.set_debug(no_split_start_stops=variant == "no split-start stops")
+                cache.set_debug(no_split_start_stops=variant == "no split-start stops",
+                                stay_hooked=variant == "stay hooked")
                 # raw eval: steps through llama_cpp.Llama.eval, without llamahot's after-eval work
-                raw = (lambda tokens: llama_cpp.Llama.eval(llm, tokens)) if variant == "raw eval" else None
+                raw = ((lambda tokens: (cache.before_eval(len(tokens)), llama_cpp.Llama.eval(llm, tokens)))
+                       if variant == "raw eval" else None)
                 times = decode_step_times(llm, args.tokens, text_tokens=window, eval_step=raw)
             rate = len(times) / sum(times)
             samples.setdefault(name, []).append(rate)
@@ -96,7 +110,7 @@ def main() -> int:
             print(f"  window {rep}: {name}: {rate:.1f} tok/s; median step {statistics.median(times) * 1e3:.2f} ms, "
                   f"slowest steps " + ", ".join(f"#{i} {times[i] * 1e3:.1f}" for i in sorted(slowest)), flush=True)
     llm.close()
-    for other in (stock, stock_managed):
+    for other in (stock, stock_idle, stock_managed):
         if other is not None:
             other.close()
     print(f"\nK={args.k} in place with a profile of {recorded} windows, {args.tokens} tokens x "
