@@ -158,6 +158,7 @@ struct lh_ctx {
     struct lh_counters counters;
     bool observing;                /* false: the callback stays installed but never stops the graph */
     int32_t observe_every;         /* single-token decodes observed: one in this many (lh_set_observe_every) */
+    int32_t observe_burst;         /* ... this many in a row */
     int64_t single_decodes;        /* single-token decodes lh_before_decode saw while reading one in n */
     bool unread_decode;            /* the decode running now is not read (lh_before_decode) */
     ggml_backend_buffer_type_t last_ask_buft;  /* buffer type of the node last asked about (split starts) */
@@ -300,6 +301,7 @@ struct lh_ctx * lh_ctx_new(int32_t n_blocks, const int32_t * blk_to_moe, int32_t
     ctx->n_expert = n_expert;
     ctx->observing = true;
     ctx->observe_every = 1;
+    ctx->observe_burst = 1;
     ctx->pool_spin_ns = -1;
     ctx->row_prefetch = LH_ROW_PREFETCH_DEFAULT;
     ctx->blk_to_moe = malloc(sizeof(int32_t) * (size_t) n_blocks);
@@ -424,13 +426,14 @@ void lh_set_user_callback(struct lh_ctx * ctx, ggml_backend_sched_eval_callback 
     ctx->user_ud = user_data;
 }
 
-int32_t lh_set_observe_every(struct lh_ctx * ctx, int32_t n) {
-    if (n < 1 || (n > 1 && ctx->slot_kind != LH_SLOTS_IN_PLACE)) {
-        lh_error(ctx, "observe_every must be >= 1, and 1 unless the experts stay in place (every redirected "
-                 "ubatch is observed)");
+int32_t lh_set_observe_every(struct lh_ctx * ctx, int32_t n, int32_t burst) {
+    if (n < 1 || burst < 1 || (n > 1 && ctx->slot_kind != LH_SLOTS_IN_PLACE)) {
+        lh_error(ctx, "observe_every and its burst must be >= 1, and observe_every 1 unless the experts stay in "
+                 "place (every redirected ubatch is observed)");
         return -1;
     }
     ctx->observe_every = n;
+    ctx->observe_burst = burst;
     return 0;
 }
 
@@ -2943,8 +2946,9 @@ int32_t lh_before_decode(struct lh_ctx * ctx, void * llama_ctx, int32_t n_tokens
         return 0;
     }
     ctx->last_ask_buft = NULL;
+    const int64_t period = (int64_t) ctx->observe_every * ctx->observe_burst;
     ctx->unread_decode = ctx->observing && ctx->observe_every > 1 && n_tokens == 1 &&
-                         ctx->single_decodes++ % ctx->observe_every != 0;
+                         ctx->single_decodes++ % period >= ctx->observe_burst;
     const lh_get_sched_fn get_sched = lh_get_sched();
     ggml_backend_sched_t sched = get_sched != NULL && llama_ctx != NULL ? get_sched(llama_ctx) : NULL;
     if (sched == NULL) {

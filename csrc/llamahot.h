@@ -152,16 +152,19 @@ void lh_set_user_callback(struct lh_ctx * ctx, ggml_backend_sched_eval_callback 
  * routing. Off, the callback stays installed but never stops: it costs only the scheduler's per-node asks. */
 void lh_set_observing(struct lh_ctx * ctx, bool observing);
 /* Experts in place (LH_SLOTS_IN_PLACE): observe one single-token decode in n (1, the default: all), so
- * the routing stops cost the decode 1/n as much; larger ones are always observed. Which decodes are read
- * is decided by lh_before_decode: without it, every one is. -1 (see lh_last_error) for n < 1, or n > 1
- * with slots that redirect. */
-int32_t lh_set_observe_every(struct lh_ctx * ctx, int32_t n);
+ * the routing stops cost the decode 1/n as much, `burst` consecutive ones in every n * burst (a read next to
+ * unread decodes costs llama.cpp's CUDA graphs a capture, see lh_before_decode); larger decodes are always
+ * observed. Which decodes are read is decided by lh_before_decode: without it, every one is. -1 (see
+ * lh_last_error) for n < 1, burst < 1, or n > 1 with slots that redirect. */
+int32_t lh_set_observe_every(struct lh_ctx * ctx, int32_t n, int32_t burst);
 /* Experts in place: call before each llama_decode (or before the decodes of one eval) of n_tokens tokens on
  * llama_ctx, the context whose cb_eval is this ctx. It decides whether the decode is read (observe_every)
  * and, for a single-token one that is not, removes the callback from llama_ctx's scheduler for it, so the
  * decode runs as stock does: llama.cpp's CUDA backend then replays its graph of each split without
  * comparing every node's properties, which it must do for every run a callback cuts. Any other decode
- * puts the callback back (llama.cpp also does at each graph it builds). Not with an application's
+ * puts the callback back (llama.cpp also does at each graph it builds). (A read decode's first piece
+ * shares its CUDA graph key, the split's first node, with an unread decode's whole split, so the first
+ * unread decode after reads runs without a graph and the next captures it again: hence bursts.) Not with an application's
  * callback chained (it wants every decode). Returns 1 when the callback was removed, else 0; other slot
  * kinds: 0, nothing done. The scheduler is found through libllama's exported llama_context::get_sched;
  * without it the callback stays (lh_can_unhook says so). */

@@ -26,8 +26,8 @@ import numpy as np
 from llamahot._shim import ffi, lib
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, MoELayout
 from llamahot.monitor import SnapshotWriter
-from llamahot.policy import (IN_PLACE_LEARN_TOKENS, IN_PLACE_OBSERVE_EVERY, IN_PLACE_REBALANCE_INTERVAL,
-                             REBALANCE_INTERVAL, make_policy)
+from llamahot.policy import (IN_PLACE_LEARN_TOKENS, IN_PLACE_OBSERVE_BURST, IN_PLACE_OBSERVE_EVERY,
+                             IN_PLACE_REBALANCE_INTERVAL, REBALANCE_INTERVAL, make_policy)
 from llamahot.profile import RoutingProfile, load_profile
 from llamahot.slots import HostPages, ManagedPages, SlotManager, check_vram_for_slots, free_vram_bytes
 
@@ -184,6 +184,7 @@ class HotCache:
         # In place: None reads every decode step's routing while the policy learns, then one in
         # IN_PLACE_OBSERVE_EVERY (_auto_observe); an integer (set_observe_every) fixes it.
         self.observe_every: Optional[int] = None
+        self._observe_burst = IN_PLACE_OBSERVE_BURST
         self._observing_every = 1   # what the shim does now
         self.row_prefetch: int = lib.LH_ROW_PREFETCH_DEFAULT
         self._snapshot_time = 0.0
@@ -255,7 +256,7 @@ class HotCache:
             # The experts' pages go to host memory, mapped for the GPU; the prompt fills K per layer.
             self.slots.map_experts_cold()
             self.slots.evict_all()
-            self.set_observe_every(self.observe_every)
+            self.set_observe_every(self.observe_every, self._observe_burst)
         else:
             self.set_cold_on_device(self.cold_on_device)
             self.set_thread_pool(self.thread_pool_spin_ms)
@@ -536,22 +537,26 @@ class HotCache:
         self._pages.set_mode(read_mostly=read_mostly, background=background)
         self._filled = False
 
-    def set_observe_every(self, n: Optional[int]) -> None:
-        """Experts in place: read the routing of one single-token decode step in n (prompts always);
-        1: every step; None (default): every step until the policy knows IN_PLACE_LEARN_TOKENS tokens of
-        routing in the first MoE layer (a profile's or observed), then one in IN_PLACE_OBSERVE_EVERY. Hit
-        rates are counted over the observed steps."""
+    def set_observe_every(self, n: Optional[int], burst: int = IN_PLACE_OBSERVE_BURST) -> None:
+        """Experts in place: read the routing of one single-token decode step in n (prompts always), `burst`
+        steps in a row in every n * burst; 1: every step; None (default): every step until the policy knows
+        IN_PLACE_LEARN_TOKENS tokens of routing in the first MoE layer (a profile's or observed), then one in
+        IN_PLACE_OBSERVE_EVERY. Hit rates are counted over the observed steps."""
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"observe_every must be None or an integer >= 1, got {n!r}")
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise ValueError(f"burst must be an integer >= 1, got {burst!r}")
         if n is not None and n > 1 and not self.in_place:
             raise ValueError(f"observe_every={n} needs the experts to stay in place (gpu_mode='managed'): "
                              "redirected steps are all observed")
         self.observe_every = n
+        self._observe_burst = burst
         self._set_shim_observe_every(1 if n is None else n)
         self._auto_observe()
 
     def _set_shim_observe_every(self, n: int) -> None:
-        if self._ctx is not None and self.slots is not None and lib.lh_set_observe_every(self._ctx, n) != 0:
+        if self._ctx is not None and self.slots is not None and \
+                lib.lh_set_observe_every(self._ctx, n, self._observe_burst) != 0:
             raise RuntimeError(f"llamahot: {ffi.string(lib.lh_last_error(self._ctx)).decode()}")
         self._observing_every = n
 

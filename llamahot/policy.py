@@ -218,6 +218,7 @@ IN_PLACE_DECAYED = dict(half_life=2048.0, margin=3.0)
 # rate than it saved, session 18). benchmarks/RESULTS.md, sessions 19 and 21.
 IN_PLACE_LEARN_TOKENS = 4096
 IN_PLACE_OBSERVE_EVERY = 16
+IN_PLACE_OBSERVE_BURST = 1
 
 
 def make_policy(name: str, n_layers: int, n_expert: int, k: int, rebalance_interval: int, in_place: bool = False):

@@ -480,6 +480,8 @@ def test_experts_in_place_refuse_redirect_options_and_default_to_a_sticky_policy
     assert llm.hot_cache.observe_every is None and llm.hot_cache.stats()["observe_every"] == 1
     with pytest.raises(ValueError, match="observe_every"):
         llm.hot_cache.set_observe_every(0)
+    with pytest.raises(ValueError, match="burst must be an integer >= 1, got 0"):
+        llm.hot_cache.set_observe_every(4, burst=0)
     llm.close()
     llm = llamahot.Llama(text_model, hot_experts=1, slot_device="emulated-gpu", **LLAMA_KW)   # redirect
     assert llm.hot_cache.rebalance_interval == 4 and llm.hot_cache.policy.margin == 0.25
@@ -496,9 +498,10 @@ def test_experts_in_place_observe_one_step_in_n_and_stay_exact(text_model):
     stock.close()
     llm = llamahot.Llama(text_model, hot_experts=2, slot_device="emulated-gpu", gpu_mode="managed",
                          rebalance_interval=1, logits_all=True, **LLAMA_KW)
-    # steps 0, 4, 8, 12, 16 of 17, the others without the callback (or with it: stay_hooked); then all
-    for every, observed, stay_hooked in ((4, 5, False), (4, 5, True), (1, 17, False)):
-        llm.hot_cache.set_observe_every(every)
+    # steps 0, 4, 8, 12, 16 of 17, the others without the callback (or with it: stay_hooked); in bursts of 3
+    # in every 12 steps 0, 1, 2, 12, 13, 14; then all
+    for every, burst, observed, stay_hooked in ((4, 1, 5, False), (4, 1, 5, True), (4, 3, 6, False), (1, 1, 17, False)):
+        llm.hot_cache.set_observe_every(every, burst=burst)
         llm.hot_cache.set_debug(stay_hooked=stay_hooked)
         llm.hot_cache.reset()
         logits = greedy(llm, steps=17)

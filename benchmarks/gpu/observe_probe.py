@@ -37,7 +37,8 @@ def main() -> int:
     ap.add_argument("--profile-windows", type=int, default=40)
     ap.add_argument("--slot-device", default="cuda", help="emulated-gpu: a dry run on a CPU machine")
     ap.add_argument("--rows", default="16,64,100000",
-                    help="read the routing of one decode step in n, per row; 'N:no split-start stops' the same "
+                    help="read the routing of one decode step in n, per row ('NxB': B steps in a row in every N * "
+                         "B); 'N:no split-start stops' the same "
                          "without the shim's split-start stops (set_debug(no_split_start_stops=True)); 'N:stay "
                          "hooked' with the callback kept on unread steps (set_debug(stay_hooked=True)); 'idle' the "
                          "callback idle; ':raw eval' after either: steps through llama_cpp.Llama.eval (no "
@@ -80,6 +81,7 @@ def main() -> int:
         rows.append("stock managed")
     samples: dict[str, list[float]] = {}
     step_ms: dict[str, list[list[float]]] = {}   # every step's time, per window
+    hit_rates: dict[str, list[float]] = {}
     for rep, window in enumerate(windows[: args.windows]):
         for row in rows[rep % len(rows):] + rows[:rep % len(rows)]:
             if row == "stock":
@@ -94,15 +96,20 @@ def main() -> int:
             else:
                 every, _, variant = str(row).partition(":")
                 idle = every == "idle"
-                name = ("callback idle" if idle else f"one step in {every}") + (f", {variant}" if variant else "")
+                n, _, burst = every.partition("x")   # 'NxB': B steps in a row in every N * B
+                name = ("callback idle" if idle else f"one step in {n}" + (f", bursts of {burst}" if burst else "")) \
+                    + (f", {variant}" if variant else "")
                 cache.set_observing(not idle)
-                cache.set_observe_every(1 if idle else int(every))
+                cache.set_observe_every(1 if idle else int(n), burst=int(burst or 1))
                 cache.set_debug(no_split_start_stops=variant == "no split-start stops",
                                 stay_hooked=variant == "stay hooked")
                 # raw eval: steps through llama_cpp.Llama.eval, without llamahot's after-eval work
                 raw = ((lambda tokens: (cache.before_eval(len(tokens)), llama_cpp.Llama.eval(llm, tokens)))
                        if variant == "raw eval" else None)
+                cache.reset()   # (hits of the steps read, and the prompt's)
                 times = decode_step_times(llm, args.tokens, text_tokens=window, eval_step=raw)
+                stats = cache.stats()
+                hit_rates.setdefault(name, []).append(stats["hits"] / max(stats["hits"] + stats["misses"], 1))
             rate = len(times) / sum(times)
             samples.setdefault(name, []).append(rate)
             step_ms.setdefault(name, []).append([t * 1e3 for t in times])
@@ -115,10 +122,12 @@ def main() -> int:
             other.close()
     print(f"\nK={args.k} in place with a profile of {recorded} windows, {args.tokens} tokens x "
           f"{args.windows} windows ({os.uname().nodename})\n")
-    print("| routing read | decode tok/s (median) | samples |\n|---|---|---|")
+    print("| routing read | decode tok/s (median) | samples | hit rate of the steps read (median) |\n|---|---|---|---|")
     for name, values in samples.items():
-        print(f"| {name} | {statistics.median(values):.1f} | {' / '.join(f'{v:.1f}' for v in values)} |")
-    (out / "observe_probe.json").write_text(json.dumps({"samples": samples, "step_ms": step_ms}, indent=1))
+        hits = f"{statistics.median(hit_rates[name]):.3f}" if name in hit_rates else ""
+        print(f"| {name} | {statistics.median(values):.1f} | {' / '.join(f'{v:.1f}' for v in values)} | {hits} |")
+    (out / "observe_probe.json").write_text(json.dumps({"samples": samples, "step_ms": step_ms,
+                                                        "hit_rates": hit_rates}, indent=1))
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
