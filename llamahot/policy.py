@@ -212,13 +212,16 @@ IN_PLACE_REBALANCE_INTERVAL = 64
 IN_PLACE_DECAYED = dict(half_life=2048.0, margin=3.0)
 # In place, reading a decode step's routing stops llama.cpp's graph at every MoE layer (1.3 ms a token on
 # the H100 at K=128, session 21). Once the policy knows this many tokens of routing in the first MoE layer (a
-# routing profile's, or observed), only one step in IN_PLACE_OBSERVE_EVERY is read (0.14-0.24 ms a token with
-# the shim's split-start stops): with a profile, one in 16 gave 86.4 tok/s against 78.7 for every step at
-# the same hit rate (0.803 / 0.796); before that, every step (one in 4 without a profile lost more in hit
-# rate than it saved, session 18). benchmarks/RESULTS.md, sessions 19 and 21.
+# routing profile's, or observed), only one step in IN_PLACE_OBSERVE_EVERY is read: with a profile, one in 16
+# gave 86.4 tok/s against 78.7 for every step at the same hit rate (0.803 / 0.796); before that, every step
+# (one in 4 without a profile lost more in hit rate than it saved, session 18). Unread steps run without the
+# eval callback (session 22), so a read costs what it stops plus a re-capture of llama.cpp's CUDA graph on
+# the steps after it: reads come IN_PLACE_OBSERVE_BURST in a row (K=128: 214.5 tok/s against 201.9 one at a
+# time and 217.2 never reading; K=51: 117.1 against 111.0, the same hit rate). benchmarks/RESULTS.md,
+# sessions 19, 21 and 22.
 IN_PLACE_LEARN_TOKENS = 4096
 IN_PLACE_OBSERVE_EVERY = 16
-IN_PLACE_OBSERVE_BURST = 1
+IN_PLACE_OBSERVE_BURST = 8
 
 
 def make_policy(name: str, n_layers: int, n_expert: int, k: int, rebalance_interval: int, in_place: bool = False):

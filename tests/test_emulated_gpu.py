@@ -525,7 +525,7 @@ def test_experts_in_place_keep_an_application_callback_on_every_decode(text_mode
     recorder = NodeRecorder(("ffn_moe_topk",))
     llm = llamahot.Llama(text_model, hot_experts=2, slot_device="emulated-gpu", gpu_mode="managed",
                          logits_all=True, cb_eval=recorder.callback, **LLAMA_KW)
-    llm.hot_cache.set_observe_every(4)
+    llm.hot_cache.set_observe_every(4, burst=1)
     llm.hot_cache.reset()
     greedy(llm, steps=8)
     stats = llm.hot_cache.stats()
@@ -564,10 +564,10 @@ def test_experts_in_place_read_one_step_in_16_once_the_policy_knows_enough_routi
     """observe_every None (default): every decode step is read until the routing known (a profile's, or
     observed) reaches IN_PLACE_LEARN_TOKENS in the first MoE layer, then one in IN_PLACE_OBSERVE_EVERY;
     the same with prompts whose rows llama.cpp drops before the last layer (no logits_all)."""
-    from llamahot.policy import IN_PLACE_LEARN_TOKENS, IN_PLACE_OBSERVE_EVERY
+    from llamahot.policy import IN_PLACE_LEARN_TOKENS, IN_PLACE_OBSERVE_BURST, IN_PLACE_OBSERVE_EVERY
     from llamahot.profile import record_profile
 
-    assert (IN_PLACE_LEARN_TOKENS, IN_PLACE_OBSERVE_EVERY) == (4096, 16)
+    assert (IN_PLACE_LEARN_TOKENS, IN_PLACE_OBSERVE_EVERY, IN_PLACE_OBSERVE_BURST) == (4096, 16, 8)
     text = list(range(10, 510))
     for logits_all in (False, True):
         llm = llamahot.Llama(text_model, hot_experts=2, slot_device="emulated-gpu", gpu_mode="managed",
@@ -577,6 +577,11 @@ def test_experts_in_place_read_one_step_in_16_once_the_policy_knows_enough_routi
             llm.reset()
             llm.eval(text)
         assert llm.hot_cache.stats()["observe_every"] == IN_PLACE_OBSERVE_EVERY, logits_all
+        llm.hot_cache.reset()
+        llm.reset()
+        for token in text[:130]:   # steps 0-7 and 128-129 read, in bursts of 8 in every 128
+            llm.eval([token])
+        assert llm.hot_cache.stats()["tokens"] == 10 and llm.hot_cache.stats()["unhooked_decodes"] == 120
         history = llm.hot_cache.routing_history().sum(axis=1)
         assert (history[-1] < history[0]) == (not logits_all)   # the last layer saw one token a prompt
         llm.close()
