@@ -184,7 +184,7 @@ class HotCache:
         # In place: None reads every decode step's routing while the policy learns, then one in
         # IN_PLACE_OBSERVE_EVERY (_auto_observe); an integer (set_observe_every) fixes it.
         self.observe_every: Optional[int] = None
-        self._observe_burst = IN_PLACE_OBSERVE_BURST
+        self.observe_burst = IN_PLACE_OBSERVE_BURST   # (set_observe_every)
         self._observing_every = 1   # what the shim does now
         self.row_prefetch: int = lib.LH_ROW_PREFETCH_DEFAULT
         self._snapshot_time = 0.0
@@ -256,7 +256,7 @@ class HotCache:
             # The experts' pages go to host memory, mapped for the GPU; the prompt fills K per layer.
             self.slots.map_experts_cold()
             self.slots.evict_all()
-            self.set_observe_every(self.observe_every, self._observe_burst)
+            self.set_observe_every(self.observe_every, self.observe_burst)
         else:
             self.set_cold_on_device(self.cold_on_device)
             self.set_thread_pool(self.thread_pool_spin_ms)
@@ -550,13 +550,13 @@ class HotCache:
             raise ValueError(f"observe_every={n} needs the experts to stay in place (gpu_mode='managed'): "
                              "redirected steps are all observed")
         self.observe_every = n
-        self._observe_burst = burst
+        self.observe_burst = burst
         self._set_shim_observe_every(1 if n is None else n)
         self._auto_observe()
 
     def _set_shim_observe_every(self, n: int) -> None:
         if self._ctx is not None and self.slots is not None and \
-                lib.lh_set_observe_every(self._ctx, n, self._observe_burst) != 0:
+                lib.lh_set_observe_every(self._ctx, n, self.observe_burst) != 0:
             raise RuntimeError(f"llamahot: {ffi.string(lib.lh_last_error(self._ctx)).decode()}")
         self._observing_every = n
 

@@ -36,7 +36,7 @@ import numpy as np
 
 import llamahot
 from llamahot.benchmark import PROMPT as SHORT_PROMPT
-from llamahot.benchmark import StockPlaced, decode_rate, finish, greedy_run, last_logits
+from llamahot.benchmark import StockPlaced, decode_rate, decode_step_times, finish, greedy_run, last_logits
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, MoELayout, read_moe_layout
 from llamahot.policy import LRU, DecayedFrequency
 from llamahot.profile import record_profile
@@ -110,6 +110,26 @@ def plan_resident(k: int, n_layers: int, n_expert: int, n_used: int, popularity:
 def reset_counters_after_prompt(llm) -> None:
     if isinstance(llm, llamahot.Llama):
         llm.hot_cache.reset()  # llamahot's counters then cover the decode steps alone
+
+
+def all_steps_hit_rate(llm, n_tokens: int, window) -> float:
+    """Experts in place read the routing of some decode steps only (8 in a row in every 128 once the policy
+    knows enough), so their hit rate samples those; the roofline wants every step's. The same decode again,
+    untimed, every step read, through llama_cpp.Llama.eval: no rebalance, and reset() drops the routing
+    before the policy sees it. (Outputs are exact, so the steps route as in the timed run.)"""
+    cache = llm.hot_cache
+    every, burst = cache.observe_every, cache.observe_burst
+    cache.set_observe_every(1)
+
+    def step(tokens):
+        cache.before_eval(len(tokens))
+        llama_cpp.Llama.eval(llm, tokens)
+
+    decode_step_times(llm, n_tokens, after_prompt=reset_counters_after_prompt, text_tokens=window, eval_step=step)
+    hit_rate = cache.stats()["hit_rate"]
+    cache.reset()
+    cache.set_observe_every(every, burst=burst)
+    return hit_rate
 
 
 def prefill_rate(llm, tokens: list[int]) -> float:
@@ -451,6 +471,9 @@ def main() -> int:
                        slot_gib=st["slot_bytes"] / 2**30, experts_loaded_per_token=st["experts_loaded"] / n,
                        rebalance_ms_per_token=st["rebalance_ms"] / n, cpu_runs_per_token=st["cpu_runs"] / n,
                        cpu_rows_per_token=st["cpu_rows"] / n, lone_row_runs_per_token=st["lone_row_runs"] / n)
+            if llm.hot_cache.in_place and st["observe_every"] > 1:
+                row.update(hit_rate_of_steps_read=st["hit_rate"],
+                           hit_rate=all_steps_hit_rate(llm, args.tokens, window))
         return row
 
     samples: dict[str, list[dict]] = {}
