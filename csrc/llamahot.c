@@ -2937,10 +2937,6 @@ static lh_get_sched_fn lh_get_sched(void) {
     return fn;
 }
 
-bool lh_can_unhook(void) {
-    return lh_get_sched() != NULL;
-}
-
 int32_t lh_before_decode(struct lh_ctx * ctx, void * llama_ctx, int32_t n_tokens) {
     if (ctx->slot_kind != LH_SLOTS_IN_PLACE) {
         return 0;

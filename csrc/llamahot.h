@@ -164,13 +164,11 @@ int32_t lh_set_observe_every(struct lh_ctx * ctx, int32_t n, int32_t burst);
  * comparing every node's properties, which it must do for every run a callback cuts. Any other decode
  * puts the callback back (llama.cpp also does at each graph it builds). (A read decode's first piece
  * shares its CUDA graph key, the split's first node, with an unread decode's whole split, so the first
- * unread decode after reads runs without a graph and the next captures it again: hence bursts.) Not with an application's
- * callback chained (it wants every decode). Returns 1 when the callback was removed, else 0; other slot
- * kinds: 0, nothing done. The scheduler is found through libllama's exported llama_context::get_sched;
- * without it the callback stays (lh_can_unhook says so). */
+ * unread decode after reads runs without a graph and the next captures it again: hence bursts.) Not with
+ * an application's callback chained (it wants every decode). Returns 1 when the callback was removed,
+ * else 0; other slot kinds: 0, nothing done. The scheduler is found through libllama's exported
+ * llama_context::get_sched; without it the callback stays. */
 int32_t lh_before_decode(struct lh_ctx * ctx, void * llama_ctx, int32_t n_tokens);
-/* Whether lh_before_decode can remove the callback (libllama exports llama_context::get_sched). */
-bool lh_can_unhook(void);
 
 /* The callback to install as llama_context_params.cb_eval, with the lh_ctx as cb_eval_user_data. */
 bool lh_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
