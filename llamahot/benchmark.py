@@ -98,6 +98,16 @@ def decode_step_times(llm: llama_cpp.Llama, n_tokens: int,
     return times
 
 
+def eval_without_after_work(llm: llama_cpp.Llama) -> Callable[[list[int]], None]:
+    """An eval_step for decode_step_times on a llamahot.Llama: the shim still decides which steps are read
+    (before_eval), then llama_cpp.Llama.eval, without llamahot's after-eval work (timing, policy,
+    rebalance)."""
+    def step(tokens: list[int]) -> None:
+        llm.hot_cache.before_eval(len(tokens))
+        llama_cpp.Llama.eval(llm, tokens)
+    return step
+
+
 def finish(llm: llama_cpp.Llama) -> None:
     """Wait for the decode's device work. Stock llama_decode returns once a GPU graph is *queued*
     (its logits are waited for when read), so a timer around eval alone sees only the submission."""

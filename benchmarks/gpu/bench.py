@@ -36,7 +36,8 @@ import numpy as np
 
 import llamahot
 from llamahot.benchmark import PROMPT as SHORT_PROMPT
-from llamahot.benchmark import StockPlaced, decode_rate, decode_step_times, finish, greedy_run, last_logits
+from llamahot.benchmark import (StockPlaced, decode_rate, decode_step_times, eval_without_after_work, finish,
+                                greedy_run, last_logits)
 from llamahot.model_info import EXPERT_TENSOR_PATTERN, MoELayout, read_moe_layout
 from llamahot.policy import LRU, DecayedFrequency
 from llamahot.profile import record_profile
@@ -120,12 +121,8 @@ def all_steps_hit_rate(llm, n_tokens: int, window) -> float:
     cache = llm.hot_cache
     every, burst = cache.observe_every, cache.observe_burst
     cache.set_observe_every(1)
-
-    def step(tokens):
-        cache.before_eval(len(tokens))
-        llama_cpp.Llama.eval(llm, tokens)
-
-    decode_step_times(llm, n_tokens, after_prompt=reset_counters_after_prompt, text_tokens=window, eval_step=step)
+    decode_step_times(llm, n_tokens, after_prompt=reset_counters_after_prompt, text_tokens=window,
+                      eval_step=eval_without_after_work(llm))
     hit_rate = cache.stats()["hit_rate"]
     cache.reset()
     cache.set_observe_every(every, burst=burst)

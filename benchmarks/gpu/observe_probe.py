@@ -25,7 +25,7 @@ from pathlib import Path
 import llama_cpp  # (before cuda.bindings: docs/NOTES.md, import order on the device)
 
 import llamahot
-from llamahot.benchmark import decode_step_times
+from llamahot.benchmark import decode_step_times, eval_without_after_work
 from llamahot.llama import UNIFIED_MEMORY_ENV
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -103,9 +103,7 @@ def main() -> int:
                 cache.set_observe_every(1 if idle else int(n), burst=int(burst or 1))
                 cache.set_debug(no_split_start_stops=variant == "no split-start stops",
                                 stay_hooked=variant == "stay hooked")
-                # raw eval: steps through llama_cpp.Llama.eval, without llamahot's after-eval work
-                raw = ((lambda tokens: (cache.before_eval(len(tokens)), llama_cpp.Llama.eval(llm, tokens)))
-                       if variant == "raw eval" else None)
+                raw = eval_without_after_work(llm) if variant == "raw eval" else None
                 cache.reset()   # (hits of the steps read, and the prompt's)
                 times = decode_step_times(llm, args.tokens, text_tokens=window, eval_step=raw)
                 stats = cache.stats()
